@@ -1,0 +1,26 @@
+"""The feed-forward seam of each block: the dense SwiGLU of OLMo2 (or a mixture of experts when configured)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lit_overtok.config import ModelConfig
+
+
+class SwiGLU(nn.Module):
+    """``w2(silu(w1 x) * w3 x)`` without biases."""
+
+    def __init__(self, d_model: int, d_ff: int) -> None:
+        super().__init__()
+        self.w1 = nn.Linear(d_model, d_ff, bias=False)
+        self.w3 = nn.Linear(d_model, d_ff, bias=False)
+        self.w2 = nn.Linear(d_ff, d_model, bias=False)
+
+    def forward(self, x_BTD: torch.Tensor) -> torch.Tensor:
+        return self.w2(F.silu(self.w1(x_BTD)) * self.w3(x_BTD))
+
+
+def build_feed_forward(cfg: ModelConfig, layer_idx: int) -> nn.Module:
+    return SwiGLU(cfg.d_model, cfg.d_ff)
