@@ -21,6 +21,8 @@ DEFAULT_TRAINER = {
     "limit_val_batches": 4,
     "log_every_n_steps": 10,
     "gradient_clip_val": 1.0,
+    # Our data modules shard by rank themselves (streams cannot take a DistributedSampler).
+    "use_distributed_sampler": False,
     "default_root_dir": "runs/default",
 }
 
@@ -31,7 +33,7 @@ class OverTokCLI(LightningCLI):
             "model": {"class_path": f"{OverTokLM.__module__}.{OverTokLM.__qualname__}"},
             "data": {"class_path": f"{CFGDataModule.__module__}.{CFGDataModule.__qualname__}"},
         })
-        parser.link_arguments("data.vocab_size", "model.init_args.model.vocab_size", apply_on="instantiate")
+        parser.link_arguments("data.vocab_size", "model.init_args.vocab_size", apply_on="instantiate")
 
     def _instantiate_trainer(self, config, callbacks):
         # Our defaults unless the config gives its own: TensorBoard without the placeholder hp_metric, throughput

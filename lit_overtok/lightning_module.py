@@ -31,22 +31,32 @@ def _as_config(value: Union[dict, Any], cls: type) -> Any:
 class OverTokLM(pl.LightningModule):
     def __init__(
         self,
-        model: ModelConfig = ModelConfig(),
-        optimizer: OptimizerConfig = OptimizerConfig(),
+        model: Optional[ModelConfig] = None,
+        optimizer: Optional[OptimizerConfig] = None,
         generation_samples: int = 64,
         generation_temperature: float = 1.0,
+        vocab_size: Optional[int] = None,
     ) -> None:
         """
         Args:
-            model: the architecture (preset plus overrides, input embedding, heads).
-            optimizer: AdamW, parameter groups and the warmup-cosine schedule.
+            model: the architecture (preset plus overrides, input embedding, heads); None = ModelConfig().
+            optimizer: AdamW, parameter groups and the warmup-cosine schedule; None = OptimizerConfig().
             generation_samples: sentences sampled from BOS at each validation to measure ``val/cfg_gen_acc``
                 on grammar data (0 disables it). The paper samples from the raw distribution (temperature 1).
             generation_temperature: sampling temperature for that measurement.
+            vocab_size: the data's vocabulary; the CLI links it from the data module. It fills
+                ``model.vocab_size``, and must agree with it when both are given.
         """
         super().__init__()
-        model_cfg = _as_config(model, ModelConfig)
-        optimizer_cfg = _as_config(optimizer, OptimizerConfig)
+        model_cfg = _as_config(model, ModelConfig) if model is not None else ModelConfig()
+        optimizer_cfg = _as_config(optimizer, OptimizerConfig) if optimizer is not None else OptimizerConfig()
+        if vocab_size is not None:
+            if model_cfg.vocab_size not in (None, vocab_size):
+                raise ValueError(
+                    f"model.vocab_size={model_cfg.vocab_size} disagrees with the data's vocabulary of {vocab_size} "
+                    "tokens; remove model.vocab_size or use data that matches it"
+                )
+            model_cfg = model_cfg.replace(vocab_size=vocab_size)
         if generation_samples < 0:
             raise ValueError(f"generation_samples must be >= 0, got {generation_samples}")
         # Plain dicts in the checkpoint, so loading needs no unpickling of our classes.
@@ -73,7 +83,18 @@ class OverTokLM(pl.LightningModule):
         self.log("train/tokens_seen", float(self.tokens_seen))
         optimizer = self.optimizers(use_pl_optimizer=False)
         self.log("train/lr", optimizer.param_groups[0]["lr"] / optimizer.param_groups[0]["lr_multiplier"])
+        if self.trainer.global_step % self.trainer.log_every_n_steps == 0:
+            self.log_dict({f"train/{k}": v for k, v in self.module_metrics().items()})
         return loss
+
+    def module_metrics(self) -> dict[str, torch.Tensor]:
+        """Diagnostics that modules publish through a ``training_metrics()`` method (e.g. table coverage,
+        expert load), collected here so no module needs to know about the logger."""
+        metrics: dict[str, torch.Tensor] = {}
+        for module in self.model.modules():
+            if hasattr(module, "training_metrics"):
+                metrics.update(module.training_metrics())
+        return metrics
 
     def on_train_batch_start(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         # ThroughputMonitor reads this attribute; FLOPs exclude lookup tables (PAPER.md §4.11).

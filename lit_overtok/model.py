@@ -39,9 +39,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x_fp32 = x.float()
-        normed = x_fp32 * torch.rsqrt(x_fp32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (normed * self.weight.float()).to(x.dtype)
+        return F.rms_norm(x.float(), self.weight.shape, self.weight.float(), self.eps).to(x.dtype)
 
 
 class RotaryEmbedding(nn.Module):
@@ -74,9 +72,11 @@ class RotaryEmbedding(nn.Module):
 
 
 def apply_rotary(x_BHTK: torch.Tensor, cos_TK: torch.Tensor, sin_TK: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x_BHTK.chunk(2, dim=-1)
-    rotated = torch.cat([-x2, x1], dim=-1)
-    return (x_BHTK.float() * cos_TK + rotated.float() * sin_TK).to(x_BHTK.dtype)
+    """Rotate-half RoPE (the HF/OLMo convention), on half-width tables to save elementwise work."""
+    half = x_BHTK.shape[-1] // 2
+    x1, x2 = x_BHTK.float().split(half, dim=-1)
+    cos_Tk, sin_Tk = cos_TK[:, :half], sin_TK[:, :half]
+    return torch.cat([x1 * cos_Tk - x2 * sin_Tk, x2 * cos_Tk + x1 * sin_Tk], dim=-1).to(x_BHTK.dtype)
 
 
 @dataclass
