@@ -1,0 +1,1 @@
+"""Synthetic training data: the Physics-of-LMs context-free grammars and their Lightning DataModule."""
