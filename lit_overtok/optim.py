@@ -24,12 +24,13 @@ class GroupSettings:
 
 @dataclass
 class OptimizerConfig:
-    lr: float = 3e-4
+    lr: float = 1e-3
+    """Peak learning rate. The default suits the CPU-sized default run; configs give the paper's values."""
     betas: tuple[float, float] = (0.9, 0.95)
     eps: float = 1e-8
     weight_decay: float = 0.1
     """Decay of the matrices; tables, norms and biases are exempt unless a named group says otherwise."""
-    warmup_steps: int = 100
+    warmup_steps: int = 30
     min_lr_ratio: float = 0.1
     """The cosine decays to lr·min_lr_ratio at the last step (OLMoE's alpha_f)."""
     groups: dict[str, GroupSettings] = field(default_factory=dict)

@@ -39,8 +39,8 @@ class CFGDataModule(pl.LightningDataModule):
     def __init__(
         self,
         grammar: str = "cfg3f",
-        seq_len: int = 512,
-        batch_size: int = 32,
+        seq_len: int = 256,
+        batch_size: int = 8,
         seed: int = 1234,
         val_sentences: int = 256,
         num_workers: int = 0,
