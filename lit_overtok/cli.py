@@ -6,6 +6,8 @@ With no arguments, ``fit`` runs the embedded default (DEFAULT_TRAINER plus the d
 
 from __future__ import annotations
 
+import sys
+
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.loggers import TensorBoardLogger
@@ -48,13 +50,31 @@ class OverTokCLI(LightningCLI):
         return super()._instantiate_trainer(config, callbacks)
 
 
+def _root_cause(error: BaseException) -> BaseException:
+    """The deepest ValueError in the chain: ours (config validation, GrammarError), not the I/O error beneath."""
+    found = error
+    while error is not None:
+        if isinstance(error, ValueError):
+            found = error
+        error = error.__cause__ or error.__context__
+    return found
+
+
 def main(args=None) -> None:
-    OverTokCLI(
-        OverTokLM,
-        CFGDataModule,
-        subclass_mode_model=True,
-        subclass_mode_data=True,
-        trainer_defaults=DEFAULT_TRAINER,
-        save_config_kwargs={"overwrite": True},
-        args=args,
-    )
+    try:
+        OverTokCLI(
+            OverTokLM,
+            CFGDataModule,
+            subclass_mode_model=True,
+            subclass_mode_data=True,
+            trainer_defaults=DEFAULT_TRAINER,
+            save_config_kwargs={"overwrite": True},
+            args=args,
+        )
+    except ValueError as error:
+        # jsonargparse wraps a config error from our classes in union-type noise; show the user our message.
+        root = _root_cause(error)
+        if root is error:
+            raise
+        sys.stderr.write(f"error: {root}\n")
+        raise SystemExit(2) from error
