@@ -1,5 +1,6 @@
 """Over-Encoding: parity with a straightforward Algorithm 1, index arithmetic, causality, options, baseline identity."""
 
+import glob
 import itertools
 import os
 import subprocess
@@ -8,6 +9,7 @@ import warnings
 
 import pytest
 import torch
+import yaml
 from torch import nn
 
 from lit_overtok.config import ModelConfig
@@ -250,3 +252,25 @@ def test_config_round_trips_through_a_plain_dict():
     cfg = oe_config(reset_at_eos=True, eos_id=3, sparse=True)
     again = ModelConfig(**dataclasses.asdict(cfg))
     assert again == cfg and isinstance(again.over_encoding, OverEncodingConfig)
+
+
+@pytest.mark.parametrize("path", sorted(glob.glob("configs/cfg/cfg3f_*.yaml") + glob.glob("configs/olmo2/olmo2_*.yaml")))
+def test_experiment_configs_build_with_the_papers_table_sizes(path):
+    with open(path) as f:
+        model_args = yaml.safe_load(f)["model"]["init_args"]["model"]
+    vocabularies = (100_278, 50_280) if "olmo2" in path else (7,)  # dolma2 / OLMo-1 tokenizers; cfg3f
+    for vocab in vocabularies:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # no structured-collision warning for the shipped tables
+            cfg = ModelConfig(**model_args, vocab_size=vocab)
+        oe = cfg.over_encoding
+        if oe is None:
+            continue
+        tables = cfg.parameter_counts().embedding - cfg.replace(over_encoding=None).parameter_counts().embedding
+        assert tables == sum(oe.table_rows()) * oe.slice_width(cfg.d_model)
+        if "olmo2" in path:
+            assert abs(tables - oe.m * cfg.d_model) / (oe.m * cfg.d_model) < 1e-4  # OE-m = m x d_model
+            assert round(oe.m / 1e5) / 10 in (1.2, 12.8) and oe.n == 3
+            assert oe.slice_width(cfg.d_model) == (384 if cfg.d_model == 768 else 256)
+        else:
+            assert oe.m >= vocab**oe.n  # exact n-gram encoding
