@@ -72,11 +72,13 @@ class RowSparseAdamW(torch.optim.AdamW):
         step = state["step"].item()
         lr, weight_decay, eps = group["lr"], group["weight_decay"], group["eps"]
         beta1, beta2 = group["betas"]
-        exp_avg_rows = state["exp_avg"][rows].lerp_(grad_rows, 1 - beta1)
-        exp_avg_sq_rows = state["exp_avg_sq"][rows].mul_(beta2).addcmul_(grad_rows, grad_rows, value=1 - beta2)
+        # index_select copies whole rows (several times faster than advanced indexing on CPU).
+        exp_avg_rows = state["exp_avg"].index_select(0, rows).lerp_(grad_rows, 1 - beta1)
+        exp_avg_sq_rows = state["exp_avg_sq"].index_select(0, rows).mul_(beta2).addcmul_(grad_rows, grad_rows,
+                                                                                        value=1 - beta2)
         state["exp_avg"].index_copy_(0, rows, exp_avg_rows)
         state["exp_avg_sq"].index_copy_(0, rows, exp_avg_sq_rows)
-        param_rows = param[rows].mul_(1 - lr * weight_decay)
+        param_rows = param.index_select(0, rows).mul_(1 - lr * weight_decay)
         step_size = lr / (1 - beta1**step)
         denom_rows = (exp_avg_sq_rows.sqrt() / (1 - beta2**step) ** 0.5).add_(eps)
         param.index_copy_(0, rows, param_rows.addcdiv_(exp_avg_rows, denom_rows, value=-step_size))
