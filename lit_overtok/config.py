@@ -26,6 +26,8 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Optional
 
+from lit_overtok.over_encoding import OverEncodingConfig
+
 # Shape fields a preset may fill. ``None`` in a ModelConfig means "take it from the preset".
 PRESETS: dict[str, dict] = {
     "olmo2-151m": dict(n_layer=16, d_model=768, n_head=12, d_ff=3072, max_seq_len=4096,
@@ -68,6 +70,8 @@ class ModelConfig:
     rope_theta: float = 500_000.0
     norm_eps: float = 1e-6
     init_std: float = 0.02
+    over_encoding: Optional[OverEncodingConfig] = None
+    """Hashed n-gram input embeddings (Over-Encoding, paper §3.2); None = the plain 1-gram table."""
 
     def __post_init__(self) -> None:
         if self.preset is not None:
@@ -96,6 +100,10 @@ class ModelConfig:
             raise ValueError(f"model: head width d_model/n_head={self.head_dim} must be even for RoPE")
         if self.init_std <= 0 or self.norm_eps <= 0 or self.rope_theta <= 0:
             raise ValueError("model.init_std, model.norm_eps and model.rope_theta must be positive")
+        if isinstance(self.over_encoding, dict):  # hparams come back from checkpoints as plain dicts
+            self.over_encoding = OverEncodingConfig(**self.over_encoding)
+        if self.over_encoding is not None:
+            self.over_encoding.validate(self.d_model, self.vocab_size)
 
     @property
     def head_dim(self) -> int:

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from lit_overtok.config import ModelConfig
+from lit_overtok.over_encoding import OverEncoding
 
 
 class TokenEmbedding(nn.Module):
@@ -25,4 +26,6 @@ class TokenEmbedding(nn.Module):
 
 
 def build_input_embedding(cfg: ModelConfig) -> nn.Module:
+    if cfg.over_encoding is not None:
+        return OverEncoding(cfg)
     return TokenEmbedding(cfg)

@@ -96,6 +96,27 @@ class OverTokLM(pl.LightningModule):
                 metrics.update(module.training_metrics())
         return metrics
 
+    def on_train_start(self) -> None:
+        # Parameter counts, once per fit at the current step: ``params/non_embedding`` is the backbone, and modules
+        # with a ``parameter_metrics()`` method (Over-Encoding) add their own beside it.
+        counts = {f"params/{k}": float(v) for k, v in self.model.parameter_counts().as_dict().items()}
+        for module in self.model.modules():
+            if hasattr(module, "parameter_metrics"):
+                counts.update({f"params/{k}": float(v) for k, v in module.parameter_metrics().items()})
+        for logger in self.loggers:
+            logger.log_metrics(counts, step=self.global_step)
+
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
+        # torch's clip_grad_norm_ cannot take sparse row gradients (Over-Encoding's sparse path); that optimizer
+        # clips dense and sparse gradients together by the same rule.
+        if gradient_clip_val and hasattr(optimizer, "clip_grad_norm_"):
+            if gradient_clip_algorithm in (None, "norm"):
+                optimizer.clip_grad_norm_(gradient_clip_val)
+            else:
+                optimizer.clip_grad_value_(gradient_clip_val)
+            return
+        self.clip_gradients(optimizer, gradient_clip_val=gradient_clip_val, gradient_clip_algorithm=gradient_clip_algorithm)
+
     def on_train_batch_start(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         # ThroughputMonitor reads this attribute; FLOPs exclude lookup tables (PAPER.md §4.11).
         B, T = batch["input_ids"].shape

@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from lit_overtok.sparse_adamw import RowSparseAdamW
+
 
 @dataclass
 class GroupSettings:
@@ -100,7 +102,10 @@ def warmup_cosine(step: int, warmup_steps: int, total_steps: int, min_lr_ratio: 
 
 def build_optimizer(model: nn.Module, cfg: OptimizerConfig, total_steps: int):
     groups = parameter_groups(model, cfg)
-    optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps)
+    # Tables with sparse row gradients (Over-Encoding's sparse path) need the lazy row update; else plain AdamW.
+    has_sparse = any(isinstance(m, nn.Embedding) and m.sparse for m in model.modules())
+    optimizer_class = RowSparseAdamW if has_sparse else torch.optim.AdamW
+    optimizer = optimizer_class(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: warmup_cosine(step, cfg.warmup_steps, total_steps, cfg.min_lr_ratio)
     )

@@ -1,0 +1,165 @@
+"""Over-Encoding overhead across m: training-step time and memory of the same backbone with and without OE.
+
+For each table size m and each path (dense: dense table gradients + AdamW; sparse: sparse row gradients + the lazy
+row AdamW of ``lit_overtok.sparse_adamw``), one training step (zero_grad, forward, loss, backward, global-norm
+clipping at 1.0 as the Trainer does, optimizer step) is timed interleaved with a step of the OE-free baseline on the
+same batch; ``step_time_ratio`` is the median over repeats of OE time / baseline time (ratios inside one run, so a
+busy machine slows both alike), ``cpu_time_ratio`` the same in process CPU time (steadier when other jobs preempt
+this one), and an A/A control (the baseline against a copy of itself) shows the noise floor. ``memory_bytes`` is weights + optimizer state after the first steps (AdamW keeps two
+moments per parameter on both paths); the dense path also holds a dense table gradient, reported as
+``gradient_bytes``. The paper measures under 5% throughput cost at m = 10^7 (PAPER.md §4.11); the goal here is at most
+1.05x for the sparse path at every m.
+
+    python benchmarks/over_encoding.py --threads 1 --repeats 11   # m up to 2.1M rows (8.6 GB for the dense path)
+    python benchmarks/over_encoding.py --quick                    # a smaller backbone, two small m: under a minute
+
+The last line is one JSON object with ``results``: a list of {"m", "path", "step_time_ratio", "memory_bytes", ...}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import statistics
+import time
+
+import torch
+
+from lit_overtok.config import ModelConfig
+from lit_overtok.model import Transformer
+from lit_overtok.optim import build_optimizer, OptimizerConfig
+from lit_overtok.over_encoding import OverEncodingConfig
+
+# Odd (prime) m, so no table shares a factor with the power-of-two vocabulary.
+FULL_M = [16_381, 131_071, 1_048_573, 2_097_143]
+QUICK_M = [4_093, 65_521]
+
+
+def backbone(args, over_encoding=None) -> ModelConfig:
+    return ModelConfig(preset=None, n_layer=args.layers, d_model=args.d_model, n_head=args.d_model // 64,
+                       d_ff=4 * args.d_model, max_seq_len=args.seq_len, tie_embeddings=False, vocab_pad_multiple=1,
+                       vocab_size=args.vocab, over_encoding=over_encoding)
+
+
+class Trainee:
+    """A model, its optimizer (built exactly as training builds it) and a timed training step."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        torch.manual_seed(0)
+        self.model = Transformer(cfg)
+        self.optimizer, _ = build_optimizer(self.model, OptimizerConfig(lr=1e-3, warmup_steps=0), total_steps=1000)
+        self.clip = getattr(self.optimizer, "clip_grad_norm_", None)
+
+    def step(self, ids_BT: torch.Tensor, labels_BT: torch.Tensor) -> tuple[float, float]:
+        """(wall-clock seconds, CPU seconds of this process) of one training step."""
+        start, start_cpu = time.perf_counter(), time.process_time()
+        self.optimizer.zero_grad(set_to_none=True)
+        loss, _ = self.model.loss(ids_BT, labels_BT)
+        loss.backward()
+        if self.clip is not None:  # sparse gradients: the optimizer's own clipping (as the LightningModule routes it)
+            self.clip(1.0)
+        else:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
+        self.optimizer.step()
+        return time.perf_counter() - start, time.process_time() - start_cpu
+
+    def memory(self) -> tuple[int, int]:
+        """(weights + optimizer state, gradient buffers) in bytes."""
+        weights = sum(p.numel() * p.element_size() for p in self.model.parameters())
+        state = sum(t.numel() * t.element_size() for s in self.optimizer.state.values() for t in s.values()
+                    if torch.is_tensor(t))
+        grads = 0
+        for p in self.model.parameters():
+            if p.grad is not None:
+                g = p.grad.coalesce() if p.grad.is_sparse else p.grad
+                grads += (g.values().numel() + g.indices().numel()) * 4 if g.is_sparse else g.numel() * g.element_size()
+        return weights + state, grads
+
+
+def measure(args, baseline: Trainee, variant: Trainee, batches) -> dict[str, float]:
+    """Median ratios (wall clock and CPU time) and step times, variant and baseline alternating on the same batches."""
+    for ids_BT, labels_BT in batches[: args.warmup]:
+        baseline.step(ids_BT, labels_BT)
+        variant.step(ids_BT, labels_BT)
+    wall, cpu, t_variant, t_baseline = [], [], [], []
+    for i, (ids_BT, labels_BT) in enumerate(batches[args.warmup:]):
+        # Alternate which goes first so that neither always follows the other's cache effects.
+        if i % 2:
+            (w_v, c_v), (w_b, c_b) = variant.step(ids_BT, labels_BT), baseline.step(ids_BT, labels_BT)
+        else:
+            (w_b, c_b), (w_v, c_v) = baseline.step(ids_BT, labels_BT), variant.step(ids_BT, labels_BT)
+        wall.append(w_v / w_b)
+        cpu.append(c_v / c_b)
+        t_variant.append(w_v)
+        t_baseline.append(w_b)
+    return {"step_time_ratio": statistics.median(wall), "cpu_time_ratio": statistics.median(cpu),
+            "step_s": statistics.median(t_variant), "baseline_step_s": statistics.median(t_baseline)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="two small m, fewer steps: under a minute")
+    parser.add_argument("--m", type=int, nargs="+", help="table sizes (default: %s)" % FULL_M)
+    parser.add_argument("--d-model", type=int, default=256)
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--vocab", type=int, default=8192)
+    parser.add_argument("--seq-len", type=int, default=128)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--n", type=int, default=3)
+    parser.add_argument("--k", type=int, default=1)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--threads", type=int, help="torch threads (default: torch's); 1 is steadier on a shared machine")
+    args = parser.parse_args()
+    if args.quick:
+        args.layers, args.d_model, args.vocab, args.seq_len, args.batch, args.repeats, args.warmup = 2, 128, 4096, 64, 4, 5, 1
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    m_values = args.m or (QUICK_M if args.quick else FULL_M)
+
+    generator = torch.Generator().manual_seed(0)
+    batches = []
+    for _ in range(args.warmup + args.repeats):
+        ids_BT = torch.randint(0, args.vocab, (args.batch, args.seq_len + 1), generator=generator)
+        batches.append((ids_BT[:, :-1], ids_BT[:, 1:]))
+    baseline = Trainee(backbone(args))
+    print(f"backbone: {args.layers} layers, d_model {args.d_model}, V {args.vocab}, batch {args.batch} x {args.seq_len}, "
+          f"OE n={args.n} k={args.k}; {torch.get_num_threads()} threads")
+    # A/A control: a second copy of the baseline against the first shows the noise floor of the ratios.
+    control = measure(args, baseline, Trainee(backbone(args)), batches)
+    print(f"control (baseline vs baseline): ratio {control['step_time_ratio']:.3f} wall, {control['cpu_time_ratio']:.3f} CPU")
+    results = []
+    baseline_times = [control["baseline_step_s"]]
+    for m in m_values:
+        for path in ("dense", "sparse"):
+            oe = OverEncodingConfig(m=m, n=args.n, k=args.k, sparse=path == "sparse")
+            variant = Trainee(backbone(args, oe))
+            timing = measure(args, baseline, variant, batches)
+            memory, gradients = variant.memory()
+            baseline_times.append(timing["baseline_step_s"])
+            results.append({"m": m, "path": path, "step_time_ratio": round(timing["step_time_ratio"], 4),
+                            "memory_bytes": memory, "cpu_time_ratio": round(timing["cpu_time_ratio"], 4),
+                            "gradient_bytes": gradients, "step_s": round(timing["step_s"], 4)})
+            print(f"m={m:>9,} {path:>6}: step {timing['step_s'] * 1e3:8.1f} ms vs baseline "
+                  f"{timing['baseline_step_s'] * 1e3:7.1f} ms -> ratio {timing['step_time_ratio']:.3f} wall, "
+                  f"{timing['cpu_time_ratio']:.3f} CPU; weights+optimizer {memory / 2**30:.2f} GiB, "
+                  f"gradients {gradients / 2**30:.2f} GiB")
+            del variant
+            gc.collect()
+    baseline_memory, _ = baseline.memory()
+    sparse_max = max(r["step_time_ratio"] for r in results if r["path"] == "sparse")
+    print(f"sparse path: worst ratio {sparse_max:.3f} (goal <= 1.05); baseline weights+optimizer "
+          f"{baseline_memory / 2**20:.1f} MiB")
+    print(json.dumps({
+        "backbone": {"n_layer": args.layers, "d_model": args.d_model, "vocab_size": args.vocab, "batch": args.batch,
+                     "seq_len": args.seq_len, "n": args.n, "k": args.k},
+        "baseline_step_s": round(statistics.median(baseline_times), 4), "baseline_memory_bytes": baseline_memory,
+        "control_step_time_ratio": round(control["step_time_ratio"], 4),
+        "control_cpu_time_ratio": round(control["cpu_time_ratio"], 4),
+        "sparse_max_step_time_ratio": sparse_max, "results": results,
+    }))
+
+
+if __name__ == "__main__":
+    main()
