@@ -26,6 +26,8 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Optional
 
+from lit_overtok.moe import MoEConfig, resolve_moe_config
+
 # Shape fields a preset may fill. ``None`` in a ModelConfig means "take it from the preset".
 PRESETS: dict[str, dict] = {
     "olmo2-151m": dict(n_layer=16, d_model=768, n_head=12, d_ff=3072, max_seq_len=4096,
@@ -41,6 +43,20 @@ PRESETS: dict[str, dict] = {
                       tie_embeddings=True, vocab_pad_multiple=1),
     "tiny": dict(n_layer=2, d_model=32, n_head=2, d_ff=64, max_seq_len=256,
                  tie_embeddings=False, vocab_pad_multiple=1),
+    # Mixture of experts (OLMoE recipe): ``moe`` fills ModelConfig.moe; d_ff = top_k·expert_d_ff is the dense
+    # model with the same active parameters (unused by MoE blocks).
+    "olmoe-1b-7b": dict(n_layer=16, d_model=2048, n_head=16, d_ff=8192, max_seq_len=4096,
+                        tie_embeddings=False, vocab_pad_multiple=128,
+                        moe=dict(num_experts=64, top_k=8, expert_d_ff=1024)),
+    "olmoe-1.3b": dict(n_layer=15, d_model=1024, n_head=16, d_ff=2048, max_seq_len=4096,
+                       tie_embeddings=False, vocab_pad_multiple=128,
+                       moe=dict(num_experts=96, top_k=8, expert_d_ff=256)),
+    "moe-small": dict(n_layer=12, d_model=128, n_head=2, d_ff=352, max_seq_len=1024,
+                      tie_embeddings=True, vocab_pad_multiple=1,
+                      moe=dict(num_experts=8, top_k=2, expert_d_ff=176)),
+    "moe-tiny": dict(n_layer=2, d_model=32, n_head=2, d_ff=32, max_seq_len=256,
+                     tie_embeddings=False, vocab_pad_multiple=1,
+                     moe=dict(num_experts=4, top_k=2, expert_d_ff=16)),
 }
 
 _PRESET_FIELDS = ("n_layer", "d_model", "n_head", "d_ff", "max_seq_len", "tie_embeddings", "vocab_pad_multiple")
@@ -58,7 +74,7 @@ class ModelConfig:
     d_model: Optional[int] = None
     n_head: Optional[int] = None
     d_ff: Optional[int] = None
-    """Hidden width of the SwiGLU feed-forward."""
+    """Hidden width of the dense SwiGLU feed-forward (unused when ``moe`` is set)."""
     max_seq_len: Optional[int] = None
     """Longest sequence the RoPE cache covers."""
     tie_embeddings: Optional[bool] = None
@@ -68,6 +84,8 @@ class ModelConfig:
     rope_theta: float = 500_000.0
     norm_eps: float = 1e-6
     init_std: float = 0.02
+    moe: Optional[MoEConfig] = None
+    """Mixture-of-experts feed-forward in every block (None: dense, unless the preset has experts)."""
 
     def __post_init__(self) -> None:
         if self.preset is not None:
@@ -79,6 +97,7 @@ class ModelConfig:
             for name, value in PRESETS[self.preset].items():
                 if getattr(self, name) is None:
                     setattr(self, name, value)
+        self.moe = resolve_moe_config(self.moe, PRESETS[self.preset].get("moe") if self.preset is not None else None)
         missing = [name for name in _PRESET_FIELDS if getattr(self, name) is None]
         if missing:
             raise ValueError(f"model: fields {missing} are unset; give them or choose a preset from {sorted(PRESETS)}")
