@@ -149,8 +149,9 @@ class SwiGLUExperts(nn.Module):
         inverse_A = torch.empty_like(order_A)
         inverse_A[order_A] = torch.arange(order_A.numel(), device=order_A.device)
         y_NKD = y_AD[inverse_A].view(N, K, -1)
-        # (1×K)·(K×D) per token; a batched matmul accumulates the k terms in fp32 even for bf16 inputs.
-        return torch.bmm(weights_NK.to(y_NKD.dtype).unsqueeze(1), y_NKD).squeeze(1)
+        # Elementwise, not a batched (1×K)·(K×D) matmul: N tiny matmuls are slow on CPU. The sum over the k
+        # experts accumulates in fp32 for bf16 inputs too.
+        return (y_NKD * weights_NK.unsqueeze(-1).to(y_NKD.dtype)).sum(dim=1)
 
     def forward_loop(self, x_ND: torch.Tensor, ids_NK: torch.Tensor, weights_NK: torch.Tensor) -> torch.Tensor:
         """Reference: for each expert, gather its tokens, run its SwiGLU, add the weighted result back."""
@@ -179,21 +180,22 @@ class MoEFeedForward(nn.Module):
         self.register_buffer("load_counts_E", torch.zeros(cfg.num_experts, dtype=torch.float64), persistent=False)
         self.pending_aux_losses: Optional[dict[str, torch.Tensor]] = None
 
-    def route(self, x_ND: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """fp32 router logits (N, E), the selected experts' scores (N, K) and their ids (N, K)."""
+    def route(self, x_ND: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """fp32 router logits and scores (N, E), the selected experts' combine weights (N, K) and ids (N, K)."""
         with torch.autocast(x_ND.device.type, enabled=False):
             logits_NE = F.linear(x_ND.float(), self.router.weight.float())
         scores_NE = logits_NE.softmax(dim=-1)
         weights_NK, ids_NK = scores_NE.topk(self.top_k, dim=-1)
         if self.cfg.renormalize:
             weights_NK = weights_NK / weights_NK.sum(dim=-1, keepdim=True)
-        return logits_NE, weights_NK, ids_NK
+        return logits_NE, scores_NE, weights_NK, ids_NK
 
-    def auxiliary_losses(self, logits_NE: torch.Tensor, counts_E: torch.Tensor) -> dict[str, torch.Tensor]:
+    def auxiliary_losses(self, logits_NE: torch.Tensor, scores_NE: torch.Tensor,
+                         counts_E: torch.Tensor) -> dict[str, torch.Tensor]:
         """Unweighted load-balancing loss and router z-loss of one layer on one batch (fp32)."""
         N = logits_NE.shape[0]
         f_E = counts_E.float() / N  # fraction of tokens routed to each expert (sums to K); not differentiable
-        p_E = logits_NE.softmax(dim=-1).mean(dim=0)  # mean router probability of each expert (sums to 1)
+        p_E = scores_NE.mean(dim=0)  # mean router probability of each expert (sums to 1)
         return {
             "moe_lb_loss": self.num_experts / self.top_k * (f_E * p_E).sum(),
             "moe_z_loss": torch.logsumexp(logits_NE, dim=-1).square().mean(),
@@ -218,7 +220,7 @@ class MoEFeedForward(nn.Module):
     def forward(self, x_BTD: torch.Tensor) -> torch.Tensor:
         B, T, D = x_BTD.shape
         x_ND = x_BTD.reshape(B * T, D)
-        logits_NE, weights_NK, ids_NK = self.route(x_ND)  # from the un-cast (fp32 residual) input
+        logits_NE, scores_NE, weights_NK, ids_NK = self.route(x_ND)  # from the un-cast (fp32 residual) input
         if torch.is_autocast_enabled(x_ND.device.type):
             # The experts run in the autocast dtype, as a dense nn.Linear would; the casts are explicit because
             # grouped matmul is not on autocast's list.
@@ -227,7 +229,7 @@ class MoEFeedForward(nn.Module):
         if self.training:
             self.load_counts_E += counts_E
             if torch.is_grad_enabled():
-                self.pending_aux_losses = self.auxiliary_losses(logits_NE, counts_E)
+                self.pending_aux_losses = self.auxiliary_losses(logits_NE, scores_NE, counts_E)
         if self.backend_for(x_ND) == "grouped_mm":
             out_ND = self.experts.forward_grouped(x_ND, ids_NK, weights_NK, counts_E)
         else:

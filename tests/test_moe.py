@@ -4,11 +4,13 @@ gradients, parameter counts, presets, config errors and the expert load reaching
 from __future__ import annotations
 
 import dataclasses
+import glob
 import math
 
 import pytest
 import torch
 import torch.nn.functional as F
+import yaml
 
 from lit_overtok.config import ModelConfig
 from lit_overtok.generation import generate
@@ -86,7 +88,7 @@ def test_grouped_mm_path_equals_loop_path_under_bf16_autocast():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out_fast, gx_fast, g_fast = run_with_grads(fast, x_BTD, upstream_BTD)
         out_loop, gx_loop, g_loop = run_with_grads(loop, x_BTD, upstream_BTD)
-        logits_NE, _, _ = fast.route(x_BTD.view(-1, 32))
+        logits_NE = fast.route(x_BTD.view(-1, 32))[0]
     assert out_fast.dtype == out_loop.dtype == torch.bfloat16
     assert logits_NE.dtype == torch.float32  # the router stays in fp32 under autocast
     assert_close_to_scale(out_fast.float(), out_loop.float(), 1e-2)
@@ -126,12 +128,12 @@ def test_every_token_reaches_its_k_experts_even_when_all_pick_the_same_ones(back
     x_ND = torch.randn(40, 32)
     x_ND[:, 0] = 1.0
     out_ND = layer(x_ND.unsqueeze(0)).squeeze(0)
-    _, weights_NK, ids_NK = layer.route(x_ND)
+    _, scores_NE, weights_NK, ids_NK = layer.route(x_ND)
     assert set(ids_NK.flatten().tolist()) == {0, 1}  # every token picked the same two experts
     one_expert = layer.experts
     single_ND = (F.silu(x_ND @ one_expert.w1_EDF[0]) * (x_ND @ one_expert.w3_EDF[0])) @ one_expert.w2_EFD[0]
     torch.testing.assert_close(out_ND, weights_NK.sum(-1, keepdim=True) * single_ND, rtol=1e-5, atol=1e-6)
-    expected_sum = torch.ones(40) if renormalize else layer.route(x_ND)[0].softmax(-1).topk(2).values.sum(-1)
+    expected_sum = torch.ones(40) if renormalize else scores_NE.topk(2).values.sum(-1)
     torch.testing.assert_close(weights_NK.sum(-1), expected_sum)
     torch.testing.assert_close(out_ND, dense_reference(layer, x_ND), rtol=1e-5, atol=1e-6)
 
@@ -178,8 +180,9 @@ def test_balanced_routing_has_load_balancing_loss_one():
     layer = make_layer("loop", num_experts=4, top_k=2)
     logits_NE = torch.zeros(8, 4)  # uniform probabilities
     counts_E = torch.tensor([4, 4, 4, 4])  # each expert gets 8·2/4 assignments
-    assert layer.auxiliary_losses(logits_NE, counts_E)["moe_lb_loss"].item() == pytest.approx(1.0)
-    assert layer.auxiliary_losses(logits_NE, counts_E)["moe_z_loss"].item() == pytest.approx(math.log(4) ** 2)
+    losses = layer.auxiliary_losses(logits_NE, logits_NE.softmax(-1), counts_E)
+    assert losses["moe_lb_loss"].item() == pytest.approx(1.0)
+    assert losses["moe_z_loss"].item() == pytest.approx(math.log(4) ** 2)
 
 
 def test_aux_losses_join_the_objective_averaged_over_layers_only_in_training():
@@ -239,7 +242,7 @@ def test_training_metrics_report_the_load_since_the_last_read():
     x_BTD = torch.randn(2, 6, 32)
     layer(x_BTD)
     layer(x_BTD)
-    _, _, ids_NK = layer.route(x_BTD.view(-1, 32))
+    ids_NK = layer.route(x_BTD.view(-1, 32))[3]
     counts_E = torch.bincount(ids_NK.flatten(), minlength=4).double() * 2
     load_E = counts_E / 24  # 24 tokens in the window
     metrics = layer.training_metrics()
@@ -348,3 +351,31 @@ def test_bad_moe_config_names_the_field(moe, field):
 def test_moe_on_a_dense_preset_needs_its_shape():
     with pytest.raises(ValueError, match=r"model\.moe\.expert_d_ff"):
         ModelConfig(preset="cfg-small", vocab_size=7, moe={"num_experts": 8, "top_k": 2})
+
+
+@pytest.mark.parametrize("path", sorted(glob.glob("configs/olmoe/*.yaml") + glob.glob("configs/cfg/*moe*.yaml")))
+def test_moe_experiment_configs_build_with_the_published_counts(path):
+    with open(path) as f:
+        config = yaml.safe_load(f)
+    model_args = config["model"]["init_args"]["model"]
+    unknown = set(model_args) - {f.name for f in dataclasses.fields(ModelConfig)}
+    if unknown:
+        pytest.skip(f"{path} needs fields of another branch: {sorted(unknown)}")
+    vocab = 50_280 if "olmoe" in path else 5  # the OLMoE tokenizer; cfg3f
+    cfg = ModelConfig(**model_args, vocab_size=vocab)
+    assert cfg.moe is not None
+    # The backbone's counts, without the Over-Encoding tables or training-only heads the paper counts apart.
+    counts = dataclasses.replace(cfg, **{name: None for name in ("over_encoding", "multi_token")
+                                         if name in model_args}).parameter_counts()
+    if "olmoe_1.3b" in path:
+        assert abs(counts.active / 260e6 - 1) < 0.03 and abs(counts.total / 1.3e9 - 1) < 0.03
+    elif "olmoe_7b" in path:
+        assert abs(counts.active / 1.3e9 - 1) < 0.03 and abs(counts.total / 6.9e9 - 1) < 0.03
+    if "olmoe" in path:
+        assert config["trainer"]["precision"] == "bf16-mixed" and config["trainer"]["gradient_clip_val"] == 1.0
+        optimizer = config["model"]["init_args"]["optimizer"]
+        assert (optimizer["lr"], optimizer["betas"], optimizer["weight_decay"], optimizer["min_lr_ratio"]) == (
+            4e-4, [0.9, 0.95], 0.1, 0.1)
+        oe = getattr(cfg, "over_encoding", None)
+        if "oe12.8m" in path or "ot12.8m" in path:
+            assert (oe.n, round(oe.m / 1e5) / 10, oe.slice_width(cfg.d_model)) == (3, 12.8, 256)
