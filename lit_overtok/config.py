@@ -16,6 +16,26 @@ does not depend on the vocabulary, which Over-Encoding changes by orders of magn
 
 Every OLMo2 preset uses d_ff = 4·d_model (as OLMo2-1B does), so a layer holds 16·d² weights.
 
+Mixture-of-experts presets (OLMoE recipe, PAPER.md §3.3; the preset's ``moe`` fills ``ModelConfig.moe``). Counts are
+with the OLMoE vocabulary, 50,280 padded to 50,304, and two untied tables, as OLMoE's "1.3B active / 6.9B total":
+
+| preset      | layers | d_model | heads | experts | top-k | expert d_ff | active / total params                 |
+|-------------|--------|---------|-------|---------|-------|-------------|---------------------------------------|
+| olmoe-1b-7b | 16     | 2048    | 16    | 64      | 8     | 1024        | 1.282B / 6.919B (= OLMoE-1B-7B)       |
+| olmoe-1.3b  | 15     | 1024    | 16    | 96      | 8     | 256         | 261.8M / 1.300B (paper: 260M / 1.3B)  |
+| moe-small   | 12     | 128     | 2     | 8       | 2     | 176         | 2.43M / 7.29M (cfg3f; = cfg-small active) |
+| moe-tiny    | 2      | 32      | 2     | 4       | 2     | 16          | tests only                            |
+
+olmoe-1.3b: the paper publishes only 260M active / 1.3B total and (through its 51M embedding count) d_model 1024.
+The two 50,304 × 1024 tables take 103M, so the blocks must hold 157M active of 1.197B in all, a total-to-active
+ratio of 7.6; OLMoE-1B-7B's own layer shape (64 experts of width d/2, top-8) has 6.2 at any depth (11 layers give
+288M / 1.26B). We keep OLMoE's top-8 routing and fine-grained experts and choose 15 layers of 96 experts of width d/4 = 256
+(15 layers of 48 experts of width 512 with top-4 would hit the counts as closely). [UNCONFIRMED] The paper's own
+forward cost for its OLMoE-1.3B, 0.5409 GFLOPs/token (§4.11), fits 13 OLMoE-style layers (64 × 512, top-8; 219M
+active non-embedding weights) instead, i.e. 322M active / 1.47B total: its counts and its FLOPs disagree, and we
+match the counts. (For olmoe-1b-7b, ``flops_per_token`` gives 2.3580 forward GFLOPs against the paper's 2.3578.)
+In every MoE preset d_ff = top_k · expert_d_ff: the dense model with the same active weights (MoE blocks ignore it).
+
 Any preset field can be overridden: a field left ``None`` takes the preset's value, and a field given
 explicitly wins. Vocabulary size normally comes from the data module (the CLI links it).
 """
@@ -43,8 +63,7 @@ PRESETS: dict[str, dict] = {
                       tie_embeddings=True, vocab_pad_multiple=1),
     "tiny": dict(n_layer=2, d_model=32, n_head=2, d_ff=64, max_seq_len=256,
                  tie_embeddings=False, vocab_pad_multiple=1),
-    # Mixture of experts (OLMoE recipe): ``moe`` fills ModelConfig.moe; d_ff = top_k·expert_d_ff is the dense
-    # model with the same active parameters (unused by MoE blocks).
+    # Mixture of experts (OLMoE recipe; see the second table above): ``moe`` fills ModelConfig.moe.
     "olmoe-1b-7b": dict(n_layer=16, d_model=2048, n_head=16, d_ff=8192, max_seq_len=4096,
                         tie_embeddings=False, vocab_pad_multiple=128,
                         moe=dict(num_experts=64, top_k=8, expert_d_ff=1024)),
