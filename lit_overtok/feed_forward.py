@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lit_overtok.config import ModelConfig
+from lit_overtok.moe import MoEFeedForward
 
 
 class SwiGLU(nn.Module):
@@ -23,4 +24,6 @@ class SwiGLU(nn.Module):
 
 
 def build_feed_forward(cfg: ModelConfig, layer_idx: int) -> nn.Module:
+    if cfg.moe is not None:
+        return MoEFeedForward(cfg.d_model, cfg.moe, layer_idx)
     return SwiGLU(cfg.d_model, cfg.d_ff)

@@ -28,6 +28,7 @@ from lit_overtok.config import ModelConfig, ParameterCounts
 from lit_overtok.embedding import build_input_embedding
 from lit_overtok.feed_forward import build_feed_forward
 from lit_overtok.heads import build_multi_token_head, NextTokenHead
+from lit_overtok.moe import pop_auxiliary_losses
 
 
 class RMSNorm(nn.Module):
@@ -176,7 +177,7 @@ class Transformer(nn.Module):
         return self.lm_head(self.hidden_states(input_ids_BT))
 
     def loss(self, input_ids_BT: torch.Tensor, labels_BT: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """Training objective: next-token cross-entropy plus whatever the multi-token head adds.
+        """Training objective: next-token cross-entropy plus whatever the multi-token head and MoE layers add.
 
         Returns the total loss and named parts for logging; ``loss_next1`` is always the plain next-token loss.
         """
@@ -188,6 +189,10 @@ class Transformer(nn.Module):
             extra, extra_parts = self.multi_token_head.loss(hidden_BTD, input_ids_BT, labels_BT)
             total = total + extra
             parts.update(extra_parts)
+        aux, aux_parts = pop_auxiliary_losses(self)  # MoE load balancing and router z-loss (training only)
+        if aux is not None:
+            total = total + aux
+            parts.update(aux_parts)
         return total, parts
 
     def new_kv_caches(self, batch_size: int, max_len: int, dtype: torch.dtype, device: torch.device) -> list[KVCache]:
