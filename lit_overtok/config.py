@@ -26,6 +26,8 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Optional
 
+from lit_overtok.heads import MultiTokenConfig
+
 # Shape fields a preset may fill. ``None`` in a ModelConfig means "take it from the preset".
 PRESETS: dict[str, dict] = {
     "olmo2-151m": dict(n_layer=16, d_model=768, n_head=12, d_ff=3072, max_seq_len=4096,
@@ -68,8 +70,12 @@ class ModelConfig:
     rope_theta: float = 500_000.0
     norm_eps: float = 1e-6
     init_std: float = 0.02
+    multi_token: Optional[MultiTokenConfig] = None
+    """Training-only prediction of further tokens: Over-Decoding, joint n-gram decoding or MTP-DS (heads.py)."""
 
     def __post_init__(self) -> None:
+        if isinstance(self.multi_token, dict):  # hparams come back from checkpoints as plain dicts
+            self.multi_token = MultiTokenConfig(**self.multi_token)
         if self.preset is not None:
             if self.preset not in PRESETS:
                 raise ValueError(
@@ -96,6 +102,8 @@ class ModelConfig:
             raise ValueError(f"model: head width d_model/n_head={self.head_dim} must be even for RoPE")
         if self.init_std <= 0 or self.norm_eps <= 0 or self.rope_theta <= 0:
             raise ValueError("model.init_std, model.norm_eps and model.rope_theta must be positive")
+        if self.multi_token is not None:
+            self.multi_token.check_model(self)
 
     @property
     def head_dim(self) -> int:
@@ -131,7 +139,8 @@ class ModelConfig:
         counts = self.parameter_counts()
         matmul_params = counts.active_non_embedding + self.padded_vocab_size * self.d_model
         attention = 6 * self.n_layer * self.d_model * seq_len  # 2 matmuls × causal half × fwd+bwd(3) × 2 FLOP/MAC
-        return 6.0 * matmul_params + attention
+        heads = self.multi_token.extra_flops_per_token(self, seq_len) if self.multi_token is not None else 0.0
+        return 6.0 * matmul_params + attention + heads
 
 
 @dataclass(frozen=True)
