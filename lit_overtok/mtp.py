@@ -13,8 +13,9 @@ from the n-gram ending there (the embedding pass of the main forward, shifted, n
 "over-encoding directly participates in future-token prediction" and the OE tables receive gradient from it.
 Loss: ``sum_k lambda_(k+1) CE_(k+1)`` with lambda = 0.1 by default (the paper's OT uses one depth, weight 0.1).
 
-Each depth has its own norms, projection and one transformer block built like the model's last block (so an MoE
-model gets an MoE block, as in DeepSeek-V3), and its own final RMSNorm before the shared head. These modules are
+Each depth has its own norms, projection and one transformer block built like the model's blocks and numbered after
+them (so an MoE model gets an MoE block, as in DeepSeek-V3, with its own metrics), and its own final RMSNorm before
+the shared head. These modules are
 training-only: generation and evaluation never call them.
 """
 
@@ -32,12 +33,12 @@ from lit_overtok.over_decoding import masked_mean, token_nll
 class MTPModule(nn.Module):
     """One depth: combine the state with the next token's embedding, 2D -> D, one block, then a norm."""
 
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: ModelConfig, layer_idx: int) -> None:
         super().__init__()
         self.hidden_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.embed_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.proj = nn.Linear(2 * cfg.d_model, cfg.d_model, bias=False)
-        self.block = Block(cfg, cfg.n_layer - 1)
+        self.block = Block(cfg, layer_idx)
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
 
     def forward(self, state_BLD: torch.Tensor, embedded_BLD: torch.Tensor, cos_LK: torch.Tensor,
@@ -53,7 +54,7 @@ class MultiTokenPredictionDS(nn.Module):
     def __init__(self, cfg: ModelConfig, multi_token: MultiTokenConfig, model: nn.Module) -> None:
         super().__init__()
         self.weights = multi_token.head_weights
-        self.depths = nn.ModuleList(MTPModule(cfg) for _ in range(multi_token.n - 1))
+        self.depths = nn.ModuleList(MTPModule(cfg, cfg.n_layer + k) for k in range(multi_token.n - 1))
         # The output head and RoPE tables belong to the model: plain attributes, so they are neither registered
         # twice (checkpoints would hold them twice) nor is the model made a child of its own submodule.
         object.__setattr__(self, "shared_head", model.lm_head)
