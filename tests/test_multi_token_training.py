@@ -37,7 +37,7 @@ def run_dir(tmp_path_factory):
                 "fit", "--config", str(CONFIGS / "cfg" / f"{name}.yaml"),
                 "--model.init_args.model.preset", "tiny", "--model.init_args.generation_samples", "2",
                 "--data.init_args.seq_len", "32", "--data.init_args.batch_size", "2", "--data.init_args.val_sentences", "2",
-                "--trainer.max_steps", "2", "--trainer.log_every_n_steps", "1", "--trainer.val_check_interval", "2",
+                "--trainer.max_steps", "2", "--trainer.accumulate_grad_batches", "1", "--trainer.log_every_n_steps", "1", "--trainer.val_check_interval", "2",
                 "--trainer.limit_val_batches", "1", "--trainer.enable_progress_bar", "false",
                 "--trainer.enable_model_summary", "false", "--trainer.default_root_dir", str(root),
             ])
