@@ -46,6 +46,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Optional
 
+from lit_overtok.heads import MultiTokenConfig
 from lit_overtok.moe import MoEConfig, resolve_moe_config
 from lit_overtok.over_encoding import OverEncodingConfig
 
@@ -108,8 +109,12 @@ class ModelConfig:
     """Hashed n-gram input embeddings (Over-Encoding, paper §3.2); None = the plain 1-gram table."""
     moe: Optional[MoEConfig] = None
     """Mixture-of-experts feed-forward in every block (None: dense, unless the preset has experts)."""
+    multi_token: Optional[MultiTokenConfig] = None
+    """Training-only prediction of further tokens: Over-Decoding, joint n-gram decoding or MTP-DS (heads.py)."""
 
     def __post_init__(self) -> None:
+        if isinstance(self.multi_token, dict):  # hparams come back from checkpoints as plain dicts
+            self.multi_token = MultiTokenConfig(**self.multi_token)
         if self.preset is not None:
             if self.preset not in PRESETS:
                 raise ValueError(
@@ -141,6 +146,8 @@ class ModelConfig:
             self.over_encoding = OverEncodingConfig(**self.over_encoding)
         if self.over_encoding is not None:
             self.over_encoding.validate(self.d_model, self.vocab_size)
+        if self.multi_token is not None:
+            self.multi_token.check_model(self)
 
     @property
     def head_dim(self) -> int:
@@ -176,7 +183,8 @@ class ModelConfig:
         counts = self.parameter_counts()
         matmul_params = counts.active_non_embedding + self.padded_vocab_size * self.d_model
         attention = 6 * self.n_layer * self.d_model * seq_len  # 2 matmuls × causal half × fwd+bwd(3) × 2 FLOP/MAC
-        return 6.0 * matmul_params + attention
+        heads = self.multi_token.extra_flops_per_token(self, seq_len) if self.multi_token is not None else 0.0
+        return 6.0 * matmul_params + attention + heads
 
 
 @dataclass(frozen=True)

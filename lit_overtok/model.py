@@ -27,7 +27,7 @@ from torch import nn
 from lit_overtok.config import ModelConfig, ParameterCounts
 from lit_overtok.embedding import build_input_embedding
 from lit_overtok.feed_forward import build_feed_forward
-from lit_overtok.heads import build_multi_token_head, NextTokenHead
+from lit_overtok.heads import build_multi_token_head, build_next_token_head
 from lit_overtok.moe import pop_auxiliary_losses
 
 
@@ -155,7 +155,7 @@ class Transformer(nn.Module):
         self.rotary = RotaryEmbedding(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
         self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layer))
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
-        self.lm_head = NextTokenHead(cfg, tied_table=self.embed.wte if cfg.tie_embeddings else None)
+        self.lm_head = build_next_token_head(cfg, tied_table=self.embed.wte if cfg.tie_embeddings else None)
         self.multi_token_head = build_multi_token_head(cfg, self)
         self.init_weights()
 
@@ -166,7 +166,10 @@ class Transformer(nn.Module):
         The embedding always sees the whole id sequence, because an Over-Encoding lookup at position t needs the
         ids before t; with a KV cache only the new positions go through the blocks.
         """
-        x_BTD = self.embed(input_ids_BT)[:, start:]
+        return self.backbone(self.embed(input_ids_BT)[:, start:], caches, start)
+
+    def backbone(self, x_BTD: torch.Tensor, caches: Optional[list[KVCache]] = None, start: int = 0) -> torch.Tensor:
+        """Blocks and final norm over embedded positions ``start .. start + T``."""
         cos_TK, sin_TK = self.rotary(start, x_BTD.shape[1])
         for i, block in enumerate(self.blocks):
             x_BTD = block(x_BTD, cos_TK, sin_TK, None if caches is None else caches[i])
@@ -181,12 +184,14 @@ class Transformer(nn.Module):
 
         Returns the total loss and named parts for logging; ``loss_next1`` is always the plain next-token loss.
         """
-        hidden_BTD = self.hidden_states(input_ids_BT)
+        # Embedded once: MTP-DS feeds the next token's input embedding (Over-Encoding's, in OT) to its modules.
+        embedded_BTD = self.embed(input_ids_BT)
+        hidden_BTD = self.backbone(embedded_BTD)
         loss_next1 = self.lm_head.loss(hidden_BTD, labels_BT)
         parts = {"loss_next1": loss_next1.detach()}
         total = loss_next1
         if self.multi_token_head is not None:
-            extra, extra_parts = self.multi_token_head.loss(hidden_BTD, input_ids_BT, labels_BT)
+            extra, extra_parts = self.multi_token_head.loss(hidden_BTD, input_ids_BT, labels_BT, embedded_BTD=embedded_BTD)
             total = total + extra
             parts.update(extra_parts)
         aux, aux_parts = pop_auxiliary_losses(self)  # MoE load balancing and router z-loss (training only)
