@@ -6,6 +6,7 @@ With no arguments, ``fit`` runs the embedded default (DEFAULT_TRAINER plus the d
 
 from __future__ import annotations
 
+from lightning.pytorch import LightningDataModule
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.loggers import TensorBoardLogger
@@ -51,7 +52,7 @@ class OverTokCLI(LightningCLI):
 def main(args=None) -> None:
     OverTokCLI(
         OverTokLM,
-        CFGDataModule,
+        LightningDataModule,  # any data module (CFGDataModule is the default, WebDatasetDataModule for text)
         subclass_mode_model=True,
         subclass_mode_data=True,
         trainer_defaults=DEFAULT_TRAINER,
