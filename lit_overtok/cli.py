@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import sys
 
+from lightning.pytorch import LightningDataModule
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.loggers import TensorBoardLogger
@@ -64,7 +65,7 @@ def main(args=None) -> None:
     try:
         OverTokCLI(
             OverTokLM,
-            CFGDataModule,
+            LightningDataModule,  # any data module (CFGDataModule is the default, WebDatasetDataModule for text)
             subclass_mode_model=True,
             subclass_mode_data=True,
             trainer_defaults=DEFAULT_TRAINER,

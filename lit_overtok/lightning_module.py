@@ -85,6 +85,10 @@ class OverTokLM(pl.LightningModule):
         self.log("train/lr", optimizer.param_groups[0]["lr"] / optimizer.param_groups[0]["lr_multiplier"])
         if self.trainer.global_step % self.trainer.log_every_n_steps == 0:
             self.log_dict({f"train/{k}": v for k, v in self.module_metrics().items()})
+            if hasattr(self.trainer.datamodule, "training_metrics"):
+                # Data diagnostics are counts per rank (e.g. corrupt shards skipped): log their sum over ranks.
+                data_metrics = self.trainer.datamodule.training_metrics()
+                self.log_dict({f"train/{k}": v for k, v in data_metrics.items()}, sync_dist=True, reduce_fx="sum")
         return loss
 
     def module_metrics(self) -> dict[str, torch.Tensor]:

@@ -1,0 +1,493 @@
+"""Turn text into WebDataset token shards: ``python -m lit_overtok.data.prepare`` (console script
+``lit-overtok-prepare``).
+
+    python -m lit_overtok.data.prepare --output data/wiki_bpe8k --vocab-size 8192 \\
+        --train '../shared/data/wikipedia_en_2015/train-*.jsonl.xz' \\
+        --validation ../shared/data/wikipedia_en_2015/validation.jsonl.xz
+
+Inputs: plain text (``.txt``), JSON lines (``.jsonl``/``.json``/``.ndjson``, the text in ``--field``), optionally
+compressed with gzip, xz or zstd (``.gz``/``.xz``/``.zst``), and Parquet (``--field`` names the column). Globs are
+expanded (sorted); files are read in the order given.
+
+Tokenizer: a ``tokenizers`` JSON file (``--tokenizer``), or a byte-level BPE of ``--vocab-size`` entries trained
+first on the start of the training inputs (``--tokenizer-train-mb``), for CPU-sized models where a 50k vocabulary
+would dominate the parameters and the compute. Either way the tokenizer is copied beside the shards and its sha256
+goes into the manifest, which the data module checks.
+
+Each document becomes its token ids followed by EOS (the tokenizer's end-of-text token, or ``--eos-token`` /
+``--eos-id``). Documents are packed whole into shards of about ``--shard-tokens`` tokens (see ``shards.py`` for the
+format). Tokenization runs in ``--workers`` processes; chunks are written in input order, so the output is
+byte-identical for the same inputs and options whatever the number of processes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import gzip
+import io
+import itertools
+import json
+import lzma
+import os
+import shutil
+import sys
+import time
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
+from multiprocessing import get_context
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import zstandard
+from tokenizers import Tokenizer
+from tqdm import tqdm
+
+from lit_overtok.data import shards
+
+DECOMPRESSORS = {
+    ".gz": lambda raw: gzip.GzipFile(fileobj=raw),
+    ".xz": lambda raw: lzma.LZMAFile(raw),
+    ".zst": lambda raw: zstandard.ZstdDecompressor().stream_reader(raw),
+}
+FORMATS = {".txt": "text", ".text": "text", ".jsonl": "jsonl", ".json": "jsonl", ".ndjson": "jsonl",
+           ".parquet": "parquet"}
+TEXT_UNITS = ("file", "line", "paragraph")
+# Tried in order when no EOS is given: GPT-2/NeoX/OLMo use the first, Llama-style tokenizers the next ones.
+EOS_CANDIDATES = ("<|endoftext|>", "</s>", "<|end_of_text|>", "<eos>", "<|eos|>")
+TRAINED_EOS = "<|endoftext|>"
+# Work units for the tokenizer processes: small enough to keep every process busy, large enough to amortize IPC.
+CHUNK_CHARS = 1 << 20
+CHUNK_DOCUMENTS = 512
+
+
+class PrepareError(ValueError):
+    """Bad input or options; the message names the file or option and what would be valid."""
+
+
+@dataclass
+class PrepareConfig:
+    output: Path
+    train: list[str]
+    validation: list[str] = field(default_factory=list)
+    field: str = "text"
+    format: Optional[str] = None
+    """'text', 'jsonl' or 'parquet'; None: from each file's extension."""
+    text_unit: str = "file"
+    """For plain text: one document per 'file', per 'line', or per blank-line separated 'paragraph'."""
+    tokenizer: Optional[str] = None
+    vocab_size: Optional[int] = None
+    tokenizer_train_mb: float = 64.0
+    eos_token: Optional[str] = None
+    eos_id: Optional[int] = None
+    shard_tokens: int = 1 << 20
+    workers: int = max(1, os.cpu_count() or 1)
+    overwrite: bool = False
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        self.output = Path(self.output)
+        if (self.tokenizer is None) == (self.vocab_size is None):
+            raise PrepareError("give exactly one of --tokenizer (a tokenizers JSON file) or --vocab-size (train a BPE)")
+        if self.vocab_size is not None and not 256 < self.vocab_size <= 1 << 32:
+            raise PrepareError(f"--vocab-size must exceed the 256 byte tokens (and fit in uint32), got {self.vocab_size}")
+        if self.format not in (None, "text", "jsonl", "parquet"):
+            raise PrepareError(f"--format must be text, jsonl or parquet, got {self.format!r}")
+        if self.text_unit not in TEXT_UNITS:
+            raise PrepareError(f"--text-unit must be one of {TEXT_UNITS}, got {self.text_unit!r}")
+        if self.eos_token is not None and self.eos_id is not None:
+            raise PrepareError("give at most one of --eos-token and --eos-id")
+        for name in ("shard_tokens", "workers"):
+            if getattr(self, name) <= 0:
+                raise PrepareError(f"--{name.replace('_', '-')} must be a positive integer, got {getattr(self, name)}")
+        if self.tokenizer_train_mb <= 0:
+            raise PrepareError(f"--tokenizer-train-mb must be positive, got {self.tokenizer_train_mb}")
+        if not self.train:
+            raise PrepareError("--train needs at least one input file")
+
+
+# ---------------------------------------------------------------------------------------------------- inputs
+def expand_inputs(patterns: Iterable[str], option: str) -> list[Path]:
+    """Files in the given order; a glob expands to its sorted matches. Missing files are errors."""
+    files: list[Path] = []
+    for pattern in patterns:
+        if glob.has_magic(pattern):
+            matches = sorted(glob.glob(pattern))
+            if not matches:
+                raise PrepareError(f"{option}: no file matches {pattern!r}")
+            files += [Path(m) for m in matches]
+        else:
+            files.append(Path(pattern))
+    for path in files:
+        if path.is_dir():
+            raise PrepareError(f"{option}: {path} is a directory; give files or a glob such as '{path}/*.jsonl.xz'")
+        if not path.is_file():
+            raise PrepareError(f"{option}: input file {path} does not exist")
+    return files
+
+
+def input_format(path: Path, forced: Optional[str]) -> str:
+    if forced is not None:
+        return forced
+    suffixes = path.suffixes
+    if suffixes and suffixes[-1] in DECOMPRESSORS:
+        suffixes = suffixes[:-1]
+    fmt = FORMATS.get(suffixes[-1] if suffixes else "")
+    if fmt is None:
+        raise PrepareError(
+            f"cannot tell the format of {path} from its name; use one of the extensions {sorted(FORMATS)} "
+            f"(optionally + {sorted(DECOMPRESSORS)}) or give --format text|jsonl|parquet"
+        )
+    return fmt
+
+
+def read_documents(path: Path, fmt: str, text_field: str, text_unit: str,
+                   progress: Callable[[int], None] = lambda n: None) -> Iterator[str]:
+    """The non-empty documents of one input file, in file order; ``progress`` gets bytes of the file consumed.
+
+    Raises PrepareError for a missing field, a non-text value, or a file with no documents.
+    """
+    count = 0
+    if fmt == "parquet":
+        documents = _parquet_documents(path, text_field, progress)
+    else:
+        documents = _stream_documents(path, fmt, text_field, text_unit, progress)
+    for document in documents:
+        if document:
+            count += 1
+            yield document
+    if count == 0:
+        raise PrepareError(f"input {path} contains no documents (it is empty or every document is empty)")
+
+
+def _stream_documents(path, fmt, text_field, text_unit, progress) -> Iterator[str]:
+    with open(path, "rb") as raw:
+        position = 0
+
+        def report() -> None:
+            nonlocal position
+            now = raw.tell()
+            progress(now - position)
+            position = now
+
+        decompress = DECOMPRESSORS.get(path.suffix)
+        with io.TextIOWrapper(decompress(raw) if decompress else raw, encoding="utf-8") as text:
+            if fmt == "jsonl":
+                for number, line in enumerate(text, start=1):
+                    if line.strip():
+                        yield _json_field(line, path, number, text_field)
+                    if number % 256 == 0:
+                        report()
+            elif text_unit == "file":
+                yield text.read()
+            elif text_unit == "line":
+                for number, line in enumerate(text, start=1):
+                    yield line.strip()
+                    if number % 256 == 0:
+                        report()
+            else:
+                paragraph: list[str] = []
+                for line in itertools.chain(text, [""]):
+                    if line.strip():
+                        paragraph.append(line)
+                    elif paragraph:
+                        yield "".join(paragraph).strip()
+                        paragraph = []
+                        report()
+            report()
+
+
+def _json_field(line: str, path: Path, number: int, text_field: str) -> str:
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as error:
+        raise PrepareError(f"{path} line {number}: not valid JSON ({error})") from None
+    if not isinstance(record, dict):
+        raise PrepareError(f"{path} line {number}: expected a JSON object, got {type(record).__name__}")
+    if text_field not in record:
+        raise PrepareError(
+            f"{path} line {number}: no field {text_field!r}; the record has fields {sorted(record)}; "
+            "choose the text field with --field"
+        )
+    value = record[text_field]
+    if not isinstance(value, str):
+        raise PrepareError(f"{path} line {number}: field {text_field!r} holds {type(value).__name__}, not text")
+    return value
+
+
+def _parquet_documents(path: Path, text_field: str, progress) -> Iterator[str]:
+    import pyarrow.parquet as pq
+
+    parquet = pq.ParquetFile(path)
+    names = parquet.schema_arrow.names
+    if text_field not in names:
+        raise PrepareError(f"{path}: no column {text_field!r}; the columns are {names}; choose one with --field")
+    column_type = parquet.schema_arrow.field(text_field).type
+    if str(column_type) not in ("string", "large_string"):
+        raise PrepareError(f"{path}: column {text_field!r} has type {column_type}, not text")
+    size, rows, reported = path.stat().st_size, max(1, parquet.metadata.num_rows), 0
+    done = 0
+    for batch in parquet.iter_batches(columns=[text_field], batch_size=1024):
+        yield from (value for value in batch.column(0).to_pylist() if value)
+        done += batch.num_rows
+        position = size * done // rows
+        progress(position - reported)
+        reported = position
+
+
+def iter_chunks(files: list[Path], config: PrepareConfig, progress, totals: dict) -> Iterator[list[str]]:
+    """All documents of the files, in order, grouped into work units for the tokenizer processes;
+    ``totals["chars"]`` counts the characters read."""
+    chunk: list[str] = []
+    chars = 0
+    for path in files:
+        for document in read_documents(path, input_format(path, config.format), config.field, config.text_unit,
+                                       progress):
+            chunk.append(document)
+            chars += len(document)
+            if chars >= CHUNK_CHARS or len(chunk) >= CHUNK_DOCUMENTS:
+                totals["chars"] += chars
+                yield chunk
+                chunk, chars = [], 0
+    if chunk:
+        totals["chars"] += chars
+        yield chunk
+
+
+# ------------------------------------------------------------------------------------------------- tokenizer
+def train_bpe(documents: Iterable[str], vocab_size: int) -> Tokenizer:
+    """A GPT-2-style byte-level BPE (no prefix space) whose id 0 is the end-of-text token."""
+    from tokenizers import decoders, models, pre_tokenizers, processors, trainers
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    tokenizer.post_processor = processors.ByteLevel(trim_offsets=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=[TRAINED_EOS],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator(documents, trainer)
+    return tokenizer
+
+
+def _first_megabytes(documents: Iterable[str], megabytes: float) -> Iterator[str]:
+    budget = int(megabytes * 1e6)
+    for document in documents:
+        if budget <= 0:
+            return
+        yield document
+        budget -= len(document)
+
+
+def vocabulary_size(tokenizer: Tokenizer) -> int:
+    """One more than the largest id, counting added tokens (some files have ids beyond get_vocab_size())."""
+    return max(tokenizer.get_vocab(with_added_tokens=True).values()) + 1
+
+
+def resolve_eos(tokenizer: Tokenizer, source: str, eos_token: Optional[str], eos_id: Optional[int]) -> int:
+    vocab_size = vocabulary_size(tokenizer)
+    if eos_id is not None:
+        if not 0 <= eos_id < vocab_size:
+            raise PrepareError(f"--eos-id {eos_id} is outside the vocabulary of {source} (0..{vocab_size - 1})")
+        return eos_id
+    candidates = (eos_token,) if eos_token is not None else EOS_CANDIDATES
+    for token in candidates:
+        token_id = tokenizer.token_to_id(token)
+        if token_id is not None:
+            return token_id
+    raise PrepareError(
+        f"cannot determine the end-of-text token of {source}: none of {list(candidates)} is in its vocabulary; "
+        "give --eos-token TOKEN or --eos-id ID"
+    )
+
+
+# ------------------------------------------------------------------------------------------------- encoding
+_worker_state: dict = {}
+
+
+def _init_encoder(tokenizer_json: str, eos_id: int, dtype: str, single_threaded: bool) -> None:
+    if single_threaded:
+        # One process per core already; the tokenizer's own thread pool would only oversubscribe the cores.
+        os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    _worker_state.update(tokenizer=Tokenizer.from_str(tokenizer_json), eos_id=eos_id, dtype=np.dtype(dtype))
+
+
+def _encode(texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """(all tokens of the chunk, each document's length), every document followed by EOS."""
+    eos = _worker_state["eos_id"]
+    encodings = _worker_state["tokenizer"].encode_batch(texts, add_special_tokens=False)
+    lengths = np.fromiter((len(e.ids) + 1 for e in encodings), dtype=np.int64, count=len(encodings))
+    tokens = np.fromiter(itertools.chain.from_iterable(e.ids + [eos] for e in encodings),
+                         dtype=_worker_state["dtype"], count=int(lengths.sum()))
+    return tokens, lengths
+
+
+def _ordered_map(chunks: Iterator[list[str]], workers: int, initargs: tuple) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """``_encode`` over the chunks, results in input order, at most 2 × workers chunks in flight."""
+    if workers == 1:
+        _init_encoder(*initargs, single_threaded=False)
+        yield from map(_encode, chunks)
+        return
+    # spawn, not fork: the parent may have run the tokenizer's thread pool (BPE training), which fork would copy.
+    with ProcessPoolExecutor(workers, mp_context=get_context("spawn"), initializer=_init_encoder,
+                             initargs=(*initargs, True)) as pool:
+        pending: deque = deque()
+        for chunk in chunks:
+            pending.append(pool.submit(_encode, chunk))
+            if len(pending) >= 2 * workers:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
+
+
+class _ShardSink:
+    """Collects documents in order and closes a shard once it holds at least ``shard_tokens`` tokens."""
+
+    def __init__(self, output: Path, split: str, shard_tokens: int) -> None:
+        self.output, self.split, self.shard_tokens = output, split, shard_tokens
+        self.shards: list[shards.ShardInfo] = []
+        self.pending: list[np.ndarray] = []
+        self.pending_tokens = 0
+        self.documents = 0
+
+    def add(self, tokens: np.ndarray, lengths: np.ndarray) -> None:
+        for document in np.split(tokens, np.cumsum(lengths)[:-1]):
+            self.pending.append(document)
+            self.pending_tokens += len(document)
+            if self.pending_tokens >= self.shard_tokens:
+                self.flush()
+
+    def flush(self) -> None:
+        if not self.pending:
+            return
+        path = self.output / shards.shard_file_name(self.split, len(self.shards))
+        self.shards.append(shards.write_shard(path, self.pending, first_document=self.documents))
+        self.documents += len(self.pending)
+        self.pending, self.pending_tokens = [], 0
+
+
+# ---------------------------------------------------------------------------------------------------- driver
+def _prepare_output(output: Path, overwrite: bool) -> None:
+    ours = [output / shards.MANIFEST_NAME, output / shards.TOKENIZER_NAME, *output.glob("*.tar"),
+            *output.glob("*.partial")]
+    existing = [p for p in ours if p.exists()]
+    if existing and not overwrite:
+        raise PrepareError(f"{output} already holds prepared data ({existing[0].name}, ...); "
+                           "choose another --output or pass --overwrite")
+    for path in existing:
+        path.unlink()
+    output.mkdir(parents=True, exist_ok=True)
+
+
+def prepare(config: PrepareConfig) -> dict:
+    """Write shards, tokenizer and manifest to ``config.output``; returns the manifest plus timing statistics."""
+    inputs = {"train": expand_inputs(config.train, "--train"),
+              "validation": expand_inputs(config.validation, "--validation")}
+    for files in inputs.values():
+        for path in files:
+            input_format(path, config.format)  # fail on an unknown extension before any work
+    _prepare_output(config.output, config.overwrite)
+    tokenizer_path = config.output / shards.TOKENIZER_NAME
+    if config.tokenizer is not None:
+        source = Path(config.tokenizer)
+        if not source.is_file():
+            raise PrepareError(f"--tokenizer: {source} does not exist (give a tokenizers JSON file, e.g. "
+                               "../shared/data/tokenizers/gpt2/tokenizer.json)")
+        try:
+            tokenizer = Tokenizer.from_file(str(source))
+        except Exception as error:
+            raise PrepareError(f"--tokenizer: {source} is not a tokenizers JSON file ({error})") from None
+        shutil.copyfile(source, tokenizer_path)
+        tokenizer_source = str(source)
+    else:
+        train_files = inputs["train"]
+        documents = itertools.chain.from_iterable(
+            read_documents(p, input_format(p, config.format), config.field, config.text_unit) for p in train_files)
+        started = time.perf_counter()
+        tokenizer = train_bpe(_first_megabytes(documents, config.tokenizer_train_mb), config.vocab_size)
+        print(f"trained a {config.vocab_size}-entry byte-level BPE on the first {config.tokenizer_train_mb:g} MB "
+              f"of the training text in {time.perf_counter() - started:.1f} s", file=sys.stderr)
+        tokenizer.save(str(tokenizer_path))
+        tokenizer_source = f"byte-level BPE trained on the first {config.tokenizer_train_mb:g} MB of --train"
+    vocab_size = vocabulary_size(tokenizer)
+    eos_id = resolve_eos(tokenizer, tokenizer_source, config.eos_token, config.eos_id)
+    dtype = shards.token_dtype(vocab_size)
+
+    total_bytes = sum(p.stat().st_size for files in inputs.values() for p in files)
+    bar = tqdm(total=total_bytes, unit="B", unit_scale=True, desc="prepare", disable=not config.progress)
+    started, totals = time.perf_counter(), {"chars": 0}
+    written: dict[str, list[shards.ShardInfo]] = {}
+    for split, files in inputs.items():
+        if not files:
+            continue
+        sink = _ShardSink(config.output, split, config.shard_tokens)
+        chunks = iter_chunks(files, config, bar.update, totals)
+        for tokens, lengths in _ordered_map(chunks, config.workers, (tokenizer.to_str(), eos_id, dtype.str)):
+            sink.add(tokens, lengths)
+        sink.flush()
+        written[split] = sink.shards
+    bar.close()
+    seconds = time.perf_counter() - started
+    provenance = {
+        "inputs": {split: [str(p) for p in files] for split, files in inputs.items() if files},
+        "field": config.field, "text_unit": config.text_unit, "tokenizer_source": tokenizer_source,
+        "shard_tokens": config.shard_tokens,
+    }
+    manifest = shards.manifest_dict(shards.file_sha256(tokenizer_path), vocab_size, eos_id, written, provenance)
+    temporary = config.output / (shards.MANIFEST_NAME + ".partial")
+    temporary.write_text(json.dumps(manifest, indent=1) + "\n")
+    temporary.replace(config.output / shards.MANIFEST_NAME)
+    text_mb = totals["chars"] / 1e6
+    stats = {"seconds": seconds, "text_mb": text_mb, "mb_per_s": text_mb / max(seconds, 1e-9)}
+    return {"manifest": manifest, "stats": stats}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="lit-overtok-prepare", description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--output", required=True, help="directory for shards, tokenizer.json and manifest.json")
+    parser.add_argument("--train", nargs="+", required=True, help="training input files or globs")
+    parser.add_argument("--validation", nargs="*", default=[], help="validation input files or globs")
+    parser.add_argument("--field", default="text", help="JSONL field / Parquet column holding the text")
+    parser.add_argument("--format", choices=("text", "jsonl", "parquet"), help="override detection by extension")
+    parser.add_argument("--text-unit", choices=TEXT_UNITS, default="file",
+                        help="plain text: one document per file, per line, or per blank-line separated paragraph")
+    tok = parser.add_mutually_exclusive_group(required=True)
+    tok.add_argument("--tokenizer", help="a tokenizers JSON file, e.g. ../shared/data/tokenizers/gpt2/tokenizer.json")
+    tok.add_argument("--vocab-size", type=int, help="train a byte-level BPE of this size on the training text")
+    parser.add_argument("--tokenizer-train-mb", type=float, default=64.0,
+                        help="MB of training text (from the start of --train) the BPE is trained on")
+    parser.add_argument("--eos-token", help=f"end-of-document token (default: the first of {list(EOS_CANDIDATES)} "
+                                            "the tokenizer has)")
+    parser.add_argument("--eos-id", type=int, help="end-of-document token id")
+    parser.add_argument("--shard-tokens", type=int, default=1 << 20,
+                        help="a shard closes once it holds this many tokens (documents are never split)")
+    parser.add_argument("--workers", type=int, default=max(1, os.cpu_count() or 1), help="tokenizer processes")
+    parser.add_argument("--overwrite", action="store_true", help="replace prepared data already in --output")
+    parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    return parser
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    args = build_parser().parse_args(argv)
+    try:
+        result = prepare(PrepareConfig(**vars(args)))
+    except PrepareError as error:
+        sys.exit(f"lit-overtok-prepare: error: {error}")
+    manifest, stats = result["manifest"], result["stats"]
+    for split, entry in manifest["splits"].items():
+        print(f"{split}: {entry['documents']} documents, {entry['tokens']} tokens in {len(entry['shards'])} shards")
+    print(f"vocab_size {manifest['vocab_size']}, eos_id {manifest['eos_id']}, dtype {manifest['dtype']}; "
+          f"{stats['text_mb']:.1f} MB of text in {stats['seconds']:.1f} s = {stats['mb_per_s']:.2f} MB/s "
+          f"-> {args.output}/{shards.MANIFEST_NAME}")
+
+
+if __name__ == "__main__":
+    main()
