@@ -7,10 +7,11 @@ Depth k = 1..n-1 predicts the token k+1 steps ahead of position t from the previ
     h'_t = W_k [RMSNorm(h^(k-1)_t); RMSNorm(Emb(x_(t+k)))]       W_k: 2D -> D
     h^k  = Block_k(h'),   logits = lm_head(RMSNorm(h^k_t))        predicts x_(t+k+1)
 
-with h^0 the main model's final hidden state, ``Emb`` the model's own input embedding and ``lm_head`` its shared
-output head. When the input embedding is Over-Encoding, ``Emb(x_(t+k))`` is the OE vector at position t+k, built
-from the n-gram ending there (the embedding pass of the main forward, shifted, not a lookup of a lone token): so
-"over-encoding directly participates in future-token prediction" and the OE tables receive gradient from it.
+with h^0 the main model's final hidden state (after its final norm; the module's RMSNorm renormalizes it anyway),
+``Emb`` the model's own input embedding and ``lm_head`` its shared output head. When the input embedding is
+Over-Encoding, ``Emb(x_(t+k))`` is the OE vector at position t+k, built from the n-gram ending there (the embedding pass
+of the main forward, shifted, not a lookup of a lone token): so "over-encoding directly participates in future-token
+prediction" and the OE tables receive gradient from it.
 Loss: ``sum_k lambda_(k+1) CE_(k+1)`` with lambda = 0.1 by default (the paper's OT uses one depth, weight 0.1).
 
 Each depth has its own norms, projection and one transformer block built like the model's blocks and numbered after
