@@ -316,13 +316,28 @@ def test_shard_patterns_are_checked_against_the_manifest(corpus, tmp_path):
         WebDatasetDataModule(str(corpus / "extra.tar"), val_shards=str(corpus / "validation-*.tar"))
     with pytest.raises(ManifestError, match="no manifest"):
         WebDatasetDataModule(str(tmp_path))
+    with pytest.raises(ManifestError, match="more than once"):
+        WebDatasetDataModule(str(corpus / "train-00000{0,0}.tar"), val_shards=str(corpus / "validation-*.tar"))
+
+
+def test_shards_can_be_urls_with_an_explicit_manifest(corpus):
+    dm = WebDatasetDataModule(f"pipe:cat {corpus}/train-00000{{0..3}}.tar",
+                              val_shards=f"pipe:cat {corpus}/validation-000000.tar",
+                              manifest=str(corpus / MANIFEST_NAME), seq_len=15, batch_size=2, num_workers=0)
+    assert dm.train_set.urls[1] == f"pipe:cat {corpus}/train-000001.tar"
+    batch = take(as_rank(dm, 0, 1).train_dataloader(), 1)[0]
+    assert documents_of(batch) <= set().union(*(shard_documents(corpus, i) for i in range(4)))
+    assert len(list(dm.val_dataloader())) > 0
+    with pytest.raises(ManifestError, match="give data.manifest"):
+        WebDatasetDataModule(f"pipe:cat {corpus}/train-000000.tar", val_shards=str(corpus))
 
 
 def test_manifests_of_train_and_validation_must_agree(corpus, tmp_path):
     other = make_corpus(tmp_path / "other")
     (other / TOKENIZER_NAME).write_text("{}")
-    manifest = (other / MANIFEST_NAME).read_text().replace(file_sha256(GPT2_TOKENIZER), file_sha256(other / TOKENIZER_NAME))
-    (other / MANIFEST_NAME).write_text(manifest)
+    manifest = (other / MANIFEST_NAME).read_text()
+    changed = manifest.replace(file_sha256(GPT2_TOKENIZER), file_sha256(other / TOKENIZER_NAME))
+    (other / MANIFEST_NAME).write_text(changed)
     with pytest.raises(ManifestError, match="disagree on the tokenizer"):
         WebDatasetDataModule(str(corpus), val_shards=str(other))
 
