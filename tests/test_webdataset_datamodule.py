@@ -231,6 +231,23 @@ def test_resumed_run_sees_exactly_the_batches_of_an_uninterrupted_run(corpus, tm
     assert not torch.equal(full.train[3], full.train[0])
 
 
+def test_a_new_iterator_continues_after_the_consumed_batches(corpus):
+    # What happens at an epoch boundary (limit_train_batches) or a resume: the loader is iterated again.
+    def datamodule():
+        dm = WebDatasetDataModule(str(corpus), seq_len=15, batch_size=2, num_workers=2, shuffle_buffer=3)
+        dm.trainer = SimpleNamespace(global_rank=0, world_size=1, training=True)
+        dm.setup("fit")
+        return dm
+
+    reference = [b["input_ids"] for b in take(datamodule().train_dataloader(), 8)]
+    dm = datamodule()
+    loader = dm.train_dataloader()
+    for batch in take(loader, 5):
+        dm.on_before_batch_transfer(batch, 0)  # the training loop takes these five
+    again = [b["input_ids"] for b in take(loader, 3)]
+    assert all(torch.equal(a, b) for a, b in zip(again, reference[5:]))
+
+
 def test_resume_with_another_layout_warns_and_starts_a_fresh_stream(corpus):
     dm = as_rank(WebDatasetDataModule(str(corpus), seq_len=15, batch_size=2, num_workers=0), 0, 1)
     state = dm.state_dict() | {"train_batches": 5}
