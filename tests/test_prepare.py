@@ -24,7 +24,7 @@ TOKENIZERS = Path(__file__).resolve().parents[2] / "shared/data/tokenizers"
 GPT2 = TOKENIZERS / "gpt2/tokenizer.json"
 
 TEXTS = [
-    f"Document {i}: the quick brown fox jumps over {i} lazy dogs. Ünïcödé ✓ and  double  spaces.\nSecond line {i}."
+    f"Document {i}: the quick brown fox jumps over {i} lazy dogs. Ünïcödé ✓, double  spaces.\nSecond line {i}."
     for i in range(40)
 ]
 
@@ -94,7 +94,8 @@ def test_plain_text_units_zstd_and_parquet_inputs(tmp_path):
     assert counts == {"file": 1, "line": 4, "paragraph": 3}
 
     zst = tmp_path / "data.jsonl.zst"
-    zst.write_bytes(zstandard.ZstdCompressor().compress("".join(json.dumps({"body": t}) + "\n" for t in TEXTS).encode()))
+    lines = "".join(json.dumps({"body": t}) + "\n" for t in TEXTS)
+    zst.write_bytes(zstandard.ZstdCompressor().compress(lines.encode()))
     parquet = tmp_path / "data.parquet"
     pq.write_table(pa.table({"body": TEXTS, "n": list(range(len(TEXTS)))}), parquet, row_group_size=7)
     outputs = [run(tmp_path, name, tokenizer=str(GPT2), train=[str(path)], field="body")

@@ -231,6 +231,23 @@ def test_resumed_run_sees_exactly_the_batches_of_an_uninterrupted_run(corpus, tm
     assert not torch.equal(full.train[3], full.train[0])
 
 
+def test_a_new_iterator_continues_after_the_consumed_batches(corpus):
+    # What happens at an epoch boundary (limit_train_batches) or a resume: the loader is iterated again.
+    def datamodule():
+        dm = WebDatasetDataModule(str(corpus), seq_len=15, batch_size=2, num_workers=2, shuffle_buffer=3)
+        dm.trainer = SimpleNamespace(global_rank=0, world_size=1, training=True)
+        dm.setup("fit")
+        return dm
+
+    reference = [b["input_ids"] for b in take(datamodule().train_dataloader(), 8)]
+    dm = datamodule()
+    loader = dm.train_dataloader()
+    for batch in take(loader, 5):
+        dm.on_before_batch_transfer(batch, 0)  # the training loop takes these five
+    again = [b["input_ids"] for b in take(loader, 3)]
+    assert all(torch.equal(a, b) for a, b in zip(again, reference[5:]))
+
+
 def test_resume_with_another_layout_warns_and_starts_a_fresh_stream(corpus):
     dm = as_rank(WebDatasetDataModule(str(corpus), seq_len=15, batch_size=2, num_workers=0), 0, 1)
     state = dm.state_dict() | {"train_batches": 5}
@@ -316,13 +333,28 @@ def test_shard_patterns_are_checked_against_the_manifest(corpus, tmp_path):
         WebDatasetDataModule(str(corpus / "extra.tar"), val_shards=str(corpus / "validation-*.tar"))
     with pytest.raises(ManifestError, match="no manifest"):
         WebDatasetDataModule(str(tmp_path))
+    with pytest.raises(ManifestError, match="more than once"):
+        WebDatasetDataModule(str(corpus / "train-00000{0,0}.tar"), val_shards=str(corpus / "validation-*.tar"))
+
+
+def test_shards_can_be_urls_with_an_explicit_manifest(corpus):
+    dm = WebDatasetDataModule(f"pipe:cat {corpus}/train-00000{{0..3}}.tar",
+                              val_shards=f"pipe:cat {corpus}/validation-000000.tar",
+                              manifest=str(corpus / MANIFEST_NAME), seq_len=15, batch_size=2, num_workers=0)
+    assert dm.train_set.urls[1] == f"pipe:cat {corpus}/train-000001.tar"
+    batch = take(as_rank(dm, 0, 1).train_dataloader(), 1)[0]
+    assert documents_of(batch) <= set().union(*(shard_documents(corpus, i) for i in range(4)))
+    assert len(list(dm.val_dataloader())) > 0
+    with pytest.raises(ManifestError, match="give data.manifest"):
+        WebDatasetDataModule(f"pipe:cat {corpus}/train-000000.tar", val_shards=str(corpus))
 
 
 def test_manifests_of_train_and_validation_must_agree(corpus, tmp_path):
     other = make_corpus(tmp_path / "other")
     (other / TOKENIZER_NAME).write_text("{}")
-    manifest = (other / MANIFEST_NAME).read_text().replace(file_sha256(GPT2_TOKENIZER), file_sha256(other / TOKENIZER_NAME))
-    (other / MANIFEST_NAME).write_text(manifest)
+    manifest = (other / MANIFEST_NAME).read_text()
+    changed = manifest.replace(file_sha256(GPT2_TOKENIZER), file_sha256(other / TOKENIZER_NAME))
+    (other / MANIFEST_NAME).write_text(changed)
     with pytest.raises(ManifestError, match="disagree on the tokenizer"):
         WebDatasetDataModule(str(corpus), val_shards=str(other))
 

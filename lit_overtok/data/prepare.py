@@ -93,7 +93,8 @@ class PrepareConfig:
         if (self.tokenizer is None) == (self.vocab_size is None):
             raise PrepareError("give exactly one of --tokenizer (a tokenizers JSON file) or --vocab-size (train a BPE)")
         if self.vocab_size is not None and not 256 < self.vocab_size <= 1 << 32:
-            raise PrepareError(f"--vocab-size must exceed the 256 byte tokens (and fit in uint32), got {self.vocab_size}")
+            raise PrepareError(
+                f"--vocab-size must exceed the 256 byte tokens (and fit in uint32), got {self.vocab_size}")
         if self.format not in (None, "text", "jsonl", "parquet"):
             raise PrepareError(f"--format must be text, jsonl or parquet, got {self.format!r}")
         if self.text_unit not in TEXT_UNITS:

@@ -123,7 +123,8 @@ class Manifest:
             splits = {
                 split: tuple(ShardInfo(**entry) for entry in raw["splits"][split]["shards"]) for split in raw["splits"]
             }
-            manifest = cls(path, raw["tokenizer"]["file"], raw["tokenizer"]["sha256"], vocab_size, eos_id, dtype, splits)
+            tokenizer = raw["tokenizer"]
+            manifest = cls(path, tokenizer["file"], tokenizer["sha256"], vocab_size, eos_id, dtype, splits)
         except (KeyError, TypeError, ValueError) as error:
             raise ManifestError(f"{path}: malformed manifest ({type(error).__name__}: {error})") from None
         if not 0 <= eos_id < vocab_size or dtype != token_dtype(vocab_size):

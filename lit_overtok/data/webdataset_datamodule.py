@@ -96,17 +96,21 @@ def resolve_shards(spec: str, split: str, manifest: Optional[str] = None) -> Sha
         return ShardSet(loaded, tuple(str(root / info.file) for info in infos), tuple(infos))
     urls: list[str] = []
     for pattern in braceexpand.braceexpand(spec):
-        if ":" not in pattern.split("/")[0] and glob.has_magic(pattern):
+        if _is_url(pattern):
+            urls.append(pattern)
+        elif glob.has_magic(pattern):
             matches = sorted(glob.glob(pattern))
             if not matches:
                 raise ManifestError(f"{option}: no shard matches {pattern!r}")
             urls += matches
-        elif ":" not in pattern.split("/")[0] and not Path(pattern).is_file():
-            raise ManifestError(f"{option}: {pattern} is neither a directory of prepared shards nor a shard file")
-        else:
+        elif Path(pattern).is_file():
             urls.append(pattern)
+        else:
+            raise ManifestError(f"{option}: {pattern} is neither a directory of prepared shards nor a shard file")
+    if len(set(urls)) != len(urls):
+        raise ManifestError(f"{option}: {spec!r} names some shards more than once")
     if manifest is None:
-        if ":" in urls[0].split("/")[0]:
+        if _is_url(urls[0]):
             raise ManifestError(f"{option}: shards given as URLs ({urls[0]}); give data.manifest as well")
         manifest = str(Path(urls[0]).parent / MANIFEST_NAME)
     loaded = Manifest.load(manifest)
@@ -115,6 +119,12 @@ def resolve_shards(spec: str, split: str, manifest: Optional[str] = None) -> Sha
         if loaded.split_of(info.file) != split:
             raise ManifestError(f"{option}: {url} belongs to the {loaded.split_of(info.file)!r} split, not {split!r}")
     return ShardSet(loaded, tuple(urls), infos)
+
+
+def _is_url(spec: str) -> bool:
+    """``pipe:...``, ``http://...``, ``s3://...``: anything webdataset.gopen opens that is not a local path."""
+    scheme = spec.split("/", 1)[0]
+    return ":" in scheme and len(scheme.split(":", 1)[0]) > 1  # not a Windows drive letter
 
 
 def _file_name(url: str) -> str:
@@ -206,9 +216,9 @@ class TrainStream(IterableDataset):
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         info = get_worker_info()
-        workers = self.layout.workers
-        if (info.num_workers if info is not None else 1) != workers:
-            raise RuntimeError(f"TrainStream built for {workers} workers runs in a DataLoader with {info.num_workers}")
+        workers, running = self.layout.workers, (info.num_workers if info is not None else 1)
+        if running != workers:
+            raise RuntimeError(f"TrainStream built for {workers} workers runs in a DataLoader with {running}")
         # The loader restarts its rotation at worker 0; renumber so the rotation over lanes continues.
         worker = ((info.id if info is not None else 0) + self.start_batch) % workers
         delivered = len(range(worker, self.start_batch, workers))
