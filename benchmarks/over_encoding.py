@@ -4,13 +4,15 @@ For each table size m and each path (dense: dense table gradients + AdamW; spars
 row AdamW of ``lit_overtok.sparse_adamw``), one training step (zero_grad, forward, loss, backward, global-norm
 clipping at 1.0 as the Trainer does, optimizer step) is timed interleaved with a step of the OE-free baseline on the
 same batch (ratios inside one run; see ``measure`` for the estimators), and an A/A control (the baseline against a
-copy of itself) shows the noise floor. ``memory_bytes`` is weights + optimizer state after the first steps (AdamW
+copy of itself) shows the noise floor. ``embedding_overhead`` times the input embedding's share of a step alone
+(forward, backward, clipping, update: tens of ms, so its best-of-many is steady) and gives its extra cost over the
+plain embedding as a fraction of a baseline step. ``memory_bytes`` is weights + optimizer state after the first steps (AdamW
 keeps two moments per parameter on both paths); the dense path also holds a dense table gradient, reported as
 ``gradient_bytes``. The paper measures under 5% throughput cost at m = 10^7 (PAPER.md §4.11); the goal here is at
 most 1.05x for the sparse path at every m.
 
-    python benchmarks/over_encoding.py --threads 1 --repeats 11   # m up to 2.1M rows (8.6 GB for the dense path)
-    python benchmarks/over_encoding.py --quick                    # a smaller backbone, two small m: under a minute
+    python benchmarks/over_encoding.py --repeats 15   # m up to 2.1M rows (8.6 GB for the dense path), ~20 minutes
+    python benchmarks/over_encoding.py --quick        # a smaller backbone, two small m: under a minute
 
 The last line is one JSON object with ``results``: a list of {"m", "path", "step_time_ratio", "memory_bytes", ...}.
 """
@@ -64,6 +66,18 @@ class Trainee:
         self.optimizer.step()
         return time.perf_counter() - start, time.process_time() - start_cpu
 
+    def embedding_step(self, ids_BT: torch.Tensor, grad_BTD: torch.Tensor) -> float:
+        """Wall seconds of the input embedding's share of a step: its forward and backward, clipping, the update."""
+        start = time.perf_counter()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.model.embed(ids_BT).backward(grad_BTD)
+        if self.clip is not None:
+            self.clip(1.0)
+        else:
+            torch.nn.utils.clip_grad_norm_(self.model.embed.parameters(), 1.0)
+        self.optimizer.step()  # parameters without a gradient are skipped
+        return time.perf_counter() - start
+
     def memory(self) -> tuple[int, int]:
         """(weights + optimizer state, gradient buffers) in bytes."""
         weights = sum(p.numel() * p.element_size() for p in self.model.parameters())
@@ -106,6 +120,20 @@ def measure(baseline: Trainee, variant: Trainee, batches, warmup: int) -> dict[s
     }
 
 
+def embedding_overhead(baseline: Trainee, variant: Trainee, batches, d_model: int, repeats: int) -> float:
+    """Extra seconds of the variant's embedding-only step over the baseline's, fastest of ``repeats`` alternating pairs.
+
+    Tens of milliseconds each, so many repeats are cheap and the minimum is steady.
+    """
+    grad_BTD = torch.randn(*batches[0][0].shape, d_model, generator=torch.Generator().manual_seed(1))
+    times_baseline, times_variant = [], []
+    for i in range(repeats):
+        ids_BT = batches[i % len(batches)][0]
+        times_baseline.append(baseline.embedding_step(ids_BT, grad_BTD))
+        times_variant.append(variant.embedding_step(ids_BT, grad_BTD))
+    return min(times_variant) - min(times_baseline)
+
+
 def main() -> None:
     sys.stdout.reconfigure(line_buffering=True)  # progress shows up even when stdout is a file
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -122,7 +150,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--dense-repeats", type=int, default=3,
                         help="repeats for the dense path, whose cost is far from the baseline's at large m")
-    parser.add_argument("--threads", type=int, help="torch threads (default: torch's); 1 is steadier on a busy machine")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads; 1 (default) is steadier on a shared machine, 0 keeps torch's default")
     args = parser.parse_args()
     if args.quick:  # a smaller backbone and fewer steps
         args.layers, args.d_model, args.vocab, args.seq_len, args.batch = 2, 128, 4096, 64, 4
@@ -153,13 +182,18 @@ def main() -> None:
             timing = measure(baseline, variant, batches[: args.warmup + repeats], args.warmup)
             memory, gradients = variant.memory()
             baseline_times.append(timing["baseline_step_s"])
+            # The embedding's extra cost alone, as a fraction of a baseline step: the same question with less noise.
+            extra_s = embedding_overhead(baseline, variant, batches, args.d_model, 3 * repeats)
+            timing["embedding_overhead"] = extra_s / timing["baseline_step_s"]
             results.append({"m": m, "path": path, "step_time_ratio": round(timing["step_time_ratio"], 4),
                             "memory_bytes": memory, "median_ratio": round(timing["median_ratio"], 4),
                             "cpu_time_ratio": round(timing["cpu_time_ratio"], 4), "gradient_bytes": gradients,
+                            "embedding_overhead": round(timing["embedding_overhead"], 4),
                             "step_s": round(timing["step_s"], 4), "repeats": repeats})
             print(f"m={m:>9,} {path:>6}: step {timing['step_s'] * 1e3:8.1f} ms vs baseline "
                   f"{timing['baseline_step_s'] * 1e3:7.1f} ms -> ratio {timing['step_time_ratio']:.3f} (median of "
-                  f"pairs {timing['median_ratio']:.3f}), CPU {timing['cpu_time_ratio']:.3f}; weights+optimizer "
+                  f"pairs {timing['median_ratio']:.3f}), CPU {timing['cpu_time_ratio']:.3f}, embedding alone "
+                  f"+{100 * timing['embedding_overhead']:.1f}%; weights+optimizer "
                   f"{memory / 2**30:.2f} GiB, gradients {gradients / 2**30:.2f} GiB")
             del variant
             gc.collect()
