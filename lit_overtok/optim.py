@@ -4,7 +4,8 @@ Groups (OLMo2 recipe, REFERENCES.md §1.4): matrices decay; lookup tables (``nn.
 biases do not. A module can claim its parameters for a named group by setting ``optimizer_group`` (Over-Encoding
 does, so its tables get their own learning-rate multiplier and weight decay); ``OptimizerConfig.groups`` sets
 each named group's ``lr_multiplier`` and ``weight_decay``. Every parameter lands in exactly one group, which is
-asserted, so no parameter silently goes untrained.
+asserted, so no parameter silently goes untrained. A model with sparse-gradient tables (Over-Encoding's sparse path)
+gets ``RowSparseAdamW``, which is AdamW for everything else.
 """
 
 from __future__ import annotations

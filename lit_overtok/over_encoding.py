@@ -36,11 +36,6 @@ from torch import nn
 if TYPE_CHECKING:
     from lit_overtok.config import ModelConfig
 
-# If a table's row count M shares the factor c = gcd(M, V) with V, then x_t + V·h mod M can only reach M/c rows for a
-# given current token x_t, and the collisions among its histories repeat identically for every x_t (PAPER.md §4.6:
-# m = 64V loses most of the gain). We warn when M is a multiple of V (the issue the paper names) or when M/c < V, i.e.
-# a token cannot even give each of its V possible predecessors its own row. Small factors in a large table (the
-# paper's own m = 12.8M shares 40 with V = 50,280: 320k rows per token) pass. Our rule; the paper only says "coprime".
 _INDEX_BOUND = 2**62  # keeps x·(V^r mod M) + a < 2^63 with room to spare
 
 
@@ -107,6 +102,11 @@ class OverEncodingConfig:
         for i, (order, rows) in enumerate(zip(self.table_orders(), self.table_rows())):
             if rows >= vocab_size**order:
                 continue  # exact table: every g-gram has its own row, no collisions at all
+            # Rows M sharing c = gcd(M, V) with V: x_t + V·h mod M reaches only M/c rows for a given current token,
+            # and the collisions among its histories repeat identically for every x_t (PAPER.md §4.6: m = 64V loses
+            # most of the gain). We warn when M is a multiple of V (what the paper names) or when M/c < V: a token
+            # cannot even give each of its V possible predecessors its own row. Small factors of a large table pass
+            # (the paper's m = 12.8M shares 40 with V = 50,280: 320k rows per token). Our rule; the paper says "coprime".
             shared = math.gcd(rows, vocab_size)
             if rows % vocab_size == 0 or (shared > 1 and rows // shared < vocab_size):
                 warnings.warn(

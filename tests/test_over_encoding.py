@@ -13,6 +13,7 @@ import yaml
 from torch import nn
 
 from lit_overtok.config import ModelConfig
+from lit_overtok.generation import generate
 from lit_overtok.model import Transformer
 from lit_overtok.optim import OptimizerConfig, parameter_groups
 from lit_overtok.over_encoding import hash_constants, ngram_table_indices, OverEncoding, OverEncodingConfig
@@ -274,3 +275,14 @@ def test_experiment_configs_build_with_the_papers_table_sizes(path):
             assert oe.slice_width(cfg.d_model) == (384 if cfg.d_model == 768 else 256)
         else:
             assert oe.m >= vocab**oe.n  # exact n-gram encoding
+
+
+def test_kv_cached_generation_sees_the_ngram_history():
+    torch.manual_seed(0)
+    model = Transformer(oe_config(reset_at_eos=True, eos_id=3)).eval()
+    prompt_BT = torch.randint(0, V, (2, 4))
+    cached = generate(model, prompt_BT, 8, temperature=0)
+    ids_BT = prompt_BT
+    for _ in range(8):
+        ids_BT = torch.cat([ids_BT, model(ids_BT)[:, -1].argmax(-1, keepdim=True)], dim=1)
+    assert torch.equal(cached, ids_BT)
