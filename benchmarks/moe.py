@@ -1,12 +1,13 @@
 """Training-step time of the CPU-sized mixture of experts against a dense model with the same active parameters,
 and of the fast grouped-matmul path against the per-expert loop, measured in one run.
 
-The three models are trained side by side on the same batches, their steps interleaved round by round, and each
-model's median step time is taken, so the ratios hold on a noisy shared machine. A step is what Lightning runs:
-forward, loss (with the MoE auxiliary losses), backward and an AdamW update.
+The three models are trained side by side on the same batches, their steps interleaved round by round (the order
+alternating), and each model's median step time is taken, so the ratios hold on a noisy shared machine; the CPU time
+of the process is reported beside the wall clock, as it does not count time lost to other processes. A step is what
+Lightning runs: forward, loss (with the MoE auxiliary losses), backward and an AdamW update.
 
-    python benchmarks/moe.py            # ~3 minutes on 2 busy CPU cores
-    python benchmarks/moe.py --quick    # under a minute
+    python benchmarks/moe.py             # ~2 minutes on 2 idle CPU cores
+    python benchmarks/moe.py --quick     # under a minute on 2 idle CPU cores
 
 The last line is one JSON object with ``moe_vs_dense_step_time_ratio`` (goal: <= 1.5) and
 ``fast_vs_loop_step_time_ratio`` (fast path time / loop path time; below 1 means the fast path is faster).
@@ -34,20 +35,21 @@ def build(cfg: ModelConfig):
     return model, optimizer
 
 
-def timed_step(model: Transformer, optimizer: torch.optim.Optimizer, ids_BT: torch.Tensor) -> float:
-    start = time.perf_counter()
+def timed_step(model: Transformer, optimizer: torch.optim.Optimizer, ids_BT: torch.Tensor) -> tuple[float, float]:
+    """Wall-clock and CPU seconds of one training step (CPU time is immune to other processes' load)."""
+    wall, cpu = time.perf_counter(), time.process_time()
     loss, _ = model.loss(ids_BT[:, :-1], ids_BT[:, 1:])
     loss.backward()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    return time.perf_counter() - start
+    return time.perf_counter() - wall, time.process_time() - cpu
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="fewer rounds; finishes in under a minute")
+    parser.add_argument("--quick", action="store_true", help="4 rounds of batch 4; under a minute on an idle machine")
     parser.add_argument("--preset", default="moe-small", help="the MoE preset (default: moe-small)")
-    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--batch-size", type=int, default=None, help="sequences per step (default 8, quick 4)")
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--vocab-size", type=int, default=5, help="5 = cfg3f's vocabulary")
     parser.add_argument("--rounds", type=int, default=None, help="timed steps per model (default 15, quick 4)")
@@ -58,6 +60,7 @@ def main() -> None:
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     rounds = args.rounds or (4 if args.quick else 15)
+    batch_size = args.batch_size or (4 if args.quick else 8)
 
     moe_cfg = ModelConfig(preset=args.preset, vocab_size=args.vocab_size, moe={"backend": "grouped_mm"})
     moe = moe_cfg.moe
@@ -69,29 +72,35 @@ def main() -> None:
     variants = {"moe_fast": build(moe_cfg), "moe_loop": build(loop_cfg), "dense": build(dense_cfg)}
 
     generator = torch.Generator().manual_seed(0)
-    batches = [torch.randint(0, args.vocab_size, (args.batch_size, args.seq_len + 1), generator=generator)
+    batches = [torch.randint(0, args.vocab_size, (batch_size, args.seq_len + 1), generator=generator)
                for _ in range(rounds + 1)]
-    times: dict[str, list[float]] = {name: [] for name in variants}
+    walls: dict[str, list[float]] = {name: [] for name in variants}
+    cpus: dict[str, list[float]] = {name: [] for name in variants}
     for round_idx, ids_BT in enumerate(batches):
         order = list(variants) if round_idx % 2 == 0 else list(reversed(variants))
         for name in order:
-            elapsed = timed_step(*variants[name], ids_BT)
+            wall, cpu = timed_step(*variants[name], ids_BT)
             if round_idx > 0:  # the first round warms up allocators and kernels
-                times[name].append(elapsed)
-    median = {name: statistics.median(ts) for name, ts in times.items()}
+                walls[name].append(wall)
+                cpus[name].append(cpu)
+    median = {name: statistics.median(ts) for name, ts in walls.items()}
+    median_cpu = {name: statistics.median(ts) for name, ts in cpus.items()}
 
     moe_counts, dense_counts = moe_cfg.parameter_counts(), dense_cfg.parameter_counts()
-    tokens = args.batch_size * args.seq_len
+    tokens = batch_size * args.seq_len
     print(f"{args.preset}: {moe.num_experts} experts, top-{moe.top_k}, expert width {moe.expert_d_ff}; "
           f"{moe_counts.active / 1e6:.2f}M active / {moe_counts.total / 1e6:.2f}M total parameters")
     print(f"dense twin: d_ff {dense_cfg.d_ff}; {dense_counts.total / 1e6:.2f}M parameters")
     print(f"{tokens} tokens per step, {rounds} timed rounds, {torch.get_num_threads()} threads")
     for name, value in median.items():
-        print(f"  {name:9s} median step {value * 1e3:8.1f} ms   ({tokens / value:9.0f} tokens/s)")
+        print(f"  {name:9s} median step {value * 1e3:8.1f} ms wall, {median_cpu[name] * 1e3:8.1f} ms CPU "
+              f"({tokens / value:7.0f} tokens/s)")
     result = {
         "moe_vs_dense_step_time_ratio": round(median["moe_fast"] / median["dense"], 3),
         "fast_vs_loop_step_time_ratio": round(median["moe_fast"] / median["moe_loop"], 3),
         "loop_vs_dense_step_time_ratio": round(median["moe_loop"] / median["dense"], 3),
+        "moe_vs_dense_cpu_time_ratio": round(median_cpu["moe_fast"] / median_cpu["dense"], 3),
+        "fast_vs_loop_cpu_time_ratio": round(median_cpu["moe_fast"] / median_cpu["moe_loop"], 3),
         "goal_moe_vs_dense_at_most": 1.5,
         "moe_step_ms": round(median["moe_fast"] * 1e3, 1),
         "loop_step_ms": round(median["moe_loop"] * 1e3, 1),

@@ -118,9 +118,8 @@ def grouped_mm_runs(device: torch.device, dtype: torch.dtype) -> bool:
         return False
 
 
-def _rows_aligned(widths: tuple[int, ...], dtype: torch.dtype) -> bool:
+def _rows_aligned(widths: tuple[int, ...], itemsize: int) -> bool:
     # Grouped-matmul kernels need every row stride to be a multiple of 16 bytes.
-    itemsize = torch.empty((), dtype=dtype).element_size()
     return all(width * itemsize % 16 == 0 for width in widths)
 
 
@@ -206,7 +205,7 @@ class MoEFeedForward(nn.Module):
         if backend == "loop":
             return "loop"
         widths = (x_ND.shape[-1], self.experts.w1_EDF.shape[-1])
-        if grouped_mm_runs(x_ND.device, x_ND.dtype) and _rows_aligned(widths, x_ND.dtype):
+        if grouped_mm_runs(x_ND.device, x_ND.dtype) and _rows_aligned(widths, x_ND.element_size()):
             return "grouped_mm"
         reason = (f"torch {torch.__version__} has no grouped matmul for {x_ND.dtype} on {x_ND.device.type}"
                   if not grouped_mm_runs(x_ND.device, x_ND.dtype) else
