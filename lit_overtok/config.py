@@ -104,7 +104,8 @@ class ModelConfig:
             try:
                 self.over_encoding = OverEncodingConfig(**self.over_encoding)
             except TypeError as error:
-                raise ValueError(f"model.over_encoding: {error} (fields: m, n, k, reset_at_eos, eos_id, sparse)") from None
+                fields = "m, n, k, reset_at_eos, eos_id, sparse"
+                raise ValueError(f"model.over_encoding: {error} (fields: {fields})") from None
         if self.over_encoding is not None:
             self.over_encoding.validate(self.d_model, self.vocab_size)
 
