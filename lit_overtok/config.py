@@ -143,7 +143,11 @@ class ModelConfig:
         if self.init_std <= 0 or self.norm_eps <= 0 or self.rope_theta <= 0:
             raise ValueError("model.init_std, model.norm_eps and model.rope_theta must be positive")
         if isinstance(self.over_encoding, dict):  # hparams come back from checkpoints as plain dicts
-            self.over_encoding = OverEncodingConfig(**self.over_encoding)
+            try:
+                self.over_encoding = OverEncodingConfig(**self.over_encoding)
+            except TypeError as error:
+                fields = "m, n, k, reset_at_eos, eos_id, sparse"
+                raise ValueError(f"model.over_encoding: {error} (fields: {fields})") from None
         if self.over_encoding is not None:
             self.over_encoding.validate(self.d_model, self.vocab_size)
         if self.multi_token is not None:

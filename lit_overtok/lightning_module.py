@@ -119,7 +119,7 @@ class OverTokLM(pl.LightningModule):
             else:
                 optimizer.clip_grad_value_(gradient_clip_val)
             return
-        self.clip_gradients(optimizer, gradient_clip_val=gradient_clip_val, gradient_clip_algorithm=gradient_clip_algorithm)
+        self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
     def on_train_batch_start(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         # ThroughputMonitor reads this attribute; FLOPs exclude lookup tables (PAPER.md §4.11).

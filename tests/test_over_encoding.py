@@ -248,6 +248,11 @@ def test_warning_when_m_shares_a_factor_with_the_vocabulary():
         OverEncodingConfig(m=20, n=2, k=1).validate(8, vocab_size=12)  # gcd 4: 5 rows per token < V
 
 
+def test_unknown_over_encoding_field_is_a_clear_error():
+    with pytest.raises(ValueError, match=r"model\.over_encoding: .*'mm'"):
+        ModelConfig(preset="tiny", vocab_size=V, over_encoding={"mm": 10})
+
+
 def test_config_round_trips_through_a_plain_dict():
     import dataclasses
     cfg = oe_config(reset_at_eos=True, eos_id=3, sparse=True)
