@@ -83,7 +83,8 @@ class OverTokLM(pl.LightningModule):
         self.log("train/tokens_seen", float(self.tokens_seen))
         optimizer = self.optimizers(use_pl_optimizer=False)
         self.log("train/lr", optimizer.param_groups[0]["lr"] / optimizer.param_groups[0]["lr_multiplier"])
-        if self.trainer.global_step % self.trainer.log_every_n_steps == 0:
+        # Lightning writes logged values when (step + 1) is a multiple of log_every_n_steps; compute them then.
+        if (self.trainer.global_step + 1) % self.trainer.log_every_n_steps == 0:
             self.log_dict({f"train/{k}": v for k, v in self.module_metrics().items()})
             if hasattr(self.trainer.datamodule, "training_metrics"):
                 # Data diagnostics are counts per rank (e.g. corrupt shards skipped): log their sum over ranks.
