@@ -12,6 +12,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 
 from lit_overtok.callbacks import TokenThroughputMonitor
 from lit_overtok.data.cfg_datamodule import CFGDataModule
+from lit_overtok.eval_callback import LMEvalCallback
 from lit_overtok.lightning_module import OverTokLM
 
 DEFAULT_TRAINER = {
@@ -45,6 +46,9 @@ class OverTokCLI(LightningCLI):
             callbacks.append(ModelCheckpoint(save_last=True, every_n_train_steps=100))
         if not any(isinstance(c, TokenThroughputMonitor) for c in given):
             callbacks.append(TokenThroughputMonitor())
+        # Grammar runs score the cfg tasks in-loop (eval/*); small subsets keep the default run within minutes.
+        if not any(isinstance(c, LMEvalCallback) for c in given) and getattr(self.datamodule, "grammar", None) is not None:
+            callbacks.append(LMEvalCallback(tasks=["grammar"], every_n_steps=100, limit=32))
         return super()._instantiate_trainer(config, callbacks)
 
 

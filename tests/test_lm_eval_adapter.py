@@ -17,11 +17,13 @@ from lm_eval.api.instance import Instance
 
 from lit_overtok.config import ModelConfig
 from lit_overtok.eval_runner import task_scores, TaskSuite
+from lit_overtok.eval_tasks import DEFAULT_DATA_DIR
 from lit_overtok.eval_tokenizers import GrammarTokenizer, TextTokenizer
 from lit_overtok.lm_eval_adapter import OverTokEvalLM
 from lit_overtok.model import Transformer
 
-GPT2 = Path(__file__).resolve().parents[2] / "shared" / "data" / "tokenizers" / "gpt2" / "tokenizer.json"
+GPT2 = DEFAULT_DATA_DIR / "tokenizers" / "gpt2" / "tokenizer.json"
+
 
 
 def tiny_model(vocab_size: int = 7, **overrides) -> Transformer:
