@@ -47,8 +47,9 @@ class OverTokCLI(LightningCLI):
         if not any(isinstance(c, TokenThroughputMonitor) for c in given):
             callbacks.append(TokenThroughputMonitor())
         # Grammar runs score the cfg tasks in-loop (eval/*); small subsets keep the default run within minutes.
-        if not any(isinstance(c, LMEvalCallback) for c in given) and getattr(self.datamodule, "grammar", None) is not None:
-            callbacks.append(LMEvalCallback(tasks=["grammar"], every_n_steps=100, limit=32))
+        if not any(isinstance(c, LMEvalCallback) for c in given):
+            default_eval = LMEvalCallback.for_grammar_run(self.datamodule, self.model)
+            callbacks += [default_eval] if default_eval is not None else []
         return super()._instantiate_trainer(config, callbacks)
 
 

@@ -18,12 +18,12 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from typing import Optional
+from typing import Optional, Union
 
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import TensorBoardLogger
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from lit_overtok.eval_runner import downstream_score, task_scores, TaskSuite
 from lit_overtok.eval_tokenizers import EvalTokenizer, GrammarTokenizer, load_tokenizer
@@ -35,7 +35,7 @@ class LMEvalCallback(Callback):
         self,
         tasks: Sequence[str] = ("grammar",),
         every_n_steps: int = 100,
-        limit: Optional[int] = None,
+        limit: Union[int, dict[str, int], None] = None,
         data_dir: Optional[str] = None,
         tokenizer: Optional[str] = None,
         grammar: Optional[str] = None,
@@ -50,8 +50,8 @@ class LMEvalCallback(Callback):
         Args:
             tasks: lm-eval task or group names; ``paper`` = the five downstream tasks, ``grammar`` = the cfg tasks.
             every_n_steps: evaluate after every this many optimizer steps (and always at the end of fit).
-            limit: a fixed random subset of about this many documents per task (None: all); grammar tasks draw
-                exactly this many.
+            limit: a fixed random subset of about this many documents per task (None: all), or a dict of sizes
+                per task; grammar tasks draw exactly this many.
             data_dir: folder of the offline task data; default ``../shared/data`` beside the repository.
             tokenizer: ``grammar:<name>`` or a ``tokenizers`` JSON path; default: the data module's grammar.
             grammar: grammar of the cfg tasks; default the data module's.
@@ -64,8 +64,6 @@ class LMEvalCallback(Callback):
         super().__init__()
         if every_n_steps <= 0:
             raise ValueError(f"LMEvalCallback: every_n_steps must be positive, got {every_n_steps}")
-        if limit is not None and limit <= 0:
-            raise ValueError(f"LMEvalCallback: limit must be positive or None, got {limit}")
         self.tasks, self.every_n_steps, self.limit = list(tasks), every_n_steps, limit
         self.data_dir, self.tokenizer_spec, self.grammar, self.num_fewshot = data_dir, tokenizer, grammar, num_fewshot
         self.batch_size, self.max_batch_tokens, self.seed = batch_size, max_batch_tokens, seed
@@ -73,6 +71,26 @@ class LMEvalCallback(Callback):
         self.suite: Optional[TaskSuite] = None
         self.tokenizer: Optional[EvalTokenizer] = None
         self._last_step = -1
+
+    @classmethod
+    def for_grammar_run(cls, datamodule: object, model: object) -> Optional["LMEvalCallback"]:
+        """The default of runs on grammar data (None for other data): every 100 steps, 64 next-token-validity
+        prefixes and 16 generations (decoding whole sentences dominates the cost).
+
+        Generation is left out when the model's context cannot hold a whole sentence (BOS + longest + EOS).
+        """
+        grammar = getattr(datamodule, "grammar", None)
+        if grammar is None:
+            return None
+        model_cfg = getattr(model, "model_cfg", None)
+        limit = {"cfg_generation": 16, "cfg_next_token_validity": 64}
+        if model_cfg is not None and model_cfg.max_seq_len < grammar.max_length + 2:
+            rank_zero_warn(
+                f"model.max_seq_len={model_cfg.max_seq_len} cannot hold a whole {grammar.name} sentence "
+                f"({grammar.max_length + 2} tokens with BOS and EOS); the in-training evaluation skips cfg_generation"
+            )
+            del limit["cfg_generation"]
+        return cls(tasks=list(limit), every_n_steps=100, limit=limit)
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit" or self.suite is not None or not self.tasks:

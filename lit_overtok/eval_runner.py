@@ -20,7 +20,7 @@ import random
 import zlib
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 from lit_overtok.eval_tasks import cached_grammar, DEFAULT_GRAMMAR
 
@@ -89,7 +89,7 @@ class TaskSuite:
         online: bool = False,
         task_root: Optional[str] = None,
         fewshot_seed: int = 1234,
-        subset: Optional[int] = None,
+        subset: Union[int, dict[str, int], None] = None,
         subset_seed: int = 0,
     ) -> None:
         """
@@ -97,13 +97,14 @@ class TaskSuite:
             tasks: task or group names; ``paper`` and ``grammar`` name the sets in ``TASK_SETS``.
             data_dir: folder of the offline task data (``<task>/<split>.jsonl``); default ``../shared/data``.
             grammar: grammar of the ``cfg_*`` tasks (packaged name or JSON path); default cfg3f.
-            cfg_num_docs: documents per grammar task (default 256, or ``subset`` when that is given).
+            cfg_num_docs: documents per grammar task (default 256, or the largest grammar-task ``subset``).
             num_fewshot: few-shot examples for every task that does not fix its own (default 0).
             online: resolve the standard task names to lm-eval's own files (their datasets must be reachable).
             task_root: folder with ``offline/`` and ``local/`` task files; default the repository's evaluation/tasks.
             fewshot_seed: seeds lm-eval's few-shot samplers.
             subset: keep only a fixed random subset of about this many documents per task (``fixed_samples``),
-                so that repeated evaluations during training are cheap and comparable.
+                so that repeated evaluations during training are cheap and comparable; a dict gives sizes per
+                task (tasks it leaves out keep all their documents).
             subset_seed: chooses that subset.
         """
         self.names = expand_task_names(tasks)
@@ -128,8 +129,10 @@ class TaskSuite:
         metadata: dict[str, Any] = {"grammar": self.grammar}
         if data_dir is not None:
             metadata["data_dir"] = str(Path(data_dir).resolve())
-        if cfg_num_docs is not None or subset is not None:
-            metadata["cfg_num_docs"] = int(cfg_num_docs if cfg_num_docs is not None else subset)
+        self.subset = self._subset_sizes(subset)
+        grammar_subsets = [self.subset[t] for t in GRAMMAR_TASKS if t in self.subset]
+        if cfg_num_docs is not None or grammar_subsets:
+            metadata["cfg_num_docs"] = int(cfg_num_docs if cfg_num_docs is not None else max(grammar_subsets))
         include = [root / "local"] if online else [root / "offline", root / "local"]
         with _quiet_lm_eval():
             manager = TaskManager(include_path=[str(p) for p in include], include_defaults=online, metadata=metadata)
@@ -140,8 +143,17 @@ class TaskSuite:
                 raise ValueError(f"unknown lm-eval task(s) {unknown}; available: {', '.join(known)}")
             self.task_dict = manager.load(self.names)
         self._configure(num_fewshot, fewshot_seed)
-        if subset is not None:
-            self._restrict(self.fixed_samples(subset, subset_seed))
+        if self.subset:
+            self._restrict(self.fixed_samples(self.subset, subset_seed))
+
+    def _subset_sizes(self, subset: Union[int, dict[str, int], None]) -> dict[str, int]:
+        sizes = dict.fromkeys(self.names, subset) if isinstance(subset, int) else dict(subset or {})
+        for name, size in sizes.items():
+            if name not in self.names:
+                raise ValueError(f"subset names task {name!r}, which is not among the tasks {self.names}")
+            if size <= 0:
+                raise ValueError(f"subset for {name} must be positive, got {size}")
+        return sizes
 
     def _configure(self, num_fewshot: Optional[int], fewshot_seed: int) -> None:
         """What ``lm_eval.simple_evaluate`` does to tasks before scoring them, plus the grammar's generation length."""
@@ -167,17 +179,15 @@ class TaskSuite:
             return [name]
         return [leaf for child in children for leaf in self._leaves(child)]
 
-    def fixed_samples(self, limit: int, seed: int = 0) -> dict[str, list[int]]:
-        """A fixed random subset of about ``limit`` documents per requested task, as lm-eval ``samples=`` ids.
+    def fixed_samples(self, limits: dict[str, int], seed: int = 0) -> dict[str, list[int]]:
+        """A fixed random subset of about ``limits[task]`` documents per task, as lm-eval ``samples=`` ids.
 
         The subset depends only on (task, seed), so every evaluation in a run scores the same documents. A group
         spreads its subset over its tasks in proportion to their sizes, at least one document each.
         """
-        if limit <= 0:
-            raise ValueError(f"limit must be positive, got {limit}")
         sizes = self.leaf_sizes()
         samples: dict[str, list[int]] = {}
-        for name in self.names:
+        for name, limit in limits.items():
             leaves = self._leaves(name)
             total = sum(sizes[leaf] for leaf in leaves)
             for leaf in leaves:
@@ -214,5 +224,4 @@ class TaskSuite:
                 f"cfg_generation needs a context of {self.generation_budget + 1} tokens (BOS + the longest "
                 f"{self.grammar} sentence + EOS) but the model has {lm.max_length}; raise model.max_seq_len"
             )
-        with _quiet_lm_eval():
-            return evaluate(lm=lm, task_dict=self.task_dict, limit=limit, bootstrap_iters=0, log_samples=log_samples)
+        return evaluate(lm=lm, task_dict=self.task_dict, limit=limit, bootstrap_iters=0, log_samples=log_samples)

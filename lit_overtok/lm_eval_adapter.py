@@ -7,8 +7,9 @@ heads never produce tokens).
 * ``loglikelihood``: requests are tokenised by ``TemplateLM`` (context and continuation encoded jointly, as lm-eval
   does), deduplicated by input (the choices of a one-token multiple-choice question share one forward pass),
   sorted longest first and batched under a token budget with right padding (causal attention and causal n-gram
-  lookups make padding after a sequence invisible to it). Contexts longer than the model are left-truncated as
-  lm-eval's HF model does. The head runs only at continuation positions, which skips most of the unembedding.
+  lookups make padding after a sequence invisible to it; a batch is closed before padding exceeds 10% of it).
+  Contexts longer than the model are left-truncated as lm-eval's HF model does. The head runs only at
+  continuation positions, which skips most of the unembedding.
   Returns the exact sum of continuation token log-probabilities (fp32 log-softmax) and whether every continuation
   token is the argmax.
 * ``loglikelihood_rolling``: lm-eval's disjoint rolling windows of the model's context length, summed per document.
@@ -40,6 +41,8 @@ from lit_overtok.model import Transformer
 _GENERATION_KEYS = {"until", "max_gen_toks", "do_sample", "temperature", "top_k"}
 # Logits are materialised at most this many floats at a time (1 GiB in fp32).
 _MAX_LOGIT_ELEMENTS = 2**28
+# A batch takes no row that would make more than this fraction of its padded tokens padding.
+_MAX_PADDING = 0.1
 
 
 def _distributed() -> bool:
@@ -169,12 +172,13 @@ class OverTokEvalLM(TemplateLM):
             # Left-truncate to the window; the model predicts every token of the last window but the first.
             whole = (list(context) + list(continuation))[-(self.max_length + 1):]
             by_input[tuple(whole[:-1])].append((index, list(continuation)))
-        inputs = sorted(by_input, key=len, reverse=True)
         batches: list[list[tuple[int, ...]]] = []
-        for ids in inputs:
+        for ids in sorted(by_input, key=len, reverse=True):
             batch = batches[-1] if batches else None
             # Sorted longest first, so the first row of a batch sets its padded length.
-            if batch is None or len(batch) >= self.batch_size or (len(batch) + 1) * len(batch[0]) > self.max_batch_tokens:
+            padded = (len(batch) + 1) * len(batch[0]) if batch else 0
+            if (batch is None or len(batch) >= self.batch_size or padded > self.max_batch_tokens
+                    or padded - sum(map(len, batch)) - len(ids) > _MAX_PADDING * padded):
                 batches.append([ids])
             else:
                 batch.append(ids)
@@ -184,6 +188,8 @@ class OverTokEvalLM(TemplateLM):
             for batch in batches:
                 for index, result in self._score_batch(batch, by_input):
                     results[index] = result
+                    if requests[index][0] is not None:  # lm-eval's response cache (--use_cache), keyed by the strings
+                        self.cache_hook.add_partial("loglikelihood", requests[index][0], result)
                 bar.update(sum(len(by_input[ids]) for ids in batch))
             for _ in range(extra_passes):
                 self.model.hidden_states(torch.zeros(1, 1, dtype=torch.long, device=self.device))
@@ -251,6 +257,8 @@ class OverTokEvalLM(TemplateLM):
         totals = [0.0] * len(requests)
         for owner, (logprob, _) in zip(owners, self._loglikelihood_tokens(windows, disable_tqdm=disable_tqdm)):
             totals[owner] += logprob
+        for req, total in zip(requests, totals):
+            self.cache_hook.add_partial("loglikelihood_rolling", req.args, total)
         return totals
 
     # ------------------------------------------------------------------------------------------ generation
@@ -281,6 +289,7 @@ class OverTokEvalLM(TemplateLM):
                         for stop in until:
                             text = text.split(stop)[0]
                         results[index] = text
+                        self.cache_hook.add_partial("generate_until", requests[index].args, text)
                     bar.update(len(chunk))
         bar.close()
         return results

@@ -68,11 +68,14 @@ def test_a_text_run_without_a_tokenizer_is_refused(tmp_path):
         callback.setup(trainer, OverTokLM(model=ModelConfig(preset="tiny", vocab_size=7)), "fit")
 
 
-def test_the_cli_adds_the_grammar_callback_to_grammar_runs(tmp_path):
+@pytest.mark.parametrize("max_seq_len,tasks", [(1024, {"cfg_generation", "cfg_next_token_validity"}),
+                                                (256, {"cfg_next_token_validity"})])  # 256 < cfg3f's 731
+def test_the_cli_adds_the_grammar_callback_to_grammar_runs(tmp_path, max_seq_len, tasks):
     cli_main(["fit", "--trainer.max_steps", "2", "--trainer.default_root_dir", str(tmp_path),
               "--trainer.enable_progress_bar", "false", "--trainer.limit_val_batches", "0",
-              "--model.init_args.model.preset", "tiny", "--model.init_args.model.max_seq_len", "1024",
+              "--model.init_args.model.preset", "tiny", "--model.init_args.model.max_seq_len", str(max_seq_len),
               "--data.init_args.seq_len", "32", "--data.init_args.batch_size", "2"])
     logged = scalars(tmp_path)
-    assert [step for step, _ in logged["eval/cfg_generation/acc"]] == [2]  # at the end of fit (every 100 steps)
-    assert [step for step, _ in logged["eval/cfg_next_token_validity/acc"]] == [2]
+    assert {tag.split("/")[1] for tag in logged if tag.endswith("/acc")} == tasks
+    for task in tasks:
+        assert [step for step, _ in logged[f"eval/{task}/acc"]] == [2]  # at the end of fit (every 100 steps)

@@ -151,8 +151,9 @@ def test_fixed_subsets_are_stable_and_spread_over_a_groups_tasks(tmp_path):
     write(tmp_path, "mmlu", "dev", read_split(str(DEFAULT_DATA_DIR), "mmlu", "dev"))
     write(tmp_path, "piqa", "validation", rows("piqa", "validation", 40))
     suite = TaskSuite(["piqa", "mmlu_continuation"], data_dir=tmp_path)
-    first, again = suite.fixed_samples(10), suite.fixed_samples(10)
-    assert first == again and len(first["piqa"]) == 10 and first != suite.fixed_samples(10, seed=1)
+    limits = {"piqa": 10, "mmlu_continuation": 10}
+    first, again = suite.fixed_samples(limits), suite.fixed_samples(limits)
+    assert first == again and len(first["piqa"]) == 10 and first != suite.fixed_samples(limits, seed=1)
     mmlu = {k: v for k, v in first.items() if k != "piqa"}
     assert len(mmlu) == 57 and all(len(ids) >= 1 for ids in mmlu.values())
     sizes = suite.leaf_sizes()
@@ -160,3 +161,8 @@ def test_fixed_subsets_are_stable_and_spread_over_a_groups_tasks(tmp_path):
     assert len(mmlu[largest]) > 1  # the subsets follow the subjects' sizes
     subset = TaskSuite(["piqa"], data_dir=tmp_path, subset=10).task_dict["tasks"]["piqa"]
     assert [d["goal"] for d in subset.eval_docs] == [rows("piqa", "validation", 40)[i]["goal"] for i in first["piqa"]]
+    # Sizes per task: the grammar tasks are drawn at the largest size, then each is cut to its own.
+    grammar = TaskSuite(["grammar"], subset={"cfg_generation": 3, "cfg_next_token_validity": 5}).task_dict["tasks"]
+    assert len(grammar["cfg_generation"].eval_docs) == 3 and len(grammar["cfg_next_token_validity"].eval_docs) == 5
+    with pytest.raises(ValueError, match="subset names task 'hellaswag'"):
+        TaskSuite(["grammar"], subset={"hellaswag": 3})
