@@ -15,6 +15,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 
 from lit_overtok.callbacks import TokenThroughputMonitor
 from lit_overtok.data.cfg_datamodule import CFGDataModule
+from lit_overtok.eval_callback import LMEvalCallback
 from lit_overtok.lightning_module import OverTokLM
 
 DEFAULT_TRAINER = {
@@ -48,6 +49,10 @@ class OverTokCLI(LightningCLI):
             callbacks.append(ModelCheckpoint(save_last=True, every_n_train_steps=100))
         if not any(isinstance(c, TokenThroughputMonitor) for c in given):
             callbacks.append(TokenThroughputMonitor())
+        # Grammar runs score the cfg tasks in-loop (eval/*); small subsets keep the default run within minutes.
+        if not any(isinstance(c, LMEvalCallback) for c in given):
+            default_eval = LMEvalCallback.for_grammar_run(self.datamodule, self.model)
+            callbacks += [default_eval] if default_eval is not None else []
         return super()._instantiate_trainer(config, callbacks)
 
 

@@ -1,0 +1,66 @@
+"""evaluation/evaluate.py on real Lightning checkpoints: results files, the summary, tokenizer inference."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import lightning.pytorch as pl
+import pytest
+from lightning.pytorch.callbacks import ModelCheckpoint
+
+from evaluation import evaluate
+from lit_overtok.config import ModelConfig
+from lit_overtok.data.cfg_datamodule import CFGDataModule
+from lit_overtok.eval_runner import PAPER_TASKS, task_scores, TaskSuite
+from lit_overtok.eval_tokenizers import TextTokenizer
+from lit_overtok.lightning_module import OverTokLM
+from lit_overtok.lm_eval_adapter import OverTokEvalLM
+
+
+def train(tmp_path: Path, max_steps: int, **model) -> Path:
+    module = OverTokLM(model=ModelConfig(preset="tiny", **model), generation_samples=0,
+                       vocab_size=None if "vocab_size" in model else 7)
+    checkpoints = ModelCheckpoint(dirpath=tmp_path / "checkpoints", every_n_train_steps=1, save_top_k=-1)
+    trainer = pl.Trainer(max_steps=max_steps, logger=False, callbacks=[checkpoints], enable_progress_bar=False,
+                         limit_val_batches=0, use_distributed_sampler=False, enable_model_summary=False)
+    trainer.fit(module, CFGDataModule(seq_len=32, batch_size=2, val_sentences=4))
+    return tmp_path / "checkpoints"
+
+
+def test_scores_a_text_checkpoint_on_the_five_paper_tasks(tmp_path, paper_data, gpt2_tokenizer):
+    [checkpoint] = train(tmp_path, 1, vocab_size=50257).glob("*.ckpt")
+    out = tmp_path / "out"
+    rows = evaluate.main(["--checkpoint", str(checkpoint), "--tasks", "paper", "--limit", "2", "--data-dir",
+                          str(paper_data), "--tokenizer", str(gpt2_tokenizer), "--output-dir", str(out)])
+    results = json.loads((out / f"{checkpoint.stem}.json").read_text())
+    assert set(PAPER_TASKS) <= set(results["results"])
+    assert results["config"]["checkpoint"] == str(checkpoint) and results["config"]["global_step"] == 1
+    assert results["config"]["tokens_seen"] == 64 and results["n-samples"]["piqa"]["effective"] == 2
+    # The script's numbers are those of the checkpoint's weights, scored directly.
+    module, _ = evaluate.load_checkpoint(checkpoint, "cpu")
+    direct = TaskSuite(["paper"], data_dir=str(paper_data)).evaluate(
+        OverTokEvalLM(module, TextTokenizer(gpt2_tokenizer), progress=False), limit=2)
+    assert task_scores(results, PAPER_TASKS) == task_scores(direct, PAPER_TASKS) == rows[0]["scores"]
+    assert results["downstream"] == pytest.approx(rows[0]["downstream"])
+    assert "|piqa" in (out / f"{checkpoint.stem}.md").read_text().replace(" ", "")
+    assert "downstream" in (out / "summary.md").read_text()
+
+
+def test_scores_a_glob_of_grammar_checkpoints_with_the_tokenizer_the_run_used(tmp_path):
+    folder = train(tmp_path, 2, max_seq_len=1024)
+    out = tmp_path / "out"
+    rows = evaluate.main(["--checkpoint", str(folder / "*.ckpt"), "--tasks", "grammar", "--cfg-num-docs", "4",
+                          "--output-dir", str(out)])
+    assert [row["step"] for row in rows] == [1, 2]
+    for row in rows:
+        assert set(row["scores"]) == {"cfg_generation", "cfg_next_token_validity"}
+        config = json.loads((out / f"{row['name']}.json").read_text())["config"]
+        assert config["tokenizer"] == "grammar:cfg3f"
+    summary = (out / "summary.md").read_text().splitlines()
+    assert len(summary) == 4 and summary[0].startswith("| checkpoint | step | tokens | cfg_generation acc")
+
+
+def test_a_glob_that_matches_nothing_is_an_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="matches no file"):
+        evaluate.main(["--checkpoint", str(tmp_path / "*.ckpt")])
