@@ -75,6 +75,7 @@ def main(args=None) -> None:
             subclass_mode_data=True,
             trainer_defaults=DEFAULT_TRAINER,
             save_config_kwargs={"overwrite": True},
+            seed_everything_default=1234,  # reproducible unless a config says otherwise
             args=args,
         )
     except ValueError as error:
