@@ -101,6 +101,15 @@ def main() -> None:
         model = Transformer(model_cfg)
         optimizer, _ = build_optimizer(model, OptimizerConfig(**model_args.get("optimizer", {})), total_steps=10**6)
         stream = iter(dm.train_dataloader())
+
+        def train_step(batch: dict) -> None:
+            batch.pop(CORRUPT_KEY)
+            loss, _ = model.loss(batch["input_ids"], batch["labels"])
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+
+        train_step(next(stream))  # untimed: the first step allocates the optimizer state and warms the allocator
         loader_rates, train_rates = [], []
         for _ in range(rounds):
             for _ in range(2 * max(1, dm.hparams.num_workers)):  # what the workers prefetched during training
@@ -112,11 +121,7 @@ def main() -> None:
             batches = list(itertools.islice(stream, train_steps))
             started = time.perf_counter()
             for batch in batches:
-                batch.pop(CORRUPT_KEY)
-                loss, _ = model.loss(batch["input_ids"], batch["labels"])
-                loss.backward()
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
+                train_step(batch)
             train_rates.append(sum(b["input_ids"].numel() for b in batches) / (time.perf_counter() - started))
             print(f"round: loader {loader_rates[-1]:,.0f} tok/s, train {train_rates[-1]:,.0f} tok/s", flush=True)
 

@@ -7,7 +7,7 @@
 
 Inputs: plain text (``.txt``), JSON lines (``.jsonl``/``.json``/``.ndjson``, the text in ``--field``), optionally
 compressed with gzip, xz or zstd (``.gz``/``.xz``/``.zst``), and Parquet (``--field`` names the column). Globs are
-expanded (sorted); files are read in the order given.
+expanded (sorted); files are read in the order given (readers in ``text_inputs.py``).
 
 Tokenizer: a ``tokenizers`` JSON file (``--tokenizer``), or a byte-level BPE of ``--vocab-size`` entries trained
 first on the start of the training inputs (``--tokenizer-train-mb``), for CPU-sized models where a 50k vocabulary
@@ -23,18 +23,14 @@ byte-identical for the same inputs and options whatever the number of processes.
 from __future__ import annotations
 
 import argparse
-import glob
-import gzip
-import io
 import itertools
 import json
-import lzma
 import os
 import shutil
 import sys
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from multiprocessing import get_context
@@ -42,30 +38,17 @@ from pathlib import Path
 from typing import Optional
 
 import numpy as np
-import zstandard
 from tokenizers import Tokenizer
 from tqdm import tqdm
 
 from lit_overtok.data import shards
+from lit_overtok.data.text_inputs import TEXT_UNITS, PrepareError, expand_inputs, input_format, read_documents
 
-DECOMPRESSORS = {
-    ".gz": lambda raw: gzip.GzipFile(fileobj=raw),
-    ".xz": lambda raw: lzma.LZMAFile(raw),
-    ".zst": lambda raw: zstandard.ZstdDecompressor().stream_reader(raw),
-}
-FORMATS = {".txt": "text", ".text": "text", ".jsonl": "jsonl", ".json": "jsonl", ".ndjson": "jsonl",
-           ".parquet": "parquet"}
-TEXT_UNITS = ("file", "line", "paragraph")
-# Tried in order when no EOS is given: GPT-2/NeoX/OLMo use the first, Llama-style tokenizers the next ones.
 EOS_CANDIDATES = ("<|endoftext|>", "</s>", "<|end_of_text|>", "<eos>", "<|eos|>")
 TRAINED_EOS = "<|endoftext|>"
 # Work units for the tokenizer processes: small enough to keep every process busy, large enough to amortize IPC.
 CHUNK_CHARS = 1 << 20
 CHUNK_DOCUMENTS = 512
-
-
-class PrepareError(ValueError):
-    """Bad input or options; the message names the file or option and what would be valid."""
 
 
 @dataclass
@@ -108,135 +91,6 @@ class PrepareConfig:
             raise PrepareError(f"--tokenizer-train-mb must be positive, got {self.tokenizer_train_mb}")
         if not self.train:
             raise PrepareError("--train needs at least one input file")
-
-
-# ---------------------------------------------------------------------------------------------------- inputs
-def expand_inputs(patterns: Iterable[str], option: str) -> list[Path]:
-    """Files in the given order; a glob expands to its sorted matches. Missing files are errors."""
-    files: list[Path] = []
-    for pattern in patterns:
-        if glob.has_magic(pattern):
-            matches = sorted(glob.glob(pattern))
-            if not matches:
-                raise PrepareError(f"{option}: no file matches {pattern!r}")
-            files += [Path(m) for m in matches]
-        else:
-            files.append(Path(pattern))
-    for path in files:
-        if path.is_dir():
-            raise PrepareError(f"{option}: {path} is a directory; give files or a glob such as '{path}/*.jsonl.xz'")
-        if not path.is_file():
-            raise PrepareError(f"{option}: input file {path} does not exist")
-    return files
-
-
-def input_format(path: Path, forced: Optional[str]) -> str:
-    if forced is not None:
-        return forced
-    suffixes = path.suffixes
-    if suffixes and suffixes[-1] in DECOMPRESSORS:
-        suffixes = suffixes[:-1]
-    fmt = FORMATS.get(suffixes[-1] if suffixes else "")
-    if fmt is None:
-        raise PrepareError(
-            f"cannot tell the format of {path} from its name; use one of the extensions {sorted(FORMATS)} "
-            f"(optionally + {sorted(DECOMPRESSORS)}) or give --format text|jsonl|parquet"
-        )
-    return fmt
-
-
-def read_documents(path: Path, fmt: str, text_field: str, text_unit: str,
-                   progress: Callable[[int], None] = lambda n: None) -> Iterator[str]:
-    """The non-empty documents of one input file, in file order; ``progress`` gets bytes of the file consumed.
-
-    Raises PrepareError for a missing field, a non-text value, or a file with no documents.
-    """
-    count = 0
-    if fmt == "parquet":
-        documents = _parquet_documents(path, text_field, progress)
-    else:
-        documents = _stream_documents(path, fmt, text_field, text_unit, progress)
-    for document in documents:
-        if document:
-            count += 1
-            yield document
-    if count == 0:
-        raise PrepareError(f"input {path} contains no documents (it is empty or every document is empty)")
-
-
-def _stream_documents(path, fmt, text_field, text_unit, progress) -> Iterator[str]:
-    with open(path, "rb") as raw:
-        position = 0
-
-        def report() -> None:
-            nonlocal position
-            now = raw.tell()
-            progress(now - position)
-            position = now
-
-        decompress = DECOMPRESSORS.get(path.suffix)
-        with io.TextIOWrapper(decompress(raw) if decompress else raw, encoding="utf-8") as text:
-            if fmt == "jsonl":
-                for number, line in enumerate(text, start=1):
-                    if line.strip():
-                        yield _json_field(line, path, number, text_field)
-                    if number % 256 == 0:
-                        report()
-            elif text_unit == "file":
-                yield text.read()
-            elif text_unit == "line":
-                for number, line in enumerate(text, start=1):
-                    yield line.strip()
-                    if number % 256 == 0:
-                        report()
-            else:
-                paragraph: list[str] = []
-                for line in itertools.chain(text, [""]):
-                    if line.strip():
-                        paragraph.append(line)
-                    elif paragraph:
-                        yield "".join(paragraph).strip()
-                        paragraph = []
-                        report()
-            report()
-
-
-def _json_field(line: str, path: Path, number: int, text_field: str) -> str:
-    try:
-        record = json.loads(line)
-    except json.JSONDecodeError as error:
-        raise PrepareError(f"{path} line {number}: not valid JSON ({error})") from None
-    if not isinstance(record, dict):
-        raise PrepareError(f"{path} line {number}: expected a JSON object, got {type(record).__name__}")
-    if text_field not in record:
-        raise PrepareError(
-            f"{path} line {number}: no field {text_field!r}; the record has fields {sorted(record)}; "
-            "choose the text field with --field"
-        )
-    value = record[text_field]
-    if not isinstance(value, str):
-        raise PrepareError(f"{path} line {number}: field {text_field!r} holds {type(value).__name__}, not text")
-    return value
-
-
-def _parquet_documents(path: Path, text_field: str, progress) -> Iterator[str]:
-    import pyarrow.parquet as pq
-
-    parquet = pq.ParquetFile(path)
-    names = parquet.schema_arrow.names
-    if text_field not in names:
-        raise PrepareError(f"{path}: no column {text_field!r}; the columns are {names}; choose one with --field")
-    column_type = parquet.schema_arrow.field(text_field).type
-    if str(column_type) not in ("string", "large_string"):
-        raise PrepareError(f"{path}: column {text_field!r} has type {column_type}, not text")
-    size, rows, reported = path.stat().st_size, max(1, parquet.metadata.num_rows), 0
-    done = 0
-    for batch in parquet.iter_batches(columns=[text_field], batch_size=1024):
-        yield from (value for value in batch.column(0).to_pylist() if value)
-        done += batch.num_rows
-        position = size * done // rows
-        progress(position - reported)
-        reported = position
 
 
 def iter_chunks(files: list[Path], config: PrepareConfig, progress, totals: dict) -> Iterator[list[str]]:

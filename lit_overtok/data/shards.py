@@ -18,6 +18,7 @@ shard is always detected (a tar reader alone can mistake a truncated archive for
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import json
@@ -84,19 +85,20 @@ class Manifest:
     def directory(self) -> Path:
         return self.path.parent
 
-    def split_of(self, file: str) -> str | None:
-        return next((split for split, shards in self.splits.items() if any(s.file == file for s in shards)), None)
+    @functools.cached_property
+    def _by_file(self) -> dict[str, tuple[str, ShardInfo]]:
+        return {info.file: (split, info) for split, shards in self.splits.items() for info in shards}
+
+    def split_of(self, file: str) -> str:
+        return self._by_file[file][0]
 
     def shard(self, file: str) -> ShardInfo:
-        for shards in self.splits.values():
-            for info in shards:
-                if info.file == file:
-                    return info
-        listed = [info.file for shards in self.splits.values() for info in shards]
-        raise ManifestError(
-            f"shard {file!r} is not listed in {self.path}; that manifest lists {_preview(listed)}. "
-            "Shards and manifest must come from the same prepare run."
-        )
+        if file not in self._by_file:
+            raise ManifestError(
+                f"shard {file!r} is not listed in {self.path}; that manifest lists {_preview(list(self._by_file))}. "
+                "Shards and manifest must come from the same prepare run."
+            )
+        return self._by_file[file][1]
 
     def compatibility(self) -> tuple:
         """What two manifests must share for their shards to be mixed (train from one, validation from another)."""

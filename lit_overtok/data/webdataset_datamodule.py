@@ -106,7 +106,10 @@ def resolve_shards(spec: str, split: str, manifest: Optional[str] = None) -> Sha
         elif Path(pattern).is_file():
             urls.append(pattern)
         else:
-            raise ManifestError(f"{option}: {pattern} is neither a directory of prepared shards nor a shard file")
+            raise ManifestError(
+                f"{option}: {pattern} is neither a directory of prepared shards nor a shard file; write shards with "
+                "`python -m lit_overtok.data.prepare` (README: Pretraining data)"
+            )
     if len(set(urls)) != len(urls):
         raise ManifestError(f"{option}: {spec!r} names some shards more than once")
     if manifest is None:
