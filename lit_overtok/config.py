@@ -34,7 +34,8 @@ d/4 = 256 (15 layers of 48 experts of width 512 with top-4 would hit the counts 
 paper's own forward cost for its OLMoE-1.3B, 0.5409 GFLOPs/token (§4.11), fits 13 OLMoE-style layers (64 × 512,
 top-8; 219M active non-embedding weights) instead, i.e. 322M active / 1.47B total: its counts and its FLOPs
 disagree, and we match the counts. (For olmoe-1b-7b, ``flops_per_token`` gives 2.3580 forward GFLOPs against
-the paper's 2.3578.) In every MoE preset d_ff = top_k · expert_d_ff: the dense model with the same active weights (MoE blocks ignore it).
+the paper's 2.3578.) In every MoE preset d_ff = top_k · expert_d_ff: the dense model with the same active weights
+(MoE blocks ignore it).
 
 Any preset field can be overridden: a field left ``None`` takes the preset's value, and a field given
 explicitly wins. Vocabulary size normally comes from the data module (the CLI links it).
