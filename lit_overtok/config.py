@@ -29,12 +29,13 @@ with the OLMoE vocabulary, 50,280 padded to 50,304, and two untied tables, as OL
 olmoe-1.3b: the paper publishes only 260M active / 1.3B total and (through its 51M embedding count) d_model 1024.
 The two 50,304 × 1024 tables take 103M, so the blocks must hold 157M active of 1.197B in all, a total-to-active
 ratio of 7.6; OLMoE-1B-7B's own layer shape (64 experts of width d/2, top-8) has 6.2 at any depth (11 layers give
-288M / 1.26B). We keep OLMoE's top-8 routing and fine-grained experts and choose 15 layers of 96 experts of width d/4 = 256
-(15 layers of 48 experts of width 512 with top-4 would hit the counts as closely). [UNCONFIRMED] The paper's own
-forward cost for its OLMoE-1.3B, 0.5409 GFLOPs/token (§4.11), fits 13 OLMoE-style layers (64 × 512, top-8; 219M
-active non-embedding weights) instead, i.e. 322M active / 1.47B total: its counts and its FLOPs disagree, and we
-match the counts. (For olmoe-1b-7b, ``flops_per_token`` gives 2.3580 forward GFLOPs against the paper's 2.3578.)
-In every MoE preset d_ff = top_k · expert_d_ff: the dense model with the same active weights (MoE blocks ignore it).
+288M / 1.26B). We keep OLMoE's top-8 routing and fine-grained experts and choose 15 layers of 96 experts of width
+d/4 = 256 (15 layers of 48 experts of width 512 with top-4 would hit the counts as closely). [UNCONFIRMED] The
+paper's own forward cost for its OLMoE-1.3B, 0.5409 GFLOPs/token (§4.11), fits 13 OLMoE-style layers (64 × 512,
+top-8; 219M active non-embedding weights) instead, i.e. 322M active / 1.47B total: its counts and its FLOPs
+disagree, and we match the counts. (For olmoe-1b-7b, ``flops_per_token`` gives 2.3580 forward GFLOPs against
+the paper's 2.3578.) In every MoE preset d_ff = top_k · expert_d_ff: the dense model with the same active weights
+(MoE blocks ignore it).
 
 Any preset field can be overridden: a field left ``None`` takes the preset's value, and a field given
 explicitly wins. Vocabulary size normally comes from the data module (the CLI links it).

@@ -58,7 +58,7 @@ class MoEConfig:
     z_loss_weight: float = 0.001
     """Weight of the router z-loss (OLMoE: 0.001)."""
     backend: Backend = "auto"
-    """'grouped_mm' (fast), 'loop' (reference) or 'auto': grouped_mm wherever torch runs it for the shapes, else loop."""
+    """'grouped_mm' (fast), 'loop' (reference) or 'auto': grouped_mm where torch runs it for the shapes, else loop."""
 
     def __post_init__(self) -> None:
         for name in _SHAPE_FIELDS:

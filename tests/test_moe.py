@@ -196,7 +196,8 @@ def test_aux_losses_join_the_objective_averaged_over_layers_only_in_training():
     expected = sum(0.5 * p["moe_lb_loss"] + 0.25 * p["moe_z_loss"] for p in per_layer) / 2
     aux, aux_parts = pop_auxiliary_losses(model)
     torch.testing.assert_close(aux, expected)
-    torch.testing.assert_close(aux_parts["moe_lb_loss"], (per_layer[0]["moe_lb_loss"] + per_layer[1]["moe_lb_loss"]) / 2)
+    mean_lb = (per_layer[0]["moe_lb_loss"] + per_layer[1]["moe_lb_loss"]) / 2
+    torch.testing.assert_close(aux_parts["moe_lb_loss"], mean_lb)
     torch.testing.assert_close(total, parts["loss_next1"] + 0.5 * parts["moe_lb_loss"] + 0.25 * parts["moe_z_loss"])
     model.eval()
     _, eval_parts = model.loss(ids_BT, ids_BT.roll(-1, 1))
@@ -258,7 +259,8 @@ def test_training_metrics_report_the_load_since_the_last_read():
 def test_many_experts_log_only_the_extremes():
     layer = make_layer("loop", num_experts=64, top_k=8).train()
     layer(torch.randn(1, 8, 32))
-    assert sorted(layer.training_metrics()) == [f"moe/layer0/{k}" for k in ("load_max", "load_max_over_min", "load_min")]
+    expected = [f"moe/layer0/{k}" for k in ("load_max", "load_max_over_min", "load_min")]
+    assert sorted(layer.training_metrics()) == expected
 
 
 def test_expert_load_and_aux_losses_reach_tensorboard(tmp_path):
