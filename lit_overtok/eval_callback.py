@@ -5,7 +5,8 @@ every run can log them. ``LMEvalCallback`` scores the configured tasks through `
 the validation precision) on every rank (lm-eval shards the documents; rank 0 logs) and writes, at step = the
 optimizer step:
 
-* ``eval/<task>/<metric>`` for each metric the task reports (``acc``; ``acc_norm`` for multiple choice);
+* ``eval/<task>/<metric>`` for each metric the task reports (``acc``; ``acc_norm`` for multiple choice;
+  ``valid_mass`` for next-token validity);
 * ``eval/downstream``: the mean of the five paper tasks' primary metrics (``eval_runner.PRIMARY_METRICS``) when
   all five are configured;
 * ``eval/wall_time_s``: seconds the evaluation took, to budget it;

@@ -77,5 +77,6 @@ def test_the_cli_adds_the_grammar_callback_to_grammar_runs(tmp_path, max_seq_len
               "--data.init_args.seq_len", "32", "--data.init_args.batch_size", "2"])
     logged = scalars(tmp_path)
     assert {tag.split("/")[1] for tag in logged if tag.endswith("/acc")} == tasks
+    assert "eval/cfg_next_token_validity/valid_mass" in logged
     for task in tasks:
         assert [step for step, _ in logged[f"eval/{task}/acc"]] == [2]  # at the end of fit (every 100 steps)

@@ -4,6 +4,7 @@ tasks; missing data; fixed subsets."""
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import datasets
@@ -14,7 +15,8 @@ from lm_eval.tasks._yaml_loader import load_yaml
 
 from lit_overtok.data.grammar import Grammar
 from lit_overtok.eval_runner import expand_task_names, TaskSuite
-from lit_overtok.eval_tasks import cfg_generation_results, DEFAULT_DATA_DIR, mmlu_var_docs, read_split
+from lit_overtok.eval_tasks import (cfg_generation_results, cfg_next_token_results, DEFAULT_DATA_DIR, mmlu_var_docs,
+                                    read_split)
 
 OFFICIAL = Path(lm_eval.__file__).parent / "tasks"
 
@@ -133,6 +135,11 @@ def test_grammar_tasks_docs_and_generation_metric():
     validity = suite.task_dict["tasks"]["cfg_next_token_validity"]
     for doc in validity.eval_docs:
         assert doc["prefix"].startswith("^") and doc["choices"] == ["1", "2", "3", "$"] and doc["valid"]
+        assert not {0, 1, 2} <= set(doc["valid"])  # only prefixes where the grammar forbids some terminal
+    doc = {"valid": [0, 3]}
+    result = cfg_next_token_results(doc, [(math.log(0.1), False), (math.log(0.6), True), (math.log(0.2), False),
+                                          (math.log(0.1), False)])
+    assert result["acc"] == 0.0 and result["valid_mass"] == pytest.approx(0.2)
     doc = generation.eval_docs[0]
     sentence = "".join(map(str, Grammar.load("cfg3f").sample(__import__("random").Random(0))))
     assert cfg_generation_results(doc, [sentence]) == {"acc": 1.0}
