@@ -90,3 +90,13 @@ def test_a_folder_with_several_runs_is_refused(tmp_path):
     write_run(tmp_path / "b", rate=1.0)
     with pytest.raises(ValueError, match="holds several runs"):
         speedup.event_folder(str(tmp_path))
+
+
+def test_a_baseline_that_starts_at_its_final_value_is_flagged(tmp_path, capsys):
+    write_run(tmp_path / "flat", rate=0.0)
+    write_run(tmp_path / "oe", rate=2.0)
+    results = speedup.main(["--baseline", str(tmp_path / "flat"), "--treatment", str(tmp_path / "oe"),
+                            "--metrics", "eval/piqa/acc_norm", "--output", str(tmp_path / "s.md"),
+                            "--plot", str(tmp_path / "s.png")])
+    assert results[0].ratio == pytest.approx(1.0)
+    assert "starts at or beyond its final value" in capsys.readouterr().err
