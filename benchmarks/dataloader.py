@@ -77,10 +77,12 @@ def main() -> None:
     import torch
     import yaml
 
-    from lit_overtok.config import ModelConfig
+    from lit_overtok.configuration import config_from
+    from lit_overtok.nn.config import ModelConfig
     from lit_overtok.data.webdataset_datamodule import CORRUPT_KEY
-    from lit_overtok.model import Transformer
-    from lit_overtok.optim import OptimizerConfig, build_optimizer
+    from lit_overtok.nn.transformer import Transformer
+    from lit_overtok.optim.build import build_optimizer
+    from lit_overtok.optim.config import OptimizerConfig
 
     rounds = args.rounds or (3 if args.quick else 5)
     loader_batches, train_steps = (20, 1) if args.quick else (100, 3)
@@ -97,9 +99,10 @@ def main() -> None:
         prepare_mb_per_s, sliced = prepare_speed(Path(workdir), tokenizer, prepare_mb)
         dm = data_module(data_args, shards or sliced)
         torch.manual_seed(0)
-        model_cfg = ModelConfig(**{**model_args.get("model", {}), "vocab_size": dm.vocab_size})
+        model_cfg = config_from(ModelConfig, {**model_args.get("model_config", {}), "vocab_size": dm.vocab_size},
+                                "model_config")
         model = Transformer(model_cfg)
-        optimizer, _ = build_optimizer(model, OptimizerConfig(**model_args.get("optimizer", {})), total_steps=10**6)
+        optimizer, _ = build_optimizer(model, config_from(OptimizerConfig, model_args.get("optimizer") or {}, "optimizer"), total_steps=10**6)
         stream = iter(dm.train_dataloader())
 
         def train_step(batch: dict) -> None:

@@ -27,12 +27,12 @@ sys.path.insert(0, str(REPO))
 
 import torch  # noqa: E402
 
-from lit_overtok.config import ModelConfig  # noqa: E402
-from lit_overtok.eval_runner import TaskSuite  # noqa: E402
-from lit_overtok.eval_tasks import DEFAULT_DATA_DIR  # noqa: E402
-from lit_overtok.eval_tokenizers import TextTokenizer  # noqa: E402
-from lit_overtok.lm_eval_adapter import OverTokEvalLM  # noqa: E402
-from lit_overtok.model import Transformer  # noqa: E402
+from lit_overtok.nn.config import ModelConfig  # noqa: E402
+from lit_overtok.evaluation.runner import TaskSuite  # noqa: E402
+from lit_overtok.evaluation.benchmark_tasks import DEFAULT_DATA_DIR  # noqa: E402
+from lit_overtok.evaluation.tokenizers import TextTokenizer  # noqa: E402
+from lit_overtok.evaluation.adapter import OverTokEvalLM  # noqa: E402
+from lit_overtok.nn.transformer import Transformer  # noqa: E402
 
 
 def main() -> None:

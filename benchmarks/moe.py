@@ -23,9 +23,11 @@ import time
 
 import torch
 
-from lit_overtok.config import ModelConfig
-from lit_overtok.model import Transformer
-from lit_overtok.optim import build_optimizer, OptimizerConfig
+from lit_overtok.nn.config import ModelConfig
+from lit_overtok.nn.counts import parameter_counts
+from lit_overtok.nn.transformer import Transformer
+from lit_overtok.optim.build import build_optimizer
+from lit_overtok.optim.config import OptimizerConfig
 
 
 def build(cfg: ModelConfig):
@@ -86,7 +88,7 @@ def main() -> None:
     median = {name: statistics.median(ts) for name, ts in walls.items()}
     median_cpu = {name: statistics.median(ts) for name, ts in cpus.items()}
 
-    moe_counts, dense_counts = moe_cfg.parameter_counts(), dense_cfg.parameter_counts()
+    moe_counts, dense_counts = parameter_counts(moe_cfg), parameter_counts(dense_cfg)
     tokens = batch_size * args.seq_len
     print(f"{args.preset}: {moe.num_experts} experts, top-{moe.top_k}, expert width {moe.expert_d_ff}; "
           f"{moe_counts.active / 1e6:.2f}M active / {moe_counts.total / 1e6:.2f}M total parameters")

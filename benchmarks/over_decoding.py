@@ -5,7 +5,7 @@ plain next-token, OD (product form, App. C: one extra V-row output table per fur
 projection (d = D/4) in front of that table, and MTP-DS (one extra block plus the shared head). A step is forward,
 backward and an AdamW update on one fixed batch. Steps of the variants are interleaved in a shuffled order every
 round and each variant's median is compared with the plain model's, so machine noise hits all alike. The analytic
-training FLOP ratios (``ModelConfig.flops_per_token``) are printed beside the measured ones.
+training FLOP ratios (``lit_overtok.nn.counts.flops_per_token``) are printed beside the measured ones.
 
     python benchmarks/over_decoding.py            # a 4-layer d=256 model with a 50k vocabulary, seq 256, batch 2
     python benchmarks/over_decoding.py --quick    # smaller, under a minute on one CPU thread
@@ -23,9 +23,10 @@ import time
 
 import torch
 
-from lit_overtok.config import ModelConfig
-from lit_overtok.heads import MultiTokenConfig
-from lit_overtok.model import Transformer
+from lit_overtok.nn.config import ModelConfig
+from lit_overtok.nn.counts import flops_per_token
+from lit_overtok.nn.heads import MultiTokenConfig
+from lit_overtok.nn.transformer import Transformer
 
 
 def variants(args: argparse.Namespace) -> dict[str, ModelConfig]:
@@ -93,7 +94,7 @@ def main() -> None:
         for name in order:
             times[name].append(step(name))
     median = {name: statistics.median(t) for name, t in times.items()}
-    flops = {name: cfg.flops_per_token(args.seq_len) for name, cfg in configs.items()}
+    flops = {name: flops_per_token(cfg, args.seq_len) for name, cfg in configs.items()}
     print(f"device {device} ({torch.get_num_threads()} CPU threads), {args.layers} layers, d_model {args.d_model}, "
           f"vocab {args.vocab}, seq {args.seq_len}, batch {args.batch}, n {args.n}, {args.rounds} interleaved rounds")
     result = {}

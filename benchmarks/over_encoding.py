@@ -28,10 +28,12 @@ import time
 
 import torch
 
-from lit_overtok.config import ModelConfig
-from lit_overtok.model import Transformer
-from lit_overtok.optim import build_optimizer, OptimizerConfig
-from lit_overtok.over_encoding import OverEncodingConfig
+from lit_overtok.nn import hooks
+from lit_overtok.nn.config import ModelConfig
+from lit_overtok.nn.transformer import Transformer
+from lit_overtok.optim.build import build_optimizer
+from lit_overtok.optim.config import OptimizerConfig
+from lit_overtok.nn.over_encoding import OverEncodingConfig
 
 # Odd (prime) m, so no table shares a factor with the power-of-two vocabulary.
 FULL_M = [16_381, 131_071, 1_048_573, 2_097_143]
@@ -49,20 +51,20 @@ class Trainee:
 
     def __init__(self, cfg: ModelConfig) -> None:
         torch.manual_seed(0)
-        self.model = Transformer(cfg)
-        self.optimizer, _ = build_optimizer(self.model, OptimizerConfig(lr=1e-3, warmup_steps=0), total_steps=1000)
-        self.clip = getattr(self.optimizer, "clip_grad_norm_", None)
+        self.transformer = Transformer(cfg)
+        self.optimizer, _ = build_optimizer(self.transformer, OptimizerConfig(lr=1e-3, warmup_steps=0), total_steps=1000)
+        self.clip = self.optimizer.clip_grad_norm_ if isinstance(self.optimizer, hooks.ClipsOwnGradients) else None
 
     def step(self, ids_BT: torch.Tensor, labels_BT: torch.Tensor) -> tuple[float, float]:
         """(wall-clock seconds, CPU seconds of this process) of one training step."""
         start, start_cpu = time.perf_counter(), time.process_time()
         self.optimizer.zero_grad(set_to_none=True)
-        loss, _ = self.model.loss(ids_BT, labels_BT)
+        loss, _ = self.transformer.loss(ids_BT, labels_BT)
         loss.backward()
         if self.clip is not None:  # sparse gradients: the optimizer's own clipping (as the LightningModule routes it)
             self.clip(1.0)
         else:
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
+            torch.nn.utils.clip_grad_norm_(self.transformer.parameters(), 1.0)
         self.optimizer.step()
         return time.perf_counter() - start, time.process_time() - start_cpu
 
@@ -70,21 +72,21 @@ class Trainee:
         """Wall seconds of the input embedding's share of a step: its forward and backward, clipping, the update."""
         start = time.perf_counter()
         self.optimizer.zero_grad(set_to_none=True)
-        self.model.embed(ids_BT).backward(grad_BTD)
+        self.transformer.embed(ids_BT).backward(grad_BTD)
         if self.clip is not None:
             self.clip(1.0)
         else:
-            torch.nn.utils.clip_grad_norm_(self.model.embed.parameters(), 1.0)
+            torch.nn.utils.clip_grad_norm_(self.transformer.embed.parameters(), 1.0)
         self.optimizer.step()  # parameters without a gradient are skipped
         return time.perf_counter() - start
 
     def memory(self) -> tuple[int, int]:
         """(weights + optimizer state, gradient buffers) in bytes."""
-        weights = sum(p.numel() * p.element_size() for p in self.model.parameters())
+        weights = sum(p.numel() * p.element_size() for p in self.transformer.parameters())
         state = sum(t.numel() * t.element_size() for s in self.optimizer.state.values() for t in s.values()
                     if torch.is_tensor(t))
         grads = 0
-        for p in self.model.parameters():
+        for p in self.transformer.parameters():
             if p.grad is not None:
                 g = p.grad.coalesce() if p.grad.is_sparse else p.grad
                 grads += (g.values().numel() + g.indices().numel()) * 4 if g.is_sparse else g.numel() * g.element_size()

@@ -2,7 +2,7 @@
 
 In one run: measure the machine's fp32 and bf16 matmul FLOP/s (the best of several large square matmuls), then
 train a few real Lightning steps (forward, backward, clipping, AdamW) and time them. Model FLOPs come from
-``ModelConfig.flops_per_token`` (6 × matmul weights + attention; lookups excluded), so ``mfu`` is achieved model
+``lit_overtok.nn.counts.flops_per_token`` (6 × matmul weights + attention; lookups excluded), so ``mfu`` is achieved model
 FLOP/s over the measured peak of the dtype the run used.
 
     python benchmarks/throughput.py [--quick] [--precision 32-true|bf16-mixed]
@@ -21,9 +21,10 @@ import lightning.pytorch as pl
 import torch
 from torch.utils.data import DataLoader
 
-from lit_overtok.config import ModelConfig
+from lit_overtok.nn.config import ModelConfig
+from lit_overtok.nn.counts import parameter_counts, flops_per_token
 from lit_overtok.lightning_module import OverTokLM
-from lit_overtok.optim import OptimizerConfig
+from lit_overtok.optim.config import OptimizerConfig
 
 
 def matmul_peak_flops(dtype: torch.dtype, size: int, repeats: int) -> float:
@@ -73,7 +74,7 @@ def main() -> None:
     cfg = ModelConfig(preset=None, vocab_size=args.vocab_size, n_layer=n_layer, d_model=512, n_head=8, d_ff=2048,
                       max_seq_len=args.seq_len, tie_embeddings=False, vocab_pad_multiple=128)
     pl.seed_everything(0, verbose=False)
-    module = OverTokLM(model=cfg, optimizer=OptimizerConfig(lr=3e-4, warmup_steps=2), generation_samples=0)
+    module = OverTokLM(model_config=cfg, optimizer=OptimizerConfig(lr=3e-4, warmup_steps=2))
     timer = StepTimer()
     trainer = pl.Trainer(max_steps=steps, logger=False, enable_checkpointing=False, enable_progress_bar=False,
                          enable_model_summary=False, callbacks=[timer], precision=args.precision,
@@ -83,12 +84,12 @@ def main() -> None:
 
     step_time = statistics.median(timer.times[warmup:])
     tokens_per_s = args.batch_size * args.seq_len / step_time
-    model_flops_per_s = cfg.flops_per_token(args.seq_len) * tokens_per_s
+    model_flops_per_s = flops_per_token(cfg, args.seq_len) * tokens_per_s
     peak = peaks["bf16" if args.precision == "bf16-mixed" else "fp32"]
     result = {
         "precision": args.precision,
         "n_layer": n_layer, "d_model": 512, "batch_size": args.batch_size, "seq_len": args.seq_len,
-        "non_embedding_params": cfg.parameter_counts().non_embedding,
+        "non_embedding_params": parameter_counts(cfg).non_embedding,
         "step_time_s": round(step_time, 4),
         "tokens_per_s": round(tokens_per_s, 1),
         "model_flops_per_s": model_flops_per_s,

@@ -28,10 +28,10 @@ from typing import Any, Optional
 import torch
 from tqdm import tqdm
 
-from lit_overtok.eval_runner import downstream_score, PRIMARY_METRICS, task_scores, TaskSuite
-from lit_overtok.eval_tokenizers import load_tokenizer
+from lit_overtok.evaluation.runner import downstream_score, PRIMARY_METRICS, task_scores, TaskSuite
+from lit_overtok.evaluation.tokenizers import load_tokenizer
 from lit_overtok.lightning_module import OverTokLM
-from lit_overtok.lm_eval_adapter import OverTokEvalLM
+from lit_overtok.evaluation.adapter import OverTokEvalLM
 
 
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
@@ -152,7 +152,7 @@ def main(argv: Optional[list[str]] = None) -> list[dict[str, Any]]:
         downstream = downstream_score(scores)
         results["config"] = {
             "model": type(module).__name__, "checkpoint": str(path), "global_step": meta["global_step"],
-            "tokens_seen": meta["tokens_seen"], "model_config": module.hparams["model"], "tokenizer": tokenizer.name,
+            "tokens_seen": meta["tokens_seen"], "model_config": module.hparams["model_config"], "tokenizer": tokenizer.name,
             "limit": args.limit, "num_fewshot": args.num_fewshot, "device": args.device, "precision": args.precision,
             "data_dir": args.data_dir, "online": args.online, "seed": args.seed,
             "wall_time_s": time.perf_counter() - start,

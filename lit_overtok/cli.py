@@ -6,7 +6,12 @@ With no arguments, ``fit`` runs the embedded default (DEFAULT_TRAINER plus the d
 
 from __future__ import annotations
 
+import re
 import sys
+from pathlib import Path
+from typing import Optional
+
+import yaml
 
 from lightning.pytorch import LightningDataModule
 from lightning.pytorch.callbacks import ModelCheckpoint
@@ -15,7 +20,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 
 from lit_overtok.callbacks import TokenThroughputMonitor
 from lit_overtok.data.cfg_datamodule import CFGDataModule
-from lit_overtok.eval_callback import LMEvalCallback
+from lit_overtok.evaluation.callback import LMEvalCallback
 from lit_overtok.lightning_module import OverTokLM
 
 DEFAULT_TRAINER = {
@@ -51,7 +56,7 @@ class OverTokCLI(LightningCLI):
             callbacks.append(TokenThroughputMonitor())
         # Grammar runs score the cfg tasks in-loop (eval/*); small subsets keep the default run within minutes.
         if not any(isinstance(c, LMEvalCallback) for c in given):
-            default_eval = LMEvalCallback.for_grammar_run(self.datamodule, self.model)
+            default_eval = LMEvalCallback.for_grammar_run(self.datamodule)
             callbacks += [default_eval] if default_eval is not None else []
         return super()._instantiate_trainer(config, callbacks)
 
@@ -66,7 +71,32 @@ def _root_cause(error: BaseException) -> BaseException:
     return found
 
 
+_RENAMED_KEY = re.compile(r"^--model\.(init_args\.)?model(\.|=|$)")
+_RENAMED_MESSAGE = ("the model's architecture is configured under model.init_args.model_config (renamed from "
+                    "model.init_args.model); e.g. --model.init_args.model_config.preset cfg-small")
+
+
+def reject_renamed_keys(args: Optional[list[str]]) -> None:
+    """One clear error for the architecture key of earlier versions, on the command line or in a --config file."""
+    args = sys.argv[1:] if args is None else args
+    for i, arg in enumerate(args):
+        if _RENAMED_KEY.match(arg):
+            raise ValueError(f"{arg.split('=')[0]}: {_RENAMED_MESSAGE}")
+        if arg == "--config" and i + 1 < len(args) or arg.startswith("--config="):
+            path = Path(arg.split("=", 1)[1] if "=" in arg else args[i + 1])
+            config = yaml.safe_load(path.read_text()) if path.is_file() else None
+            model = config.get("model") if isinstance(config, dict) else None
+            init_args = model.get("init_args", model) if isinstance(model, dict) else None
+            if isinstance(init_args, dict) and "model" in init_args:
+                raise ValueError(f"{path}: model.init_args.model: {_RENAMED_MESSAGE}")
+
+
 def main(args=None) -> None:
+    try:
+        reject_renamed_keys(args)
+    except ValueError as error:
+        sys.stderr.write(f"error: {error}\n")
+        raise SystemExit(2) from None
     try:
         OverTokCLI(
             OverTokLM,

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from lit_overtok.eval_tasks import DEFAULT_DATA_DIR, read_split
+from lit_overtok.evaluation.benchmark_tasks import DEFAULT_DATA_DIR, read_split
 
 
 @pytest.fixture

@@ -22,6 +22,10 @@ def assert_contains(printed, given, where: str) -> None:
         for key, value in given.items():
             assert key in printed, f"{where}.{key} missing"
             assert_contains(printed[key], value, f"{where}.{key}")
+    elif isinstance(given, list) and given and isinstance(given[0], dict):
+        assert len(printed) == len(given), (where, printed, given)
+        for i, (p, g) in enumerate(zip(printed, given)):
+            assert_contains(p, g, f"{where}[{i}]")
     else:
         assert printed == given, (where, printed, given)
 

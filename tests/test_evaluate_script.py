@@ -10,16 +10,16 @@ import pytest
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from evaluation import evaluate
-from lit_overtok.config import ModelConfig
+from lit_overtok.nn.config import ModelConfig
 from lit_overtok.data.cfg_datamodule import CFGDataModule
-from lit_overtok.eval_runner import PAPER_TASKS, task_scores, TaskSuite
-from lit_overtok.eval_tokenizers import TextTokenizer
+from lit_overtok.evaluation.runner import PAPER_TASKS, task_scores, TaskSuite
+from lit_overtok.evaluation.tokenizers import TextTokenizer
 from lit_overtok.lightning_module import OverTokLM
-from lit_overtok.lm_eval_adapter import OverTokEvalLM
+from lit_overtok.evaluation.adapter import OverTokEvalLM
 
 
 def train(tmp_path: Path, max_steps: int, **model) -> Path:
-    module = OverTokLM(model=ModelConfig(preset="tiny", **model), generation_samples=0,
+    module = OverTokLM(model_config=ModelConfig(preset="tiny", **model),
                        vocab_size=None if "vocab_size" in model else 7)
     checkpoints = ModelCheckpoint(dirpath=tmp_path / "checkpoints", every_n_train_steps=1, save_top_k=-1)
     trainer = pl.Trainer(max_steps=max_steps, logger=False, callbacks=[checkpoints], enable_progress_bar=False,

@@ -28,8 +28,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
 
 from lit_overtok.data.grammar import Grammar
+from lit_overtok.nn.losses import IGNORE_INDEX
 
-IGNORE_INDEX = -100
 _VALIDATION_SEED_OFFSET = 1_000_003
 
 

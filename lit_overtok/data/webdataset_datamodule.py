@@ -345,7 +345,7 @@ class WebDatasetDataModule(pl.LightningDataModule):
                 f"({self.world_size} ranks × {self.workers} workers) without two reading the same data; prepare "
                 "more, smaller shards (prepare --shard-tokens) or lower data.num_workers"
             )
-        model_cfg = getattr(getattr(self.trainer, "lightning_module", None), "model_cfg", None)
+        model_cfg = getattr(getattr(self.trainer, "lightning_module", None), "model_config", None)
         model_vocab = getattr(model_cfg, "vocab_size", None)
         if model_vocab is not None and model_vocab != self.vocab_size:
             raise ManifestError(

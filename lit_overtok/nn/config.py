@@ -1,0 +1,102 @@
+"""``ModelConfig``: the architecture of one run, from a preset (``presets``) plus any fields given explicitly.
+
+A field left ``None`` takes the preset's value and a field given explicitly wins. The vocabulary size normally comes
+from the data module (the CLI links it). The sub-configs sit beside the modules they build: ``over_encoding``
+(``OverEncodingConfig``), ``moe`` (``MoEConfig``), ``heads`` (``MultiTokenConfig``). Parameter counts and FLOPs per
+token are in ``counts`` (they build the model).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Optional
+
+from lit_overtok.configuration import config_from
+from lit_overtok.nn.heads import MultiTokenConfig
+from lit_overtok.nn.moe import MoEConfig, resolve_moe_config
+from lit_overtok.nn.over_encoding import OverEncodingConfig
+from lit_overtok.nn.presets import PRESET_FIELDS, PRESETS
+
+
+@dataclass
+class ModelConfig:
+    """A decoder-only transformer in the OLMo2 recipe, with pluggable input embedding and output heads."""
+
+    preset: Optional[str] = "cfg-small"
+    """Named shape to start from (see ``lit_overtok.nn.presets``); explicit fields override it. None: give every
+    shape field."""
+    vocab_size: Optional[int] = None
+    """Tokenizer vocabulary V (ids 0..V-1). Normally linked from the data module."""
+    n_layer: Optional[int] = None
+    d_model: Optional[int] = None
+    n_head: Optional[int] = None
+    d_ff: Optional[int] = None
+    """Hidden width of the dense SwiGLU feed-forward (unused when ``moe`` is set)."""
+    max_seq_len: Optional[int] = None
+    """Longest sequence the RoPE cache covers."""
+    tie_embeddings: Optional[bool] = None
+    """Share the 1-gram input table with the output head."""
+    vocab_pad_multiple: Optional[int] = None
+    """Round the embedding/head rows up to this multiple (GPU efficiency); the extra rows are never targets."""
+    rope_theta: float = 500_000.0
+    norm_eps: float = 1e-6
+    init_std: float = 0.02
+    over_encoding: Optional[OverEncodingConfig] = None
+    """Hashed n-gram input embeddings (Over-Encoding, paper §3.2); None = the plain 1-gram table."""
+    moe: Optional[MoEConfig] = None
+    """Mixture-of-experts feed-forward in every block (None: dense, unless the preset has experts)."""
+    multi_token: Optional[MultiTokenConfig] = None
+    """Training-only prediction of further tokens: Over-Decoding, joint n-gram decoding or MTP-DS (``nn.heads``)."""
+
+    def __post_init__(self) -> None:
+        if self.multi_token is not None:
+            self.multi_token = config_from(MultiTokenConfig, self.multi_token, "model_config.multi_token")
+        if self.over_encoding is not None:
+            self.over_encoding = config_from(OverEncodingConfig, self.over_encoding, "model_config.over_encoding")
+        if self.preset is not None:
+            if self.preset not in PRESETS:
+                raise ValueError(
+                    f"model_config.preset: unknown preset {self.preset!r}; valid presets are {sorted(PRESETS)} "
+                    "(or null with every shape field given)"
+                )
+            for name, value in PRESETS[self.preset].items():
+                if getattr(self, name) is None:
+                    setattr(self, name, value)
+        self.moe = resolve_moe_config(self.moe, PRESETS[self.preset].get("moe") if self.preset is not None else None)
+        missing = [name for name in PRESET_FIELDS if getattr(self, name) is None]
+        if missing:
+            raise ValueError(f"model_config: fields {missing} are unset; give them or choose a preset from {sorted(PRESETS)}")
+        for name in ("n_layer", "d_model", "n_head", "d_ff", "max_seq_len", "vocab_pad_multiple"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"model_config.{name} must be a positive integer, got {getattr(self, name)}")
+        if self.vocab_size is not None and self.vocab_size <= 0:
+            raise ValueError(f"model_config.vocab_size must be a positive integer, got {self.vocab_size}")
+        if self.d_model % self.n_head != 0:
+            raise ValueError(
+                f"model_config.n_head={self.n_head} does not divide model_config.d_model={self.d_model}; "
+                f"choose a head count among the divisors of {self.d_model}"
+            )
+        if self.head_dim % 2 != 0:
+            raise ValueError(f"model_config: head width d_model/n_head={self.head_dim} must be even for RoPE")
+        if self.init_std <= 0 or self.norm_eps <= 0 or self.rope_theta <= 0:
+            raise ValueError("model_config.init_std, model_config.norm_eps and model_config.rope_theta must be positive")
+        if self.over_encoding is not None:
+            self.over_encoding.validate(self.d_model, self.vocab_size)
+        if self.multi_token is not None:
+            self.multi_token.check_model(self.d_model, self.vocab_size, self.tie_embeddings)
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_head
+
+    @property
+    def padded_vocab_size(self) -> int:
+        if self.vocab_size is None:
+            raise ValueError("model_config.vocab_size is unset: link it from the data module or give it in the config")
+        multiple = self.vocab_pad_multiple
+        return (self.vocab_size + multiple - 1) // multiple * multiple
+
+    def replace(self, **changes) -> "ModelConfig":
+        """A copy with some fields changed (presets are re-applied only to fields left None)."""
+        return dataclasses.replace(self, **changes)

@@ -1,0 +1,29 @@
+"""Parameter counts and training FLOPs per token of a configuration, from a meta-device build (exact, no memory).
+
+Lookups cost no FLOPs, so the 1-gram and Over-Encoding tables are excluded from the FLOPs (PAPER.md §4.11: OE adds
+only its projections, 2·D² per token); the output unembedding is a matmul and counts whether tied or not.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from lit_overtok.nn.config import ModelConfig
+from lit_overtok.nn.transformer import ParameterCounts, Transformer
+
+
+def parameter_counts(cfg: ModelConfig) -> ParameterCounts:
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    return model.parameter_counts()
+
+
+def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
+    """Training FLOPs per token: 6·(weights a token multiplies by) + the attention score/value matmuls."""
+    counts = parameter_counts(cfg)
+    matmul_params = counts.active_non_embedding + cfg.padded_vocab_size * cfg.d_model
+    attention = 6 * cfg.n_layer * cfg.d_model * seq_len  # 2 matmuls × causal half × fwd+bwd(3) × 2 FLOP/MAC
+    heads = 0.0
+    if cfg.multi_token is not None:
+        heads = cfg.multi_token.extra_flops_per_token(cfg.vocab_size, cfg.padded_vocab_size, cfg.d_model, seq_len)
+    return 6.0 * matmul_params + attention + heads

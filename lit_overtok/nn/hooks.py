@@ -1,0 +1,75 @@
+"""What a module may publish to the training loop, declared in one place.
+
+A module opts in by having the attribute or method (structural typing: nothing to inherit); the code that uses a
+hook reaches it only through the functions here, so this file lists every extension point there is:
+
+- ``training_metrics() -> {name: scalar}``: diagnostics logged as ``train/<name>`` on the steps Lightning writes
+  logs (Over-Encoding table coverage, MoE expert load; a data module's counts, e.g. corrupt shards skipped, summed
+  over ranks);
+- ``parameter_metrics() -> {name: count}``: extra parameter counts logged once per fit as ``params/<name>``;
+- ``inactive_parameter_count() -> int``: parameters a token does not use (MoE experts it is not routed to), so the
+  *active* counts and FLOPs per token stay honest;
+- ``counts_as_embedding = True``: the module's parameters are vocabulary-sized (output tables), counted with the
+  embeddings rather than the backbone (``nn.Embedding`` always is);
+- ``optimizer_group = "<name>"``: the module's parameters form the named optimizer group, whose settings come from
+  ``OptimizerConfig.groups`` (Over-Encoding's tables);
+- an optimizer's ``clip_grad_norm_(max_norm)`` / ``clip_grad_value_(value)``: it clips its own gradients (sparse
+  row gradients, which torch's clipping cannot take), and the Trainer's ``gradient_clip_val`` is routed to it.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Protocol, runtime_checkable
+
+import torch
+from torch import nn
+
+
+@runtime_checkable
+class PublishesTrainingMetrics(Protocol):
+    def training_metrics(self) -> dict[str, torch.Tensor]: ...
+
+
+@runtime_checkable
+class PublishesParameterMetrics(Protocol):
+    def parameter_metrics(self) -> dict[str, int]: ...
+
+
+@runtime_checkable
+class HasInactiveParameters(Protocol):
+    def inactive_parameter_count(self) -> int: ...
+
+
+@runtime_checkable
+class ClipsOwnGradients(Protocol):
+    def clip_grad_norm_(self, max_norm: float) -> torch.Tensor: ...
+
+    def clip_grad_value_(self, clip_value: float) -> None: ...
+
+
+def training_metrics(root: nn.Module) -> dict[str, torch.Tensor]:
+    metrics: dict[str, torch.Tensor] = {}
+    for module in root.modules():
+        if isinstance(module, PublishesTrainingMetrics):
+            metrics.update(module.training_metrics())
+    return metrics
+
+
+def parameter_metrics(root: nn.Module) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for module in root.modules():
+        if isinstance(module, PublishesParameterMetrics):
+            counts.update(module.parameter_metrics())
+    return counts
+
+
+def inactive_parameter_count(root: nn.Module) -> int:
+    return sum(module.inactive_parameter_count() for module in root.modules() if isinstance(module, HasInactiveParameters))
+
+
+def is_vocabulary_sized(module: nn.Module) -> bool:
+    return isinstance(module, nn.Embedding) or getattr(module, "counts_as_embedding", False)
+
+
+def optimizer_group(module: nn.Module) -> Optional[str]:
+    return getattr(module, "optimizer_group", None)

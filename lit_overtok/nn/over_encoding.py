@@ -1,0 +1,207 @@
+"""Over-Encoding (OE): hashed hierarchical n-gram input embeddings (PAPER.md §1; the paper's §3.2 and App. A).
+
+The embedding of position t is Algorithm 1 of the paper:
+
+    e(x_t) = [ E_1(x_t) + sum_{g=2..n} sum_{j=0..k-1} W_i · E_i( h_g(t) mod (m + 2·i) ) + b_i ] / (1 + k(n-1))
+
+with table index ``i = (g-2)·k + j``, the g-gram id ``h_g(t) = x_t + x_{t-1}·V + … + x_{t-g+1}·V^(g-1)`` (the current
+token is the least significant digit; ids before the sequence start are 0), tables ``E_i`` of ``m + 2i`` rows and
+``D / (k(n-1))`` columns, and projections ``W_i`` from that slice width to D with a bias (Algorithm 1's
+``nn.Linear`` defaults). "OE-m" has about m·D table parameters.
+
+How it is made fast (same result, see the parity tests):
+- every table lives in ONE weight with per-table row offsets, so a forward does one gather;
+- the k(n-1) projections are one (D, D) matmul over the concatenated slices (its weight is the concatenation of
+  the W_i along their input axis, its bias the sum of the b_i);
+- ``h_g mod M`` is accumulated digit by digit as ``(a + x·(V^r mod M)) mod M`` in int64, so no order n and no
+  vocabulary overflows (it only needs V·M < 2^62); no Python ``hash`` anywhere, so indices are the same in every
+  process and on every machine.
+
+Options beyond the paper: ``reset_at_eos`` (the paper is silent on packed documents, so off by default) zeroes the
+n-gram history that reaches back across an EOS, as at a sequence start; ``sparse`` produces sparse row gradients
+for the tables, which ``lit_overtok.optim.sparse_adamw.RowSparseAdamW`` updates lazily (see there for the semantics).
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+_INDEX_BOUND = 2**62  # keeps x·(V^r mod M) + a < 2^63 with room to spare
+
+
+@dataclass
+class OverEncodingConfig:
+    """Shape and options of the Over-Encoding input embedding ("OE-m" in the paper)."""
+
+    m: int
+    """Rows of the first hashed table; table i has m + 2i rows. OE-m holds about m × d_model table parameters."""
+    n: int = 3
+    """Largest n-gram order; orders 2..n each get k tables (the paper's default is 3)."""
+    k: int = 1
+    """Slices per order: the slice width is d_model / (k(n-1)); the paper picks k so that it is 256."""
+    reset_at_eos: bool = False
+    """Zero the n-gram history that crosses an EOS (packed documents). The paper is silent; off reproduces it."""
+    eos_id: Optional[int] = None
+    """The document separator, required with reset_at_eos."""
+    sparse: bool = False
+    """Sparse row gradients for the tables and a lazy (touched-rows-only) AdamW for them; per-step cost then does
+    not grow with m. Dense gradients and plain AdamW (the paper's presumed setup) when False."""
+
+    @property
+    def n_tables(self) -> int:
+        return self.k * (self.n - 1)
+
+    def table_orders(self) -> list[int]:
+        """The n-gram order g of each table, in table order i = (g-2)·k + j."""
+        return [2 + i // self.k for i in range(self.n_tables)]
+
+    def row_counts(self) -> list[int]:
+        """Rows (= hash modulus) of each table: m + 2i, so that the k slices of one order collide differently."""
+        return [self.m + 2 * i for i in range(self.n_tables)]
+
+    def slice_width(self, d_model: int) -> int:
+        return d_model // self.n_tables
+
+    def validate(self, d_model: int, vocab_size: Optional[int]) -> None:
+        """Raise ValueError naming the field for impossible settings; warn about structured hash collisions.
+
+        Checks needing the vocabulary are skipped while it is unknown (it is linked from the data module later).
+        """
+        for name in ("m", "n", "k"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value <= 0:
+                raise ValueError(f"model_config.over_encoding.{name} must be a positive integer, got {value!r}")
+        if self.n < 2:
+            raise ValueError(f"model_config.over_encoding.n must be >= 2 (n-grams of order 2..n), got {self.n}")
+        if d_model % self.n_tables != 0:
+            raise ValueError(
+                f"model_config.over_encoding: d_model={d_model} is not divisible by k·(n-1)={self.k}·{self.n - 1}="
+                f"{self.n_tables}; choose k and n so that k·(n-1) divides d_model (the slice width is d_model/(k(n-1)))"
+            )
+        if self.reset_at_eos and self.eos_id is None:
+            raise ValueError("model_config.over_encoding.eos_id must be given when model_config.over_encoding.reset_at_eos is true")
+        if vocab_size is None:
+            return
+        if self.eos_id is not None and not 0 <= self.eos_id < vocab_size:
+            raise ValueError(f"model_config.over_encoding.eos_id={self.eos_id} is not a token id in [0, {vocab_size})")
+        if vocab_size * max(self.row_counts()) >= _INDEX_BOUND:
+            raise ValueError(
+                f"model_config.over_encoding.m={self.m} is too large for int64 index arithmetic with vocab_size={vocab_size} "
+                f"(needs V·(m + 2(k(n-1)-1)) < 2^62)"
+            )
+        for i, (order, rows) in enumerate(zip(self.table_orders(), self.row_counts())):
+            if rows >= vocab_size**order:
+                continue  # exact table: every g-gram has its own row, no collisions at all
+            # Rows M sharing c = gcd(M, V) with V: x_t + V·h mod M reaches only M/c rows for a given current token,
+            # and the collisions among its histories repeat identically for every x_t (PAPER.md §4.6: m = 64V loses
+            # most of the gain). We warn when M is a multiple of V (what the paper names) or when M/c < V: a token
+            # cannot even give each of its V possible predecessors its own row. Small factors of a large table pass
+            # (the paper's m = 12.8M shares 40 with V = 50,280: 320k rows per token). Our rule; the paper says "coprime".
+            shared = math.gcd(rows, vocab_size)
+            if rows % vocab_size == 0 or (shared > 1 and rows // shared < vocab_size):
+                warnings.warn(
+                    f"model_config.over_encoding.m: table {i} ({order}-gram) has {rows} rows, which shares the factor {shared} "
+                    f"with vocab_size={vocab_size}, so each current token reaches only {rows // shared} of its rows and "
+                    "its n-grams collide in a structured way (PAPER.md §4.6: m = 64V loses most of the gain). Prefer an "
+                    "m coprime with V, e.g. an odd or prime m.",
+                    stacklevel=2,
+                )
+
+
+def hash_constants(vocab_size: int, orders: list[int], moduli: list[int],
+                   device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """``coef_IR[i, r] = V^r mod moduli[i]`` for lags r below table i's order (0 beyond it), and ``moduli_I``.
+
+    Computed exactly with Python integers, so they are right for any n and V.
+    """
+    n = max(orders)
+    coef_IR = torch.tensor([[pow(vocab_size, r, M) if r < g else 0 for r in range(n)] for g, M in zip(orders, moduli)],
+                           dtype=torch.long, device=device)
+    return coef_IR, torch.tensor(moduli, dtype=torch.long, device=device)
+
+
+def ngram_table_indices(input_ids_BT: torch.Tensor, coef_IR: torch.Tensor, moduli_I: torch.Tensor,
+                        eos_id: Optional[int] = None) -> torch.Tensor:
+    """(B, T, I) int64: row of table i for every position, ``h_g(t) mod moduli_I[i]`` (constants from hash_constants).
+
+    ``h_g(t) = sum_{r<g} x_{t-r}·V^r`` with x = 0 before the sequence start, and, when ``eos_id`` is given, also for
+    positions at or before the last EOS preceding t (the history does not cross a document boundary). Each step
+    adds x·(V^r mod M) < V·M to a residue below M, so int64 never overflows while V·M < 2^62.
+    """
+    B, T = input_ids_BT.shape
+    ids_BT = input_ids_BT.long()
+    if eos_id is not None:
+        is_eos_BT = (ids_BT == eos_id).long()
+        documents_BT = is_eos_BT.cumsum(1) - is_eos_BT  # EOS strictly before t: same value = same document
+    index_BTI = torch.zeros(B, T, coef_IR.shape[0], dtype=torch.long, device=ids_BT.device)
+    for r in range(coef_IR.shape[1]):
+        lagged_BT = F.pad(ids_BT[:, : T - r], (r, 0))  # x_{t-r}, 0 before the start
+        if eos_id is not None and r > 0:
+            same_document_BT = F.pad(documents_BT[:, : T - r], (r, 0)) == documents_BT
+            lagged_BT = lagged_BT * same_document_BT
+        index_BTI = (index_BTI + lagged_BT[..., None] * coef_IR[:, r]) % moduli_I
+    return index_BTI
+
+
+class OverEncoding(nn.Module):
+    """The OE input embedding; ``wte`` is the ordinary 1-gram table (tied to the output head when configured)."""
+
+    def __init__(self, oe: OverEncodingConfig, vocab_size: int, padded_vocab_size: int, d_model: int) -> None:
+        super().__init__()
+        self.vocab_size = vocab_size
+        self.orders, self.moduli = oe.table_orders(), oe.row_counts()
+        self.k = oe.k
+        self.eos_id = oe.eos_id if oe.reset_at_eos else None
+        self.wte = nn.Embedding(padded_vocab_size, d_model)
+        # All hashed tables in one weight (one gather); table i starts at row offsets[i].
+        self.offsets = [sum(self.moduli[:i]) for i in range(len(self.moduli))]
+        self.tables = nn.Embedding(sum(self.moduli), oe.slice_width(d_model), sparse=oe.sparse)
+        # Tables get their own optimizer group (``hooks.optimizer_group``); as an nn.Embedding they also count as
+        # embedding parameters.
+        self.tables.optimizer_group = "over_encoding"
+        # The k(n-1) slice projections of Algorithm 1 as one matmul: (D, D) weight, bias = sum of their biases.
+        self.proj = nn.Linear(oe.n_tables * oe.slice_width(d_model), d_model, bias=True)
+        # Rows looked up in training so far (persistent, so a resumed run keeps counting). One byte per row is
+        # under 1% of a row's weight and Adam state even at slice width 32.
+        self.register_buffer("rows_touched", torch.zeros(sum(self.moduli), dtype=torch.bool))
+        # Small index constants, built once per device (not buffers: a meta-device build must not lose them).
+        self._constants: dict[torch.device, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+
+    def lookup_rows(self, input_ids_BT: torch.Tensor) -> torch.Tensor:
+        """(B, T, I) rows of the combined weight that each position looks up."""
+        device = input_ids_BT.device
+        if device not in self._constants:
+            coef_IR, moduli_I = hash_constants(self.vocab_size, self.orders, self.moduli, device)
+            self._constants[device] = coef_IR, moduli_I, torch.tensor(self.offsets, dtype=torch.long, device=device)
+        coef_IR, moduli_I, offsets_I = self._constants[device]
+        return ngram_table_indices(input_ids_BT, coef_IR, moduli_I, self.eos_id) + offsets_I
+
+    def forward(self, input_ids_BT: torch.Tensor) -> torch.Tensor:
+        rows_BTI = self.lookup_rows(input_ids_BT)
+        if self.training:
+            with torch.no_grad():
+                self.rows_touched[rows_BTI.flatten()] = True
+        slices_BTIW = self.tables(rows_BTI)
+        oe_BTD = self.proj(slices_BTIW.flatten(2))
+        # Algorithm 1 averages the 1 + k(n-1) contributions.
+        return (self.wte(input_ids_BT) + oe_BTD) / (1 + len(self.moduli))
+
+    def training_metrics(self) -> dict[str, torch.Tensor]:
+        """Fraction of each table's rows looked up in training so far (rank-local under data parallelism)."""
+        metrics = {}
+        for i, (offset, rows) in enumerate(zip(self.offsets, self.moduli)):
+            touched = self.rows_touched[offset: offset + rows].count_nonzero()
+            metrics[f"oe/coverage_{self.orders[i]}gram_{i % self.k}"] = touched.float() / rows
+        return metrics
+
+    def parameter_metrics(self) -> dict[str, int]:
+        """OE's own parameter counts, logged once beside the backbone's (``params/*``)."""
+        return {"over_encoding_tables": self.tables.weight.numel(),
+                "over_encoding_projection": sum(p.numel() for p in self.proj.parameters())}

@@ -1,0 +1,171 @@
+"""The decoder-only transformer in the OLMo2 recipe (PAPER.md §3.2, REFERENCES.md §1.4): input embedding -> blocks
+-> final norm -> next-token head, plus the training-only multi-token heads, and its training loss.
+
+- blocks: ``block`` (reordered norm), ``attention`` (QK-norm, RoPE, KV cache), ``feed_forward`` (SwiGLU or MoE);
+- init: truncated normal, std 0.02 (cut at 3 std), every parameter from its own generator seeded by its name,
+  so adding a module (an Over-Encoding table, an extra head) never changes the initial values of the others.
+
+Three seams are chosen by config: the input embedding (``embedding``: plain or Over-Encoding), the feed-forward of
+each block (``feed_forward``: dense or MoE) and the output heads (``heads``, ``over_decoding``, ``mtp``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import zlib
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from torch import nn
+
+from lit_overtok.nn import hooks
+from lit_overtok.nn.attention import KVCache
+from lit_overtok.nn.block import Block
+from lit_overtok.nn.config import ModelConfig
+from lit_overtok.nn.embedding import build_input_embedding
+from lit_overtok.nn.heads import NextTokenHead
+from lit_overtok.nn.moe import pop_auxiliary_losses
+from lit_overtok.nn.mtp import MultiTokenPredictionDS
+from lit_overtok.nn.norms import RMSNorm
+from lit_overtok.nn.over_decoding import JointDecodingLoss, JointNGramHead, OverDecodingHeads
+from lit_overtok.nn.rotary import RotaryEmbedding
+
+
+@dataclass(frozen=True)
+class ParameterCounts:
+    total: int
+    embedding: int
+    """Parameters of lookup tables (the 1-gram table and any Over-Encoding tables) and output unembeddings."""
+    non_embedding: int
+    active: int
+    """Parameters used per token: for mixture-of-experts only the routed experts count."""
+    active_non_embedding: int
+
+    def as_dict(self) -> dict[str, int]:
+        return dataclasses.asdict(self)
+
+
+class Transformer(nn.Module):
+    """Input embedding -> blocks -> final norm -> next-token head (+ optional multi-token heads for training)."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        if cfg.vocab_size is None:
+            raise ValueError("model_config.vocab_size is unset: link it from the data module or give it in the config")
+        self.cfg = cfg
+        self.embed = build_input_embedding(cfg)
+        self.rotary = RotaryEmbedding(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
+        self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layer))
+        self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.lm_head = build_next_token_head(cfg, tied_table=self.embed.wte if cfg.tie_embeddings else None)
+        self.multi_token_head = build_multi_token_head(cfg, self.lm_head, self.rotary)
+        self.init_weights()
+
+    def hidden_states(self, input_ids_BT: torch.Tensor, caches: Optional[list[KVCache]] = None,
+                      start: int = 0) -> torch.Tensor:
+        """Final-normed hidden states for ``input_ids_BT[:, start:]``.
+
+        The embedding always sees the whole id sequence, because an Over-Encoding lookup at position t needs the
+        ids before t; with a KV cache only the new positions go through the blocks.
+        """
+        return self.backbone(self.embed(input_ids_BT)[:, start:], caches, start)
+
+    def backbone(self, x_BTD: torch.Tensor, caches: Optional[list[KVCache]] = None, start: int = 0) -> torch.Tensor:
+        """Blocks and final norm over embedded positions ``start .. start + T``."""
+        cos_TC, sin_TC = self.rotary(start, x_BTD.shape[1])
+        for i, block in enumerate(self.blocks):
+            x_BTD = block(x_BTD, cos_TC, sin_TC, None if caches is None else caches[i])
+        return self.norm(x_BTD)
+
+    def forward(self, input_ids_BT: torch.Tensor) -> torch.Tensor:
+        """Next-token logits (B, T, V): the only output generation and evaluation use."""
+        return self.lm_head(self.hidden_states(input_ids_BT))
+
+    def loss(self, input_ids_BT: torch.Tensor, labels_BT: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Training objective: next-token cross-entropy plus whatever the multi-token head and MoE layers add.
+
+        Returns the total loss and named parts for logging; ``loss_next1`` is always the plain next-token loss.
+        """
+        # Embedded once: MTP-DS feeds the next token's input embedding (Over-Encoding's, in OT) to its modules.
+        embedded_BTD = self.embed(input_ids_BT)
+        hidden_BTD = self.backbone(embedded_BTD)
+        loss_next1 = self.lm_head.loss(hidden_BTD, labels_BT)
+        parts = {"loss_next1": loss_next1.detach()}
+        total = loss_next1
+        if self.multi_token_head is not None:
+            extra, extra_parts = self.multi_token_head.loss(hidden_BTD, input_ids_BT, labels_BT, embedded_BTD=embedded_BTD)
+            total = total + extra
+            parts.update(extra_parts)
+        aux, aux_parts = pop_auxiliary_losses(self)  # MoE load balancing and router z-loss (training only)
+        if aux is not None:
+            total = total + aux
+            parts.update(aux_parts)
+        return total, parts
+
+    def new_kv_caches(self, batch_size: int, max_len: int, dtype: torch.dtype, device: torch.device) -> list[KVCache]:
+        shape = (batch_size, self.cfg.n_head, max_len, self.cfg.head_dim)
+        return [KVCache(torch.empty(shape, dtype=dtype, device=device), torch.empty(shape, dtype=dtype, device=device))
+                for _ in self.blocks]
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """Truncated-normal(0, init_std) for matrices and tables, ones for norms, zeros for biases.
+
+        Each parameter draws from a generator seeded by (global seed, parameter name), so the draw does not depend
+        on which other modules exist or in which order they were built.
+        """
+        base_seed = torch.initial_seed() % (2**31)
+        norm_weights = {id(m.weight) for m in self.modules() if isinstance(m, RMSNorm)}
+        for name, param in self.named_parameters():
+            if param.is_meta:
+                continue
+            if id(param) in norm_weights:
+                param.fill_(1.0)
+            elif name.endswith("bias"):
+                param.zero_()
+            else:
+                generator = torch.Generator(device=param.device).manual_seed(base_seed + zlib.crc32(name.encode()))
+                std = self.cfg.init_std
+                nn.init.trunc_normal_(param, 0.0, std, -3 * std, 3 * std, generator=generator)
+
+    def parameter_counts(self) -> ParameterCounts:
+        """Total, vocabulary-sized (lookup tables and the unembedding), the rest, and what a token uses.
+
+        ``embedding`` holds every lookup table (the 1-gram table, Over-Encoding tables) and the output unembedding, so
+        ``non_embedding`` is the backbone the preset names refer to. Active counts route MoE experts at k/E.
+        """
+        vocab_sized = {id(p) for m in self.modules() if hooks.is_vocabulary_sized(m) for p in m.parameters()}
+        unique = {id(p): p for p in self.parameters()}
+        total = sum(p.numel() for p in unique.values())
+        embedding = sum(p.numel() for i, p in unique.items() if i in vocab_sized)
+        inactive = hooks.inactive_parameter_count(self)
+        return ParameterCounts(
+            total=total, embedding=embedding, non_embedding=total - embedding,
+            active=total - inactive, active_non_embedding=total - embedding - inactive,
+        )
+
+
+def build_next_token_head(cfg: ModelConfig, tied_table: Optional[nn.Embedding]) -> nn.Module:
+    """The head generation and evaluation use: a V-way unembedding, or for joint n-gram decoding the first-token
+    marginal of the V^n-way joint softmax."""
+    if cfg.multi_token is not None and cfg.multi_token.mode == "joint":
+        return JointNGramHead(cfg.d_model, cfg.vocab_size, cfg.multi_token.n)
+    return NextTokenHead(cfg.d_model, cfg.vocab_size, cfg.padded_vocab_size, tied_table)
+
+
+def build_multi_token_head(cfg: ModelConfig, lm_head: nn.Module, rotary: RotaryEmbedding) -> Optional[nn.Module]:
+    """Training-only heads that predict tokens further ahead; None for the plain next-token objective.
+
+    The returned module's ``loss(hidden_BTD, input_ids_BT, labels_BT, embedded_BTD=...)`` gives the weighted extra
+    loss and named, detached parts (``loss_next2``, ...). Heads keep plain references to what they share with the
+    model (its output head, its RoPE tables) and never register them.
+    """
+    multi_token = cfg.multi_token
+    if multi_token is None or multi_token.mode == "none":
+        return None
+    if multi_token.mode == "mtp_ds":
+        return MultiTokenPredictionDS(cfg, multi_token, lm_head, rotary)
+    if multi_token.mode == "joint":
+        return JointDecodingLoss(lm_head)
+    return OverDecodingHeads(multi_token, cfg.d_model, cfg.vocab_size, cfg.padded_vocab_size)

@@ -1,0 +1,295 @@
+"""Over-Encoding: parity with a straightforward Algorithm 1, index arithmetic, causality, options, baseline identity."""
+
+import glob
+import itertools
+import os
+import subprocess
+import sys
+import warnings
+
+import pytest
+import torch
+import yaml
+from torch import nn
+
+from lit_overtok.nn.config import ModelConfig
+from lit_overtok.nn.counts import parameter_counts, flops_per_token
+from lit_overtok.nn.generation import generate
+from lit_overtok.nn.transformer import Transformer
+from lit_overtok.optim.config import OptimizerConfig
+from lit_overtok.optim.groups import parameter_groups
+from lit_overtok.nn.over_encoding import hash_constants, ngram_table_indices, OverEncoding, OverEncodingConfig
+
+V = 13
+
+
+def oe_config(m=40, n=3, k=2, **options) -> ModelConfig:
+    return ModelConfig(preset="tiny", vocab_size=V, over_encoding=OverEncodingConfig(m=m, n=n, k=k, **options))
+
+
+class ReferenceOverEncoding(nn.Module):
+    """Algorithm 1 of the paper, written out literally: one embedding and one linear per table, a loop per order."""
+
+    def __init__(self, vocab_size: int, d_model: int, m: int, n: int, k: int) -> None:
+        super().__init__()
+        self.V, self.m, self.n, self.k = vocab_size, m, n, k
+        width = d_model // (k * (n - 1))
+        self.wte = nn.Embedding(vocab_size, d_model)
+        self.oe_embedders = nn.ModuleList(nn.Embedding(m + 2 * i, width) for i in range(k * (n - 1)))
+        self.oe_projs = nn.ModuleList(nn.Linear(width, d_model) for _ in range(k * (n - 1)))
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        x = self.wte(ids)
+        gram = ids.clone()
+        for i in range(2, self.n + 1):
+            shifted = torch.cat([torch.zeros_like(ids[:, : i - 1]), ids[:, : ids.shape[1] - (i - 1)]], dim=1)
+            gram = gram + shifted * self.V ** (i - 1)  # small V and n here: the plain formula cannot overflow
+            for j in range(self.k):
+                idx = (i - 2) * self.k + j
+                x = x + self.oe_projs[idx](self.oe_embedders[idx](gram % (self.m + 2 * idx)))
+        return x / (1 + self.k * (self.n - 1))
+
+
+def fast_and_reference(m, n, k, sparse=False):
+    torch.manual_seed(0)
+    cfg = ModelConfig(preset="tiny", vocab_size=V, over_encoding=OverEncodingConfig(m=m, n=n, k=k, sparse=sparse))
+    fast = OverEncoding(cfg.over_encoding, cfg.vocab_size, cfg.padded_vocab_size, cfg.d_model).double()
+    ref = ReferenceOverEncoding(V, cfg.d_model, m, n, k).double()
+    width = cfg.d_model // (k * (n - 1))
+    with torch.no_grad():
+        fast.wte.weight.copy_(ref.wte.weight)
+        for i, (table, proj) in enumerate(zip(ref.oe_embedders, ref.oe_projs)):
+            fast.tables.weight[fast.offsets[i]: fast.offsets[i] + table.num_embeddings] = table.weight
+            fast.proj.weight[:, i * width: (i + 1) * width] = proj.weight
+        fast.proj.bias.copy_(sum(p.bias for p in ref.oe_projs))
+    return fast, ref, width
+
+
+@pytest.mark.parametrize("m,n,k,sparse", [(40, 3, 2, False), (23, 5, 1, False), (40, 3, 2, True), (8, 2, 4, False)])
+def test_fast_module_equals_algorithm_1_forward_and_backward(m, n, k, sparse):
+    fast, ref, width = fast_and_reference(m, n, k, sparse)
+    ids_BT = torch.randint(0, V, (3, 11))
+    target_BTD = torch.randn(3, 11, 32, dtype=torch.float64)
+    out_fast, out_ref = fast(ids_BT), ref(ids_BT)
+    torch.testing.assert_close(out_fast, out_ref, rtol=1e-12, atol=1e-12)
+    (out_fast * target_BTD).sum().backward()
+    (out_ref * target_BTD).sum().backward()
+    torch.testing.assert_close(fast.wte.weight.grad, ref.wte.weight.grad)
+    table_grad = fast.tables.weight.grad
+    assert table_grad.is_sparse == sparse
+    table_grad = table_grad.to_dense()
+    for i, (table, proj) in enumerate(zip(ref.oe_embedders, ref.oe_projs)):
+        rows = slice(fast.offsets[i], fast.offsets[i] + table.num_embeddings)
+        torch.testing.assert_close(table_grad[rows], table.weight.grad, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(fast.proj.weight.grad[:, i * width: (i + 1) * width], proj.weight.grad)
+        torch.testing.assert_close(fast.proj.bias.grad, proj.bias.grad)  # the summed bias feeds every slice
+    assert table_grad.abs().sum() > 0
+
+
+def test_indices_by_hand():
+    # V = 13, table 0 of order 2 and table 1 of order 3, moduli 40 and 42; ids 5, 7, 2.
+    coef, moduli = hash_constants(V, [2, 3], [40, 42], torch.device("cpu"))
+    index = ngram_table_indices(torch.tensor([[5, 7, 2]]), coef, moduli)
+    assert index[0].tolist() == [[5 % 40, 5 % 42], [(7 + 5 * 13) % 40, (7 + 5 * 13) % 42],
+                                 [(2 + 7 * 13) % 40, (2 + 7 * 13 + 5 * 169) % 42]]
+
+
+@pytest.mark.parametrize("n,vocab,m", [(6, 200_000, 1_000_000_007), (5, 100_278, 12_800_001), (8, 50_280, 2**40 + 15)])
+def test_no_overflow_for_large_n_and_vocabulary(n, vocab, m):
+    k = 2
+    oe = OverEncodingConfig(m=m, n=n, k=k)
+    oe.validate(d_model=k * (n - 1) * 8, vocab_size=vocab)
+    generator = torch.Generator().manual_seed(0)
+    ids = torch.randint(vocab - 50, vocab, (2, 12), generator=generator)  # large ids: the worst case
+    ids[0, 4] = 0
+    coef, moduli = hash_constants(vocab, oe.table_orders(), oe.row_counts(), torch.device("cpu"))
+    index = ngram_table_indices(ids, coef, moduli)
+    for b, t in itertools.product(range(2), range(12)):
+        for i, (order, rows) in enumerate(zip(oe.table_orders(), oe.row_counts())):
+            gram = sum((ids[b, t - r].item() if t - r >= 0 else 0) * vocab**r for r in range(order))  # exact
+            assert index[b, t, i].item() == gram % rows
+
+
+def test_indices_are_identical_in_another_process():
+    oe = OverEncodingConfig(m=1_000_003, n=4, k=2)
+    ids = torch.arange(40).view(2, 20) * 4_999 % 50_000
+    coef, moduli = hash_constants(50_000, oe.table_orders(), oe.row_counts(), torch.device("cpu"))
+    here = ngram_table_indices(ids, coef, moduli)
+    code = (
+        "import torch\nfrom lit_overtok.nn.over_encoding import hash_constants, ngram_table_indices, OverEncodingConfig\n"
+        "oe = OverEncodingConfig(m=1_000_003, n=4, k=2)\nids = torch.arange(40).view(2, 20) * 4_999 % 50_000\n"
+        "coef, moduli = hash_constants(50_000, oe.table_orders(), oe.row_counts(), torch.device('cpu'))\n"
+        "print(ngram_table_indices(ids, coef, moduli).flatten().tolist())\n"
+    )
+    env = dict(os.environ, PYTHONHASHSEED="12345", PYTHONPATH=os.getcwd())
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert eval(out.stdout) == here.flatten().tolist()
+
+
+def test_exact_tables_when_m_covers_every_ngram():
+    vocab, n = 5, 3
+    oe = OverEncodingConfig(m=vocab**n, n=n, k=2)
+    coef, moduli = hash_constants(vocab, oe.table_orders(), oe.row_counts(), torch.device("cpu"))
+    # Every 3-gram of the vocabulary as the last three tokens of a row (first token fixed to 0 before them).
+    grams = torch.tensor(list(itertools.product(range(vocab), repeat=n)))
+    index = ngram_table_indices(grams, coef, moduli)[:, -1]
+    for i, order in enumerate(oe.table_orders()):
+        # Distinct g-grams get distinct rows: the row is the exact g-gram id.
+        exact = sum(grams[:, n - 1 - r] * vocab**r for r in range(order))
+        assert torch.equal(index[:, i], exact)
+        assert index[:, i].unique().numel() == vocab**order
+    # A table smaller than V^n must collide (so the check above can fail).
+    coef, moduli = hash_constants(vocab, [3], [vocab**n - 2], torch.device("cpu"))
+    assert ngram_table_indices(grams, coef, moduli)[:, -1].unique().numel() < vocab**n
+
+
+@pytest.mark.parametrize("reset", [False, True])
+def test_causality(reset):
+    torch.manual_seed(0)
+    model = Transformer(oe_config(reset_at_eos=reset, eos_id=3))
+    ids_BT = torch.randint(0, V, (2, 20))
+    ids_BT[:, 6] = 3
+    changed_BT = ids_BT.clone()
+    changed_BT[:, 12:] = torch.randint(0, V, (2, 8))
+    before, after = model(ids_BT), model(changed_BT)
+    torch.testing.assert_close(before[:, :12], after[:, :12], rtol=0, atol=0)
+    assert not torch.allclose(before[:, 12:], after[:, 12:])
+
+
+def test_reset_at_eos_makes_a_document_independent_of_the_previous_one():
+    oe = OverEncodingConfig(m=1000, n=3, k=1)
+    coef, moduli = hash_constants(V, oe.table_orders(), oe.row_counts(), torch.device("cpu"))
+    eos = 3
+    doc = [0, 5, 6, 7, eos]
+    first = torch.tensor([[9, 8, eos] + doc])
+    alone = torch.tensor([doc])
+    with_reset = ngram_table_indices(first, coef, moduli, eos_id=eos)
+    assert torch.equal(with_reset[:, 3:], ngram_table_indices(alone, coef, moduli))
+    # The EOS itself still belongs to the document it closes.
+    assert with_reset[0, 2].tolist() == [(eos + 8 * V) % 1000, (eos + 8 * V + 9 * V * V) % 1002]
+    without = ngram_table_indices(first, coef, moduli)
+    assert not torch.equal(without[:, 3:], ngram_table_indices(alone, coef, moduli))
+
+
+def test_oe_off_is_bit_identical_to_the_baseline():
+    torch.manual_seed(7)
+    baseline = Transformer(ModelConfig(preset="tiny", vocab_size=V))
+    torch.manual_seed(7)
+    switched_off = Transformer(ModelConfig(**{**oe_config().__dict__, "over_encoding": None}))
+    torch.manual_seed(7)
+    with_oe = Transformer(oe_config())
+    ids_BT = torch.randint(0, V, (2, 9))
+    assert baseline.state_dict().keys() == switched_off.state_dict().keys()
+    for name, value in baseline.state_dict().items():
+        assert torch.equal(value, switched_off.state_dict()[name])
+        # Adding OE changes no other parameter's initial value (per-name init), so runs compare like with like.
+        assert torch.equal(value, with_oe.state_dict()[name]), name
+    assert torch.equal(baseline(ids_BT), switched_off(ids_BT))
+
+
+def test_tied_table_and_parameter_accounting():
+    cfg = ModelConfig(preset="tiny", vocab_size=V, tie_embeddings=True, over_encoding=OverEncodingConfig(m=1000, n=3, k=2))
+    model = Transformer(cfg)
+    assert model.lm_head.proj.weight is model.embed.wte.weight
+    counts, base = parameter_counts(cfg), parameter_counts(cfg.replace(over_encoding=None))
+    d = cfg.d_model
+    tables = sum(rows * d // 4 for rows in (1000, 1002, 1004, 1006))
+    assert counts.embedding - base.embedding == tables  # OE-m: about m·D table parameters
+    assert abs(tables - 1000 * d) / (1000 * d) < 0.01
+    assert counts.non_embedding - base.non_embedding == d * d + d  # the projections are dense matmul weights
+    assert flops_per_token(cfg, 16) - flops_per_token(cfg.replace(over_encoding=None), 16) == 6 * (d * d + d)
+
+
+def test_tables_get_their_own_optimizer_group():
+    model = Transformer(oe_config())
+    groups = {g["name"]: g for g in parameter_groups(model, OptimizerConfig(groups={"over_encoding": {"lr_multiplier": 0.5}}))}
+    assert [p is model.embed.tables.weight for p in groups["over_encoding"]["params"]] == [True]
+    assert groups["over_encoding"]["lr_multiplier"] == 0.5 and groups["over_encoding"]["weight_decay"] == 0.0
+    assert any(p is model.embed.proj.weight for p in groups["decay"]["params"])
+    default = {g["name"]: g for g in parameter_groups(model, OptimizerConfig())}["over_encoding"]
+    assert (default["lr_multiplier"], default["weight_decay"]) == (1.0, 0.0)  # as the baseline's embedding
+
+
+def test_coverage_counts_rows_touched_in_training_only():
+    model = Transformer(oe_config(m=1000, k=1))
+    ids_BT = torch.zeros(1, 4, dtype=torch.long)
+    model.eval()
+    model(ids_BT)
+    assert all(v == 0 for v in model.embed.training_metrics().values())
+    model.train()
+    model(ids_BT)  # all-zero ids: the 2-gram and 3-gram id is 0 everywhere, one row per table
+    metrics = model.embed.training_metrics()
+    assert set(metrics) == {"oe/coverage_2gram_0", "oe/coverage_3gram_0"}
+    assert metrics["oe/coverage_2gram_0"].item() == pytest.approx(1 / 1000)
+    assert metrics["oe/coverage_3gram_0"].item() == pytest.approx(1 / 1002)
+
+
+@pytest.mark.parametrize("changes,message", [
+    (dict(k=3), r"k·\(n-1\)"),
+    (dict(m=0), r"model_config\.over_encoding\.m"),
+    (dict(n=1), r"model_config\.over_encoding\.n"),
+    (dict(k=-2), r"model_config\.over_encoding\.k"),
+    (dict(reset_at_eos=True), r"model_config\.over_encoding\.eos_id"),
+    (dict(eos_id=99), r"model_config\.over_encoding\.eos_id"),
+    (dict(m=2**60), r"int64"),
+])
+def test_bad_settings_are_clear_errors(changes, message):
+    with pytest.raises(ValueError, match=message):
+        oe_config(**changes)
+
+
+def test_warning_when_m_shares_a_factor_with_the_vocabulary():
+    with pytest.warns(UserWarning, match="shares the factor 13"):
+        oe_config(m=13 * 10)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        oe_config(m=41)  # moduli 41, 43, 45, 47: coprime with 13
+        oe_config(m=13**3, n=3, k=2)  # exact tables (m >= V^n) never collide, so no warning
+        OverEncodingConfig(m=50, n=2, k=1).validate(8, vocab_size=12)  # gcd 2, but 25 rows per token >= V
+    with pytest.warns(UserWarning, match="reaches only 5 of its rows"):
+        OverEncodingConfig(m=20, n=2, k=1).validate(8, vocab_size=12)  # gcd 4: 5 rows per token < V
+
+
+def test_unknown_over_encoding_field_is_a_clear_error():
+    with pytest.raises(ValueError, match=r"model_config\.over_encoding: .*'mm'"):
+        ModelConfig(preset="tiny", vocab_size=V, over_encoding={"mm": 10})
+
+
+def test_config_round_trips_through_a_plain_dict():
+    import dataclasses
+    cfg = oe_config(reset_at_eos=True, eos_id=3, sparse=True)
+    again = ModelConfig(**dataclasses.asdict(cfg))
+    assert again == cfg and isinstance(again.over_encoding, OverEncodingConfig)
+
+
+@pytest.mark.parametrize("path", sorted(glob.glob("configs/cfg/cfg3f_*.yaml") + glob.glob("configs/olmo2/olmo2_*.yaml")))
+def test_experiment_configs_build_with_the_papers_table_sizes(path):
+    with open(path) as f:
+        model_args = yaml.safe_load(f)["model"]["init_args"]["model_config"]
+    vocabularies = (100_278, 50_280) if "olmo2" in path else (7,)  # dolma2 / OLMo-1 tokenizers; cfg3f
+    for vocab in vocabularies:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # no structured-collision warning for the shipped tables
+            cfg = ModelConfig(**model_args, vocab_size=vocab)
+        oe = cfg.over_encoding
+        if oe is None:
+            continue
+        tables = parameter_counts(cfg).embedding - parameter_counts(cfg.replace(over_encoding=None)).embedding
+        assert tables == sum(oe.row_counts()) * oe.slice_width(cfg.d_model)
+        if "olmo2" in path:
+            assert abs(tables - oe.m * cfg.d_model) / (oe.m * cfg.d_model) < 1e-4  # OE-m = m x d_model
+            assert round(oe.m / 1e5) / 10 in (1.2, 12.8) and oe.n == 3
+            assert oe.slice_width(cfg.d_model) == (384 if cfg.d_model == 768 else 256)
+        else:
+            assert oe.m >= vocab**oe.n  # exact n-gram encoding
+
+
+def test_kv_cached_generation_sees_the_ngram_history():
+    torch.manual_seed(0)
+    model = Transformer(oe_config(reset_at_eos=True, eos_id=3)).eval()
+    prompt_BT = torch.randint(0, V, (2, 4))
+    cached = generate(model, prompt_BT, 8, temperature=0)
+    ids_BT = prompt_BT
+    for _ in range(8):
+        ids_BT = torch.cat([ids_BT, model(ids_BT)[:, -1].argmax(-1, keepdim=True)], dim=1)
+    assert torch.equal(cached, ids_BT)

@@ -1,0 +1,133 @@
+"""The sparse-update path of Over-Encoding: lazy row AdamW against dense-gradient computations, clipping, Lightning."""
+
+import glob
+import io
+import sys
+
+import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from lit_overtok.cli import main
+from lit_overtok.nn.config import ModelConfig
+from lit_overtok.nn.transformer import Transformer
+from lit_overtok.optim.build import build_optimizer
+from lit_overtok.optim.config import OptimizerConfig
+from lit_overtok.nn.over_encoding import OverEncodingConfig
+from lit_overtok.optim.sparse_adamw import RowSparseAdamW
+
+V = 13
+OPTIMIZER = OptimizerConfig(lr=1e-2, warmup_steps=0, groups={"over_encoding": {"weight_decay": 0.1, "lr_multiplier": 2.0}})
+
+
+def model(sparse: bool, seed: int = 0) -> Transformer:
+    torch.manual_seed(seed)
+    return Transformer(ModelConfig(preset="tiny", vocab_size=V, over_encoding=OverEncodingConfig(m=40, n=3, k=2, sparse=sparse)))
+
+
+def batch(seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    ids_BT = torch.randint(0, V, (2, 9), generator=torch.Generator().manual_seed(seed))
+    return ids_BT, ids_BT.roll(-1, 1)
+
+
+def train_steps(net: Transformer, optimizer, batches) -> None:
+    for ids_BT, labels_BT in batches:
+        optimizer.zero_grad()
+        net.loss(ids_BT, labels_BT)[0].backward()
+        optimizer.step()
+
+
+def test_repeated_rows_match_dense_adamw_and_untouched_rows_stay():
+    sparse, dense = model(True), model(False)
+    sparse_opt, _ = build_optimizer(sparse, OPTIMIZER, 10)
+    dense_opt, _ = build_optimizer(dense, OPTIMIZER, 10)
+    assert isinstance(sparse_opt, RowSparseAdamW) and type(dense_opt) is torch.optim.AdamW
+    initial = sparse.embed.tables.weight.detach().clone()
+    ids_BT, labels_BT = batch(0)
+    # The same batch every step: the same rows get a gradient every step, where lazy and dense AdamW agree.
+    train_steps(sparse, sparse_opt, [(ids_BT, labels_BT)] * 3)
+    train_steps(dense, dense_opt, [(ids_BT, labels_BT)] * 3)
+    touched = torch.zeros(initial.shape[0], dtype=torch.bool)
+    touched[sparse.embed.lookup_rows(ids_BT).flatten()] = True
+    tables_sparse, tables_dense = sparse.embed.tables.weight.detach(), dense.embed.tables.weight.detach()
+    torch.testing.assert_close(tables_sparse[touched], tables_dense[touched], rtol=1e-6, atol=1e-7)
+    assert not torch.equal(tables_sparse[touched], initial[touched])
+    assert torch.equal(tables_sparse[~touched], initial[~touched])
+    # Dense AdamW decays the untouched rows (weight decay 0.1 in this group); the lazy update leaves them.
+    assert not torch.allclose(tables_dense[~touched], initial[~touched])
+    for (name, p_sparse), p_dense in zip(sparse.named_parameters(), dense.parameters()):
+        if name != "embed.tables.weight":
+            torch.testing.assert_close(p_sparse, p_dense, rtol=1e-5, atol=1e-6)
+
+
+def test_updated_rows_match_a_dense_gradient_lazy_adamw_over_varied_batches():
+    sparse, dense_twin = model(True), model(False)
+    optimizer, _ = build_optimizer(sparse, OPTIMIZER, 10)
+    group = next(g for g in optimizer.param_groups if g["name"] == "over_encoding")
+    lr, wd, eps, (beta1, beta2) = group["lr"], group["weight_decay"], group["eps"], group["betas"]
+    weight_ref = sparse.embed.tables.weight.detach().clone()
+    exp_avg, exp_avg_sq = torch.zeros_like(weight_ref), torch.zeros_like(weight_ref)
+    for step in range(1, 4):
+        ids_BT, labels_BT = batch(step)
+        # Dense gradient of the same loss at the same weights, and the rows the batch looks up.
+        dense_twin.load_state_dict(sparse.state_dict())
+        grad = torch.autograd.grad(dense_twin.loss(ids_BT, labels_BT)[0], dense_twin.embed.tables.weight)[0]
+        rows = torch.zeros(weight_ref.shape[0], dtype=torch.bool)
+        rows[dense_twin.embed.lookup_rows(ids_BT).flatten()] = True
+        # AdamW written out on those rows only.
+        exp_avg[rows] = beta1 * exp_avg[rows] + (1 - beta1) * grad[rows]
+        exp_avg_sq[rows] = beta2 * exp_avg_sq[rows] + (1 - beta2) * grad[rows] ** 2
+        m_hat, v_hat = exp_avg[rows] / (1 - beta1**step), exp_avg_sq[rows] / (1 - beta2**step)
+        weight_ref[rows] = weight_ref[rows] * (1 - lr * wd) - lr * m_hat / (v_hat.sqrt() + eps)
+        train_steps(sparse, optimizer, [(ids_BT, labels_BT)])
+        torch.testing.assert_close(sparse.embed.tables.weight.detach(), weight_ref, rtol=1e-5, atol=1e-6)
+
+
+def test_clipping_covers_sparse_and_dense_gradients_like_torch():
+    sparse, dense = model(True), model(False)
+    optimizer, _ = build_optimizer(sparse, OPTIMIZER, 10)
+    ids_BT, labels_BT = batch(5)
+    sparse.loss(ids_BT, labels_BT)[0].backward()
+    dense.loss(ids_BT, labels_BT)[0].backward()
+    expected = torch.nn.utils.clip_grad_norm_(dense.parameters(), 0.05)
+    total = optimizer.clip_grad_norm_(0.05)
+    torch.testing.assert_close(total, expected)
+    for p_sparse, p_dense in zip(sparse.parameters(), dense.parameters()):
+        grad = p_sparse.grad.to_dense() if p_sparse.grad.is_sparse else p_sparse.grad
+        torch.testing.assert_close(grad, p_dense.grad, rtol=1e-5, atol=1e-8)
+
+
+def test_optimizer_state_survives_a_checkpoint_round_trip():
+    first, second = model(True), model(True)
+    opt_first, _ = build_optimizer(first, OPTIMIZER, 10)
+    train_steps(first, opt_first, [batch(1), batch(2)])
+    second.load_state_dict(first.state_dict())
+    opt_second, _ = build_optimizer(second, OPTIMIZER, 10)
+    # Through bytes, as a checkpoint does (load_state_dict would otherwise share the state tensors).
+    buffer = io.BytesIO()
+    torch.save(opt_first.state_dict(), buffer)
+    buffer.seek(0)
+    opt_second.load_state_dict(torch.load(buffer))
+    train_steps(first, opt_first, [batch(3)])
+    train_steps(second, opt_second, [batch(3)])
+    for p_first, p_second in zip(first.parameters(), second.parameters()):
+        assert torch.equal(p_first, p_second)
+
+
+def test_lightning_fit_with_sparse_tables_clips_and_logs_coverage(tmp_path, monkeypatch):
+    monkeypatch.setattr(sys, "argv", ["train.py"])
+    main([
+        "fit", "--trainer.max_steps", "3", "--trainer.log_every_n_steps", "1", "--trainer.val_check_interval", "3",
+        "--trainer.limit_val_batches", "1", "--trainer.default_root_dir", str(tmp_path), "--trainer.enable_progress_bar",
+        "false", "--trainer.gradient_clip_val", "0.5",
+        "--model.init_args.model_config.preset", "tiny", "--model.init_args.model_config.over_encoding.m", "125",
+        "--model.init_args.model_config.over_encoding.sparse", "true", "--data.seq_len", "32", "--data.batch_size", "2",
+        "--data.val_sentences", "2",
+    ])
+    events = EventAccumulator(glob.glob(str(tmp_path / "version_0" / "events.out.tfevents.*"))[0])
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    assert {"train/oe/coverage_2gram_0", "train/oe/coverage_3gram_0", "params/over_encoding_tables",
+            "params/non_embedding", "train/loss"} <= tags
+    coverage = events.Scalars("train/oe/coverage_3gram_0")
+    assert 0 < coverage[0].value <= coverage[-1].value <= 1
+    assert events.Scalars("params/over_encoding_tables")[0].value == (125 + 127) * 16  # width 32 / (k(n-1) = 2)
