@@ -45,7 +45,8 @@ def test_evaluate_a_task_the_tokenizer_cannot_spell_and_a_file_that_is_no_checkp
     assert "alphabet" in err and "grammar:cfg3f" in err
     not_a_checkpoint = tmp_path / "notes.ckpt"
     not_a_checkpoint.write_text("not a checkpoint")
-    err = one_line_error(evaluate.main, ["--checkpoint", str(not_a_checkpoint), "--tasks", "grammar"], capsys)
+    err = one_line_error(evaluate.main, ["--checkpoint", str(not_a_checkpoint), "--tasks", "grammar",
+                                         "--output-dir", str(tmp_path)], capsys)
     assert str(not_a_checkpoint) in err
 
 
