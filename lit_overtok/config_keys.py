@@ -62,10 +62,11 @@ def fields_of(target: Any) -> Optional[dict[str, Any]]:
     if dataclasses.is_dataclass(target):
         hints = typing.get_type_hints(target)
         return {f.name: _unwrap(hints.get(f.name, Any)) for f in dataclasses.fields(target)}
-    hints = typing.get_type_hints(target.__init__)
     params = inspect.signature(target.__init__).parameters.values()
-    return {p.name: _unwrap(hints.get(p.name, Any)) for p in params
-            if p.name != "self" and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)}
+    if any(p.kind == p.VAR_KEYWORD for p in params):
+        return None  # a class taking **kwargs accepts any key
+    hints = typing.get_type_hints(target.__init__)
+    return {p.name: _unwrap(hints.get(p.name, Any)) for p in params if p.name != "self" and p.kind != p.VAR_POSITIONAL}
 
 
 def resolve_class(name: Any, default: type) -> Optional[type]:

@@ -28,7 +28,7 @@ from lit_overtok.nn.losses import IGNORE_INDEX
 from lit_overtok.nn.transformer import Transformer
 from lit_overtok.optim.build import build_optimizer
 from lit_overtok.optim.config import OptimizerConfig
-from lit_overtok.optim.gradients import gradient_norms, parameter_parts
+from lit_overtok.optim.gradients import gradient_norms
 from lit_overtok.run_summary import log_run_summary
 
 
@@ -67,7 +67,6 @@ class OverTokLM(pl.LightningModule):
         self.test_loss = MeanMetric()
         self.tokens_seen = 0
         self._checkpoint_step = 0
-        self._gradient_parts = parameter_parts(self.transformer)
         self._flops_per_token: dict[int, float] = {}
 
     def forward(self, input_ids_BT: torch.Tensor) -> torch.Tensor:
@@ -105,7 +104,7 @@ class OverTokLM(pl.LightningModule):
     def on_before_optimizer_step(self, optimizer) -> None:
         # Before clipping: the norm that clipping acts on (the sparse path clips inside its optimizer, later).
         if self._writes_logs():
-            norms = gradient_norms(self.transformer, self._gradient_parts)
+            norms = gradient_norms(self.transformer)
             self.log_dict({f"train/{name}": value for name, value in norms.items()})
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:

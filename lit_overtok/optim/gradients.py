@@ -27,8 +27,12 @@ def parameter_parts(model: nn.Module) -> dict[int, str]:
     return parts
 
 
-def gradient_norms(model: nn.Module, parts: dict[int, str]) -> dict[str, torch.Tensor]:
-    """``{"grad_norm": global, "grad_norm/<part>": ...}`` of the current gradients (parts without one are left out)."""
+def gradient_norms(model: nn.Module) -> dict[str, torch.Tensor]:
+    """``{"grad_norm": global, "grad_norm/<part>": ...}`` of the current gradients (parts without one are left out).
+
+    Parts are looked up at each call: a strategy that replaces the parameter objects (FSDP) keeps them right.
+    """
+    parts = parameter_parts(model)
     squares: dict[str, torch.Tensor] = {}
     for param in model.parameters():
         grad = param.grad
