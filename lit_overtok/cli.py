@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from typing import Optional
 
 import yaml
 
@@ -25,6 +26,7 @@ from lit_overtok.config_keys import check_keys, field_help, OPTIMIZER_MESSAGE, R
 from lit_overtok.data.cfg_datamodule import CFGDataModule
 from lit_overtok.evaluation.callback import LMEvalCallback
 from lit_overtok.export import command as export_command
+from lit_overtok.global_batch import GlobalBatch, apply_global_batch
 from lit_overtok.lightning_module import OverTokLM
 from lit_overtok.script_errors import exit_on_user_error, one_line, USER_ERRORS
 
@@ -75,6 +77,9 @@ class OverTokCLI(LightningCLI):
             "data": {"class_path": f"{CFGDataModule.__module__}.{CFGDataModule.__qualname__}"},
         })
         parser.link_arguments("data.vocab_size", "model.init_args.vocab_size", apply_on="instantiate")
+        parser.add_argument("--global_batch", type=Optional[GlobalBatch], default=None,
+                            help="Sequences or tokens per optimizer step over all ranks; trainer.accumulate_grad_batches "
+                                 "is derived from it at start (lit_overtok/global_batch.py)")
 
     def _instantiate_trainer(self, config, callbacks):
         # Our defaults unless the config gives its own: TensorBoard without the placeholder hp_metric, speed and
@@ -93,7 +98,11 @@ class OverTokCLI(LightningCLI):
         if not any(isinstance(c, LMEvalCallback) for c in given):
             default_eval = LMEvalCallback.for_grammar_run(self.datamodule)
             callbacks += [default_eval] if default_eval is not None else []
-        return super()._instantiate_trainer(config, callbacks)
+        trainer = super()._instantiate_trainer(config, callbacks)
+        global_batch = self._get(self.config_init, "global_batch")
+        if global_batch is not None:
+            apply_global_batch(trainer, self.datamodule, global_batch, config.get("accumulate_grad_batches", 1))
+        return trainer
 
 
 def _root_cause(error: BaseException) -> BaseException:
