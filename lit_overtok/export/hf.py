@@ -31,14 +31,13 @@ from lit_overtok.nn.transformer import Transformer
 
 REMOTE_CODE_DIR = Path(__file__).resolve().parent / "remote_code"  # package data, never imported here
 REMOTE_CODE_FILES = ("configuration_overtok.py", "modeling_overtok.py")
-BLOCK_STYLES = ("reordered_norm", "pre_norm")
 EXPERT_LAYOUTS = ("per_expert", "fused")
 
 # State-dict entries that never leave training: the training-only heads and Over-Encoding's coverage buffer.
 _DROPPED_PREFIXES = ("multi_token_head.",)
 _DROPPED_KEYS = ("embed.rows_touched",)
 
-# (architecture, model_type) of the native transformers classes, by (has experts, block style).
+# (architecture, model_type) of the native transformers classes, by (has experts, ModelConfig.block).
 _NATIVE = {
     (False, "reordered_norm"): ("Olmo2ForCausalLM", "olmo2"),
     (True, "reordered_norm"): ("FlexOlmoForCausalLM", "flex_olmo"),
@@ -60,15 +59,6 @@ _NORM_NAMES = {
 
 class ExportError(ValueError):
     """A model this exporter cannot express (the message says what and why)."""
-
-
-def block_style_of(cfg: ModelConfig) -> str:
-    """'reordered_norm' (OLMo2: ``h = x + norm(attn(x))``) or 'pre_norm' (OLMoE: ``h = x + attn(norm(x))``).
-
-    ``ModelConfig.block`` names it once the OLMoE pre-norm block exists (issue 11 item 7); a config without the
-    field has OLMo2's reordered-norm blocks, the only kind before it.
-    """
-    return getattr(cfg, "block", None) or "reordered_norm"
 
 
 def is_joint(cfg: ModelConfig) -> bool:
@@ -118,7 +108,7 @@ def hf_config(cfg: ModelConfig, model_type: str, architecture: str) -> dict:
     return config
 
 
-def map_state_dict(model: Transformer, block_style: str, expert_layout: str = "per_expert") -> dict[str, torch.Tensor]:
+def map_state_dict(model: Transformer, expert_layout: str = "per_expert") -> dict[str, torch.Tensor]:
     """Our tensors under transformers' names; an ``ExportError`` for any tensor it does not know where to put."""
     cfg, V = model.cfg, model.cfg.vocab_size
     ours = model.state_dict()
@@ -137,7 +127,7 @@ def map_state_dict(model: Transformer, block_style: str, expert_layout: str = "p
         src, dst = f"blocks.{i}.", f"model.layers.{i}."
         for proj in ("q_proj", "k_proj", "v_proj", "o_proj", "q_norm", "k_norm"):
             out[f"{dst}self_attn.{proj}.weight"] = take(f"{src}attention.{proj}.weight")
-        for our_norm, their_norm in _NORM_NAMES[block_style].items():
+        for our_norm, their_norm in _NORM_NAMES[cfg.block].items():
             out[f"{dst}{their_norm}.weight"] = take(f"{src}{our_norm}.weight")
         if cfg.moe is None:
             for our_name, their_name in (("w1", "gate_proj"), ("w3", "up_proj"), ("w2", "down_proj")):
@@ -173,7 +163,6 @@ def export_to_hf(
     model: Transformer,
     out_dir: Union[str, Path],
     *,
-    block_style: Optional[str] = None,
     dtype: torch.dtype = torch.float32,
     expert_layout: str = "per_expert",
     eos_token_id: Optional[int] = None,
@@ -186,7 +175,6 @@ def export_to_hf(
     """Write ``model`` as a transformers checkpoint folder; returns the folder.
 
     Args:
-        block_style: 'reordered_norm' or 'pre_norm'; default from the model config (``block_style_of``).
         dtype: dtype of the saved weights (fp32 by default, our training dtype).
         expert_layout: 'per_expert' (``mlp.experts.<e>.{gate,up,down}_proj.weight``, the published OLMoE files;
             transformers 5 fuses them while loading) or 'fused' (``mlp.experts.gate_up_proj`` (E, 2F, D) and
@@ -199,15 +187,12 @@ def export_to_hf(
     from safetensors.torch import save_file
 
     cfg = model.cfg
-    block_style = block_style or block_style_of(cfg)
-    if block_style not in BLOCK_STYLES:
-        raise ExportError(f"block style {block_style!r} is not one of {BLOCK_STYLES}")
     if expert_layout not in EXPERT_LAYOUTS:
         raise ExportError(f"expert_layout {expert_layout!r} is not one of {EXPERT_LAYOUTS}")
-    key = (cfg.moe is not None, block_style)
+    key = (cfg.moe is not None, cfg.block)
     if key not in _NATIVE:
-        raise ExportError("a dense model with pre-norm blocks has no transformers class with OLMo's QK-norm; "
-                          "export it with reordered-norm blocks or with experts")
+        raise ExportError("model_config.block: a dense model with pre-norm blocks has no transformers class with "
+                          "OLMo's QK-norm; only reordered_norm dense models (Olmo2) and MoE models export")
     architecture, model_type = _NATIVE[key]
     remote = cfg.over_encoding is not None or is_joint(cfg)
     config = hf_config(cfg, model_type, architecture)
@@ -217,7 +202,7 @@ def export_to_hf(
         # transformers converts per-expert files into its fused parameters only for the model types it lists
         # (conversion_mapping.py: olmoe, flex_olmo), not for remote ones, which would load with random experts.
         expert_layout = "fused"
-    tensors = {k: v.to(dtype) for k, v in map_state_dict(model, block_style, expert_layout).items()}
+    tensors = {k: v.to(dtype) for k, v in map_state_dict(model, expert_layout).items()}
     config["dtype"] = str(dtype).removeprefix("torch.")
 
     out = Path(out_dir)

@@ -30,7 +30,7 @@ def assert_same_logits(checkpoint: Path, folder: Path, remote_code: bool) -> flo
     return delta
 
 
-@pytest.mark.parametrize("family, architecture", [("dense", "Olmo2ForCausalLM"), ("moe", "FlexOlmoForCausalLM")])
+@pytest.mark.parametrize("family, architecture", [("dense", "Olmo2ForCausalLM"), ("moe", "OlmoeForCausalLM")])
 def test_train_py_export_round_trip(family, architecture, trained_checkpoint, tmp_path, capsys):
     checkpoint = trained_checkpoint(family)
     cli_main(["export", "--checkpoint", str(checkpoint), "--out", str(tmp_path / "hf")])

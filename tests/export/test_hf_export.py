@@ -24,22 +24,7 @@ from lit_overtok.nn.transformer import Transformer
 TOLERANCE = 1e-5
 
 
-class PreNormBlock(nn.Module):
-    """OLMoE's block around one of ours (same submodules, same parameter names):
-    ``h = x + attn(attention_norm(x))``, ``out = h + ffn(feed_forward_norm(h))``. Stands in for the pre-norm block
-    of issue 11 item 7 (``ModelConfig.block = "pre_norm"``) until it lands; then build it from the config."""
-
-    def __init__(self, block: nn.Module) -> None:
-        super().__init__()
-        self.attention, self.attention_norm = block.attention, block.attention_norm
-        self.feed_forward, self.feed_forward_norm = block.feed_forward, block.feed_forward_norm
-
-    def forward(self, x_BTD, cos_TC, sin_TC, cache=None):
-        h_BTD = x_BTD + self.attention(self.attention_norm(x_BTD), cos_TC, sin_TC, cache)
-        return h_BTD + self.feed_forward(self.feed_forward_norm(h_BTD))
-
-
-def build(preset: str, vocab_size: int = 61, pre_norm: bool = False, **fields) -> Transformer:
+def build(preset: str, vocab_size: int = 61, **fields) -> Transformer:
     torch.manual_seed(0)
     fields.setdefault("vocab_pad_multiple", 8)  # 61 -> 64 rows: the export must drop the padding
     model = Transformer(ModelConfig(preset=preset, vocab_size=vocab_size, init_std=0.1, **fields))
@@ -50,34 +35,30 @@ def build(preset: str, vocab_size: int = 61, pre_norm: bool = False, **fields) -
                 param.copy_(1 + 0.2 * torch.randn(param.shape, generator=generator))
             elif name.endswith("bias"):
                 param.copy_(0.1 * torch.randn(param.shape, generator=generator))
-    if pre_norm:
-        for i, block in enumerate(model.blocks):
-            model.blocks[i] = PreNormBlock(block)
     return model.eval()
 
 
 OE = dict(over_encoding=OverEncodingConfig(m=97, n=3, k=2))
+# OLMo2's blocks around OLMoE's experts (the MoE presets are OLMoE's pre-norm blocks): FlexOlmo.
+FLEX = dict(block="reordered_norm", rope_theta=500_000.0, norm_eps=1e-6)
 CASES = {
     # name: (builder kwargs, export kwargs, transformers class)
     "dense": (dict(preset="tiny"), {}, "Olmo2ForCausalLM"),
     "dense_tied": (dict(preset="tiny", tie_embeddings=True), {}, "Olmo2ForCausalLM"),
     "dense_od_heads_dropped": (dict(preset="tiny", multi_token=MultiTokenConfig(mode="od", n=3)), {}, "Olmo2ForCausalLM"),
     "dense_mtp_ds_dropped": (dict(preset="tiny", multi_token=MultiTokenConfig(mode="mtp_ds", n=2)), {}, "Olmo2ForCausalLM"),
-    "moe_reordered_norm": (dict(preset="moe-tiny"), {}, "FlexOlmoForCausalLM"),
-    "moe_reordered_norm_fused": (dict(preset="moe-tiny"), dict(expert_layout="fused"), "FlexOlmoForCausalLM"),
+    "moe_reordered_norm": (dict(preset="moe-tiny", **FLEX), {}, "FlexOlmoForCausalLM"),
+    "moe_reordered_norm_fused": (dict(preset="moe-tiny", **FLEX), dict(expert_layout="fused"), "FlexOlmoForCausalLM"),
     # Renormalising the top-k scores scales a token's FFN output by one number, which a reordered (output) norm
     # removes; under pre-norm it matters, so that is where the mapping to norm_topk_prob is tested.
-    "moe_pre_norm_olmoe_renormalized": (dict(preset="moe-tiny", pre_norm=True, moe=dict(renormalize=True)),
-                                        dict(block_style="pre_norm"), "OlmoeForCausalLM"),
-    "moe_pre_norm_olmoe": (dict(preset="moe-tiny", pre_norm=True, norm_eps=1e-5, rope_theta=10_000.0),
-                           dict(block_style="pre_norm"), "OlmoeForCausalLM"),
+    "moe_pre_norm_olmoe_renormalized": (dict(preset="moe-tiny", moe=dict(renormalize=True)), {}, "OlmoeForCausalLM"),
+    "moe_pre_norm_olmoe": (dict(preset="moe-tiny"), {}, "OlmoeForCausalLM"),
     "oe_dense": (dict(preset="tiny", tie_embeddings=True, **OE), {}, "OverTokOlmo2ForCausalLM"),
-    "oe_moe_reordered_norm": (dict(preset="moe-tiny", over_encoding=OverEncodingConfig(m=101, n=5, k=1)), {},
+    "oe_moe_reordered_norm": (dict(preset="moe-tiny", **FLEX, over_encoding=OverEncodingConfig(m=101, n=5, k=1)), {},
                               "OverTokFlexOlmoForCausalLM"),
     "oe_moe_pre_norm_reset_at_eos": (
-        dict(preset="moe-tiny", pre_norm=True, norm_eps=1e-5, rope_theta=10_000.0,
-             over_encoding=OverEncodingConfig(m=97, n=3, k=2, reset_at_eos=True, eos_id=3)),
-        dict(block_style="pre_norm"), "OverTokOlmoeForCausalLM"),
+        dict(preset="moe-tiny", over_encoding=OverEncodingConfig(m=97, n=3, k=2, reset_at_eos=True, eos_id=3)),
+        {}, "OverTokOlmoeForCausalLM"),
     "joint_head": (dict(preset="tiny", vocab_size=7, vocab_pad_multiple=1, multi_token=MultiTokenConfig(mode="joint", n=2)),
                    {}, "OverTokOlmo2ForCausalLM"),
     "oe_exact_joint_head": (dict(preset="tiny", vocab_size=7, vocab_pad_multiple=1, multi_token=MultiTokenConfig(mode="joint", n=3),
@@ -159,9 +140,13 @@ def test_oe_beam_search_with_cache_equals_without(tmp_path):
 
 
 def test_the_parity_check_sees_the_block_type(tmp_path):
-    """Negative control: our reordered-norm MoE written as OLMoE (pre-norm) is far off, as issue 11 item 7 found."""
-    ours = build("moe-tiny")
-    theirs = load(export_to_hf(ours, tmp_path / "wrong", block_style="pre_norm"))
+    """Negative control: a reordered-norm MoE's weights written as OLMoE (pre-norm) are far off, as issue 11 item 7
+    found."""
+    ours = build("moe-tiny", **FLEX)
+    pre_norm_twin = Transformer(ModelConfig(preset="moe-tiny", vocab_size=61, vocab_pad_multiple=8, rope_theta=500_000.0,
+                                            norm_eps=1e-6))
+    pre_norm_twin.load_state_dict(ours.state_dict())
+    theirs = load(export_to_hf(pre_norm_twin, tmp_path / "wrong"))
     ids_BT = torch.randint(0, 61, (2, 16), generator=torch.Generator().manual_seed(5))
     with torch.no_grad():
         delta = (ours(ids_BT) - theirs(ids_BT).logits).abs().max().item()
@@ -202,8 +187,8 @@ def test_oe_hand_written_decoding_loop_reuses_the_returned_cache(tmp_path):
 
 
 def test_config_records_the_published_hyperparameters(tmp_path):
-    ours = build("moe-tiny", pre_norm=True, norm_eps=1e-5, rope_theta=10_000.0)
-    config = json.loads((export_to_hf(ours, tmp_path / "x", block_style="pre_norm", eos_token_id=4) / "config.json").read_text())
+    ours = build("moe-tiny")
+    config = json.loads((export_to_hf(ours, tmp_path / "x", eos_token_id=4) / "config.json").read_text())
     assert config["model_type"] == "olmoe" and config["rms_norm_eps"] == 1e-5
     assert config["rope_parameters"] == {"rope_type": "default", "rope_theta": 10_000.0}
     assert (config["num_experts"], config["num_experts_per_tok"], config["intermediate_size"]) == (4, 2, 16)
@@ -211,9 +196,9 @@ def test_config_records_the_published_hyperparameters(tmp_path):
 
 
 def test_unknown_tensors_and_unmappable_models_are_refused(tmp_path):
+    with pytest.raises(ExportError, match="model_config.block"):
+        export_to_hf(build("tiny", block="pre_norm"), tmp_path / "a")
     ours = build("tiny")
-    with pytest.raises(ExportError, match="pre-norm"):
-        export_to_hf(ours, tmp_path / "a", block_style="pre_norm")
     ours.blocks[0].extra_scale = nn.Parameter(torch.ones(1))
     with pytest.raises(ExportError, match="blocks.0.extra_scale"):
         export_to_hf(ours, tmp_path / "b")
