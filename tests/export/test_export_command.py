@@ -3,6 +3,7 @@ gives our next-token logits for a dense, an MoE and an Over-Encoding model, and 
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -14,8 +15,12 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from lit_overtok.checkpoints import load_transformer
 from lit_overtok.cli import main as cli_main
+from lit_overtok.evaluation.adapter import OverTokEvalLM
+from lit_overtok.evaluation.runner import TASK_ROOT, TaskSuite
+from lit_overtok.evaluation.tokenizers import GrammarTokenizer
 
 REPO = Path(__file__).resolve().parents[2]
+TASK, LIMIT = "cfg_next_token_validity", 16
 TOLERANCE = 1e-5  # the MoE residue is summation order (~1e-7); dense and OE are bit-identical
 
 
@@ -57,3 +62,25 @@ def test_export_of_a_missing_checkpoint_is_one_line(tmp_path, capsys):
         cli_main(["export", "--checkpoint", str(tmp_path / "none.ckpt"), "--out", str(tmp_path / "hf")])
     err = capsys.readouterr().err
     assert exit_info.value.code == 2 and len(err.strip().splitlines()) == 1 and "none.ckpt" in err
+
+
+def test_lm_eval_cli_scores_the_exported_folder_as_our_adapter_scores_the_checkpoint(trained_checkpoint, tmp_path):
+    """lm-eval's own CLI, unmodified (``python -m lm_eval --model hf``), on an exported Over-Encoding model (remote
+    code, the run's grammar tokenizer): the same scores as our adapter on the training checkpoint."""
+    checkpoint = trained_checkpoint("oe")
+    cli_main(["export", "--checkpoint", str(checkpoint), "--out", str(tmp_path / "hf")])
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}  # the task's !function imports lit_overtok
+    done = subprocess.run(
+        [sys.executable, "-m", "lm_eval", "--model", "hf", "--model_args",
+         f"pretrained={tmp_path / 'hf'},trust_remote_code=True,dtype=float32", "--tasks", TASK, "--include_path",
+         str(TASK_ROOT / "local"), "--limit", str(LIMIT), "--metadata", json.dumps({"cfg_num_docs": LIMIT}),
+         "--device", "cpu", "--batch_size", "8", "--output_path", str(tmp_path / "out")],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-4000:]
+    (results_file,) = (tmp_path / "out").glob("**/results_*.json")
+    theirs = json.loads(results_file.read_text())["results"][TASK]
+    model, _ = load_transformer(checkpoint)
+    ours = TaskSuite([TASK], cfg_num_docs=LIMIT).evaluate(OverTokEvalLM(model, GrammarTokenizer("cfg3f"), progress=False),
+                                                          limit=LIMIT)["results"][TASK]
+    assert theirs["acc,none"] == ours["acc,none"]
+    assert theirs["valid_mass,none"] == pytest.approx(ours["valid_mass,none"], abs=1e-6)
