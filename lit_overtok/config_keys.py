@@ -200,7 +200,8 @@ def field_help(cls: type, option: str) -> str:
     described = {p.arg_name: " ".join((p.description or "").split()) for p in doc.params}
     hints = typing.get_type_hints(cls)
     prefix = option[2:].rsplit(".", 1)[0]
-    lines = [f"{cls.__name__} ({prefix}): {doc.short_description or ''}".rstrip(), ""]
+    summary = " ".join((inspect.getdoc(cls) or "").split("\n\n")[0].split())  # the first paragraph, on one line
+    lines = [f"{cls.__name__} ({prefix}): {summary}".rstrip(), ""]
     for f in dataclasses.fields(cls):
         default = f.default if f.default is not dataclasses.MISSING else (
             f.default_factory() if f.default_factory is not dataclasses.MISSING else "required")

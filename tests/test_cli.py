@@ -65,6 +65,7 @@ def test_field_help_lists_every_model_config_field_with_its_documentation(capsys
     assert code == 0
     for field in ("preset", "d_model", "n_layer", "over_encoding", "moe", "multi_token", "tie_embeddings"):
         assert f"--model.init_args.model_config.{field}" in out
+    assert "(MoE) recipe, with pluggable input embedding and output heads." in out.splitlines()[0]  # the class's
     assert "Share the 1-gram input table with the output head." in out  # the field's docstring
     assert "cfg-small: n_layer=12" in out  # and the presets the null fields come from
     code, out, _ = run_cli(["fit", "--model.init_args.model_config.over_encoding.help"], capsys)
