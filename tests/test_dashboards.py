@@ -98,5 +98,8 @@ def test_the_progress_bar_counts_steps_with_a_total_across_a_resume(tmp_path, ca
     assert {total for _, total in bar.findall(first)} == {"3"} and ("3", "3") in bar.findall(first)
     assert {total for _, total in bar.findall(resumed)} == {"5"}
     assert {"3", "5"} <= {step for step, _ in bar.findall(resumed)}
+    # tqdm shows an ETA ([elapsed<remaining]) only for a bar with a total; before the first step it is '?'.
+    eta = re.compile(r"Training:\s+\d+%\|[^|]*\| 4/5 \[[\d:]+<([\d:]+),")
+    assert eta.search(resumed), resumed[-2000:]
     # In-training evaluation runs at the end of each fit without drawing lm-eval's own bars into ours.
     assert "Tokenizing inputs" not in first + resumed
