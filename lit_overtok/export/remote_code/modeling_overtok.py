@@ -102,8 +102,10 @@ class JointMarginalHead(nn.Linear):
 class _OverTokModelMixin:
     """The backbone's base model with the input embedding replaced by Over-Encoding (when configured)."""
 
-    def _add_over_encoding(self, config) -> None:
+    def __init__(self, config) -> None:
+        super().__init__(config)
         self.over_encoding = OverEncodingEmbedding(config.over_encoding, config.hidden_size) if config.over_encoding else None
+        self.post_init()
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, cache=None, inputs_embeds=None,
                 use_cache=None, history_ids=None, **kwargs):
@@ -146,9 +148,12 @@ class _OverTokModelMixin:
 class _OverTokCausalLMMixin:
     """Swaps in the Over-Encoding base model and the joint head; hands the whole sequence to each decoding step."""
 
-    def _build_overtok(self, config, base_model_class) -> None:
+    overtok_model_class: type  # the family's Over-Encoding base model
+
+    def __init__(self, config) -> None:
+        super().__init__(config)
         if config.over_encoding:
-            self.model = base_model_class(config)
+            self.model = self.overtok_model_class(config)
         if config.joint_head_n:
             self.lm_head = JointMarginalHead(config.hidden_size, config.vocab_size, config.joint_head_n)
         self.post_init()
@@ -163,49 +168,25 @@ class _OverTokCausalLMMixin:
 class OverTokOlmo2Model(_OverTokModelMixin, Olmo2Model):
     config_class = OverTokOlmo2Config
 
-    def __init__(self, config: OverTokOlmo2Config) -> None:
-        super().__init__(config)
-        self._add_over_encoding(config)
-        self.post_init()
-
 
 class OverTokOlmo2ForCausalLM(_OverTokCausalLMMixin, Olmo2ForCausalLM):
     config_class = OverTokOlmo2Config
-
-    def __init__(self, config: OverTokOlmo2Config) -> None:
-        super().__init__(config)
-        self._build_overtok(config, OverTokOlmo2Model)
+    overtok_model_class = OverTokOlmo2Model
 
 
 class OverTokFlexOlmoModel(_OverTokModelMixin, FlexOlmoModel):
     config_class = OverTokFlexOlmoConfig
 
-    def __init__(self, config: OverTokFlexOlmoConfig) -> None:
-        super().__init__(config)
-        self._add_over_encoding(config)
-        self.post_init()
-
 
 class OverTokFlexOlmoForCausalLM(_OverTokCausalLMMixin, FlexOlmoForCausalLM):
     config_class = OverTokFlexOlmoConfig
-
-    def __init__(self, config: OverTokFlexOlmoConfig) -> None:
-        super().__init__(config)
-        self._build_overtok(config, OverTokFlexOlmoModel)
+    overtok_model_class = OverTokFlexOlmoModel
 
 
 class OverTokOlmoeModel(_OverTokModelMixin, OlmoeModel):
     config_class = OverTokOlmoeConfig
 
-    def __init__(self, config: OverTokOlmoeConfig) -> None:
-        super().__init__(config)
-        self._add_over_encoding(config)
-        self.post_init()
-
 
 class OverTokOlmoeForCausalLM(_OverTokCausalLMMixin, OlmoeForCausalLM):
     config_class = OverTokOlmoeConfig
-
-    def __init__(self, config: OverTokOlmoeConfig) -> None:
-        super().__init__(config)
-        self._build_overtok(config, OverTokOlmoeModel)
+    overtok_model_class = OverTokOlmoeModel
