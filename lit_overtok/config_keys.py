@@ -161,7 +161,10 @@ def check_keys(args: list[str]) -> Optional[tuple[type, str]]:
     files: list[tuple[str, dict]] = []
     for i, arg in enumerate(args):
         if arg in ("-c", "--config") and i + 1 < len(args) or arg.startswith("--config="):
-            path = Path(arg.split("=", 1)[1] if "=" in arg else args[i + 1])
+            given = arg.split("=", 1)[1] if "=" in arg else args[i + 1]
+            path = Path(given)
+            if not path.is_file() and not any(mark in given for mark in ":{\n"):  # else inline YAML, jsonargparse's
+                raise FileNotFoundError(f"--config {given}: no such file (a YAML config, e.g. a run's config.yaml)")
             loaded = yaml.safe_load(path.read_text()) if path.is_file() else None
             files.append((str(path), loaded if isinstance(loaded, dict) else {}))
     roots = _class_choices(args, [config for _, config in files])

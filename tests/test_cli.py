@@ -45,6 +45,12 @@ def test_an_unknown_key_in_a_config_file_is_one_line_naming_the_file(tmp_path, c
     assert str(config) in err and "model.init_args.model_config.n_layr" in err and "'n_layer'" in err
 
 
+def test_a_missing_config_file_is_one_line_naming_it(tmp_path, capsys):
+    code, _, err = run_cli(["fit", "--config", str(tmp_path / "nope.yaml")], capsys)
+    assert code == 2 and err.strip().splitlines() == [f"error: --config {tmp_path / 'nope.yaml'}: no such file (a YAML "
+                                                      "config, e.g. a run's config.yaml)"]
+
+
 @pytest.mark.parametrize("args", [["fit", "--optimizer", "SGD"], ["fit", "--optimizer.class_path=torch.optim.SGD"],
                                   ["fit", "--lr_scheduler", "StepLR"]])
 def test_the_models_optimizer_cannot_be_replaced_from_the_command_line(args, capsys):
