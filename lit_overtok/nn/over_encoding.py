@@ -142,9 +142,10 @@ def ngram_table_indices(input_ids_BT: torch.Tensor, coef_IR: torch.Tensor, modul
         documents_BT = is_eos_BT.cumsum(1) - is_eos_BT  # EOS strictly before t: same value = same document
     index_BTI = torch.zeros(B, T, coef_IR.shape[0], dtype=torch.long, device=ids_BT.device)
     for r in range(coef_IR.shape[1]):
-        lagged_BT = F.pad(ids_BT[:, : T - r], (r, 0))  # x_{t-r}, 0 before the start
+        # x_{t-r}, 0 before the start. Pad first, then cut: ``ids[:, :T-r]`` would count from the end when r > T.
+        lagged_BT = F.pad(ids_BT, (r, 0))[:, :T]
         if eos_id is not None and r > 0:
-            same_document_BT = F.pad(documents_BT[:, : T - r], (r, 0)) == documents_BT
+            same_document_BT = F.pad(documents_BT, (r, 0))[:, :T] == documents_BT
             lagged_BT = lagged_BT * same_document_BT
         index_BTI = (index_BTI + lagged_BT[..., None] * coef_IR[:, r]) % moduli_I
     return index_BTI
