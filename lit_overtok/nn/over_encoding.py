@@ -19,7 +19,8 @@ How it is made fast (same result, see the parity tests):
 
 Options beyond the paper: ``reset_at_eos`` (the paper is silent on packed documents, so off by default) zeroes the
 n-gram history that reaches back across an EOS, as at a sequence start; ``sparse`` produces sparse row gradients
-for the tables, which ``lit_overtok.optim.sparse_adamw.RowSparseAdamW`` updates lazily (see there for the semantics).
+for the tables, which ``lit_overtok.optim.sparse_adamw.RowSparseAdamW`` updates at the touched rows only, catching a
+row up on the steps it missed when it is next read (AdamW's semantics; see there).
 """
 
 from __future__ import annotations
@@ -51,8 +52,9 @@ class OverEncodingConfig:
     eos_id: Optional[int] = None
     """The document separator, required with reset_at_eos."""
     sparse: bool = False
-    """Sparse row gradients for the tables and a lazy (touched-rows-only) AdamW for them; per-step cost then does
-    not grow with m. Dense gradients and plain AdamW (the paper's presumed setup) when False."""
+    """Sparse row gradients for the tables and a touched-rows-only AdamW for them, so per-step cost does not grow
+    with m; it trains like dense AdamW (``optimizer.sparse_row_semantics``). Dense gradients and plain AdamW (the
+    paper's presumed setup) when False."""
 
     @property
     def n_tables(self) -> int:
@@ -142,9 +144,10 @@ def ngram_table_indices(input_ids_BT: torch.Tensor, coef_IR: torch.Tensor, modul
         documents_BT = is_eos_BT.cumsum(1) - is_eos_BT  # EOS strictly before t: same value = same document
     index_BTI = torch.zeros(B, T, coef_IR.shape[0], dtype=torch.long, device=ids_BT.device)
     for r in range(coef_IR.shape[1]):
-        lagged_BT = F.pad(ids_BT[:, : T - r], (r, 0))  # x_{t-r}, 0 before the start
+        # x_{t-r}, 0 before the start. Pad first, then cut: ``ids[:, :T-r]`` would count from the end when r > T.
+        lagged_BT = F.pad(ids_BT, (r, 0))[:, :T]
         if eos_id is not None and r > 0:
-            same_document_BT = F.pad(documents_BT[:, : T - r], (r, 0)) == documents_BT
+            same_document_BT = F.pad(documents_BT, (r, 0))[:, :T] == documents_BT
             lagged_BT = lagged_BT * same_document_BT
         index_BTI = (index_BTI + lagged_BT[..., None] * coef_IR[:, r]) % moduli_I
     return index_BTI
@@ -188,6 +191,7 @@ class OverEncoding(nn.Module):
         if self.training:
             with torch.no_grad():
                 self.rows_touched[rows_BTI.flatten()] = True
+        # A module call, not F.embedding: the sparse optimizer's forward pre-hook catches up exactly these rows.
         slices_BTIW = self.tables(rows_BTI)
         oe_BTD = self.proj(slices_BTIW.flatten(2))
         # Algorithm 1 averages the 1 + k(n-1) contributions.
