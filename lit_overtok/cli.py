@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import re
 import sys
+import time
 from pathlib import Path
 from typing import Optional
 
@@ -22,6 +23,7 @@ from lit_overtok.callbacks import TokenThroughputMonitor
 from lit_overtok.data.cfg_datamodule import CFGDataModule
 from lit_overtok.evaluation.callback import LMEvalCallback
 from lit_overtok.lightning_module import OverTokLM
+from lit_overtok.run_summary import run_summary
 
 DEFAULT_TRAINER = {
     "max_steps": 300,
@@ -59,6 +61,16 @@ class OverTokCLI(LightningCLI):
             default_eval = LMEvalCallback.for_grammar_run(self.datamodule)
             callbacks += [default_eval] if default_eval is not None else []
         return super()._instantiate_trainer(config, callbacks)
+
+    def before_fit(self) -> None:
+        self._fit_started = time.perf_counter()
+
+    def after_fit(self) -> None:
+        # What happened and what to try next, on rank 0 (``run_summary``).
+        if self.trainer.is_global_zero:
+            log_dir = self.trainer.log_dir
+            config = str(Path(log_dir) / "config.yaml") if log_dir is not None else None
+            print(run_summary(self.trainer, time.perf_counter() - self._fit_started, config), flush=True)
 
 
 def _root_cause(error: BaseException) -> BaseException:

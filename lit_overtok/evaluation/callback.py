@@ -73,6 +73,13 @@ class LMEvalCallback(Callback):
         self.suite: Optional[TaskSuite] = None
         self.tokenizer: Optional[EvalTokenizer] = None
         self._last_step = -1
+        self.last_metrics: dict[str, float] = {}
+        """Rank 0: what the latest evaluation logged (the end-of-run summary prints it)."""
+
+    @property
+    def last_step(self) -> int:
+        """Optimizer step of the latest evaluation (-1 before the first)."""
+        return self._last_step
 
     @classmethod
     def for_grammar_run(cls, datamodule: object) -> Optional["LMEvalCallback"]:
@@ -148,5 +155,6 @@ class LMEvalCallback(Callback):
         metrics["eval/wall_time_s"] = time.perf_counter() - start
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=trainer.global_step)
+        self.last_metrics = metrics
         rank_zero_info(f"step {trainer.global_step}: " + ", ".join(f"{k}={v:.4f}" for k, v in sorted(metrics.items())))
         return metrics
