@@ -1,7 +1,8 @@
 """The LightningCLI used by ``train.py``: subclass mode for model and data, the vocabulary linked from the data.
 
 With no arguments, ``fit`` runs the embedded default (DEFAULT_TRAINER plus the defaults of ``OverTokLM`` and
-``CFGDataModule``): a small model on the cfg3f grammar that finishes in a few minutes on 2 CPU cores.
+``CFGDataModule``): a small model on the cfg3f grammar that finishes within 5 minutes on 2 idle CPU cores, then
+prints what happened and what to try next (``run_summary``).
 """
 
 from __future__ import annotations
@@ -25,9 +26,10 @@ from lit_overtok.evaluation.callback import LMEvalCallback
 from lit_overtok.lightning_module import OverTokLM
 from lit_overtok.run_summary import run_summary
 
+# The default run ends within 5 minutes on an idle 2-core CPU, evaluations included (BENCHMARKS.md: the default run).
 DEFAULT_TRAINER = {
-    "max_steps": 300,
-    "val_check_interval": 100,
+    "max_steps": 250,
+    "val_check_interval": 50,
     "check_val_every_n_epoch": None,
     "limit_val_batches": 4,
     "log_every_n_steps": 10,

@@ -130,6 +130,7 @@ def test_cli_smoke_run_writes_tensorboard_config_and_checkpoint(tmp_path, capsys
         assert f"{tag} {events.Scalars(tag)[-1].value:.3f}" in summary, tag
     assert f"a uniform guess over 7 tokens scores {math.log(7):.3f}" in summary
     checkpoint = run / "checkpoints" / "last.ckpt"
+    assert torch.load(checkpoint, weights_only=False)["global_step"] == 4  # the last step, not the last interval
     for line in (f"tensorboard --logdir {root}   (this run: {run})", f"Config:      {run / 'config.yaml'}",
                  f"Checkpoint:  {checkpoint}", f"evaluate.py --checkpoint {checkpoint} --tasks grammar",
                  f"--model.init_args.model_config.over_encoding.m 343 --trainer.default_root_dir {root}_oe",
