@@ -251,21 +251,25 @@ def test_fixed_set_of_twenty_million_sentences_holds_only_an_epoch_order():
 
 
 # ------------------------------------------------------------------------------------------------- resume
-def test_a_new_iterator_continues_after_the_consumed_batches():
+@pytest.mark.parametrize("train_sentences", [None, 6], ids=["fresh", "fixed"])
+def test_the_same_loader_and_a_module_loaded_from_its_state_continue_after_the_consumed_batches(train_sentences):
+    # What an epoch boundary (the loader iterated again) and a resume (a new module from the state) must both do.
     def datamodule():
-        dm = CFGDataModule(seq_len=40, batch_size=2, train_sentences=6)
+        dm = CFGDataModule(seq_len=40, batch_size=2, train_sentences=train_sentences, num_workers=2)
         dm.trainer = SimpleNamespace(global_rank=0, world_size=1, training=True)
         dm.setup("fit")
         return dm
 
-    reference = [b["input_ids"] for b in take(datamodule().train_dataloader(), 8)]
-    dm = datamodule()
-    loader = dm.train_dataloader()
-    for batch in take(loader, 5):
-        dm.on_before_batch_transfer(batch, 0)  # the training loop takes these five
+    expected = [b["input_ids"] for b in take(datamodule().train_dataloader(), 8)][5:]
+    first = datamodule()
+    loader = first.train_dataloader()
+    for batch in take(loader, 5):  # the training loop takes five batches (the workers may prefetch more)
+        first.on_before_batch_transfer(batch, 0)
         assert STATE_KEY not in batch
-    again = [b["input_ids"] for b in take(loader, 3)]
-    assert all(torch.equal(a, b) for a, b in zip(again, reference[5:]))
+    resumed = datamodule()
+    resumed.load_state_dict(first.state_dict())
+    for batches in (take(loader, 3), take(resumed.train_dataloader(), 3)):
+        assert all(torch.equal(a["input_ids"], b) for a, b in zip(batches, expected))
 
 
 class BatchRecorder(pl.Callback):
