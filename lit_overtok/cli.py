@@ -1,9 +1,10 @@
 """The training command line: ``train.py fit | validate | test`` (LightningCLI) and ``generate | export | strip``.
 
 With no arguments, ``fit`` runs the embedded default (DEFAULT_TRAINER plus the defaults of ``OverTokLM`` and
-``CFGDataModule``): a small model on the cfg3f grammar that finishes in a few minutes on 2 CPU cores. Model and data
-are in subclass mode (``class_path`` / ``init_args``) and the vocabulary is linked from the data. Keys are checked
-before jsonargparse sees them (``config_keys``), so a wrong one is one line naming the nearest valid name.
+``CFGDataModule``): a small model on the cfg3f grammar that finishes within 5 minutes on 2 idle CPU cores, then
+prints what happened and what to try next (``run_summary``). Model and data are in subclass mode (``class_path`` /
+``init_args``) and the vocabulary is linked from the data. Keys are checked before jsonargparse sees them
+(``config_keys``), so a wrong one is one line naming the nearest valid name.
 """
 
 from __future__ import annotations
@@ -11,6 +12,8 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import time
+from pathlib import Path
 from typing import Optional
 
 import yaml
@@ -28,11 +31,13 @@ from lit_overtok.evaluation.callback import LMEvalCallback
 from lit_overtok.export import command as export_command
 from lit_overtok.global_batch import GlobalBatch, apply_global_batch
 from lit_overtok.lightning_module import OverTokLM
+from lit_overtok.run_summary import run_summary
 from lit_overtok.script_errors import exit_on_user_error, one_line, USER_ERRORS
 
+# The default run ends within 5 minutes on an idle 2-core CPU, evaluations included (BENCHMARKS.md: the default run).
 DEFAULT_TRAINER = {
-    "max_steps": 300,
-    "val_check_interval": 100,
+    "max_steps": 250,
+    "val_check_interval": 50,
     "check_val_every_n_epoch": None,
     "limit_val_batches": 4,
     "log_every_n_steps": 10,
@@ -103,6 +108,16 @@ class OverTokCLI(LightningCLI):
         if global_batch is not None:
             apply_global_batch(trainer, self.datamodule, global_batch, config.get("accumulate_grad_batches", 1))
         return trainer
+
+    def before_fit(self) -> None:
+        self._fit_started = time.perf_counter()
+
+    def after_fit(self) -> None:
+        # What happened and what to try next, on rank 0 (``run_summary``).
+        if self.trainer.is_global_zero:
+            log_dir = self.trainer.log_dir
+            config = str(Path(log_dir) / "config.yaml") if log_dir is not None else None
+            print(run_summary(self.trainer, time.perf_counter() - self._fit_started, config), flush=True)
 
 
 def _root_cause(error: BaseException) -> BaseException:

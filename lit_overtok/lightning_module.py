@@ -6,7 +6,7 @@ validation and evaluation after that many steps; ``train/tokens_seen`` gives the
 ``train/lr``, ``train/tokens_seen``, ``train/grad_norm`` (+ ``/<part>``, ``optim.gradients``), what modules publish
 through ``nn.hooks`` (``train/oe/*``, ``train/moe/*``), ``val/loss``, ``val/ppl`` (+ ``val/loss_by_tokens``) and
 ``test/loss``, ``test/ppl``. Benchmark and grammar scores (``eval/*``) come from ``evaluation.callback.LMEvalCallback``,
-speed and memory from ``callbacks.TokenThroughputMonitor``, the HPARAMS tab and parameter counts from ``run_summary``.
+speed and memory from ``callbacks.TokenThroughputMonitor``, the HPARAMS tab and parameter counts from ``hparams_tab``.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from lit_overtok.nn.transformer import Transformer
 from lit_overtok.optim.build import build_optimizer
 from lit_overtok.optim.config import OptimizerConfig
 from lit_overtok.optim.gradients import gradient_norms
-from lit_overtok.run_summary import log_run_summary
+from lit_overtok.hparams_tab import log_hparams_tab
 
 
 class OverTokLM(pl.LightningModule):
@@ -99,7 +99,7 @@ class OverTokLM(pl.LightningModule):
         # Parameter counts, once per fit, into the hyperparameters (HPARAMS tab, hparams.yaml) and a text table:
         # ``non_embedding`` is the backbone, and modules that publish ``parameter_metrics`` (Over-Encoding) add theirs.
         counts = {**self.transformer.parameter_counts().as_dict(), **hooks.parameter_metrics(self.transformer)}
-        log_run_summary(self.loggers, dict(self.hparams), counts, self.global_step)
+        log_hparams_tab(self.loggers, dict(self.hparams), counts, self.global_step)
 
     def on_before_optimizer_step(self, optimizer) -> None:
         # Before clipping: the norm that clipping acts on (the sparse path clips inside its optimizer, later).
@@ -124,6 +124,13 @@ class OverTokLM(pl.LightningModule):
         if T not in self._flops_per_token:
             self._flops_per_token[T] = flops_per_token(self.model_config, T)
         self.flops_per_batch = int(self._flops_per_token[T] * B * T)
+
+    def on_train_end(self) -> None:
+        # The sparse tables' AdamW catches rows up when they are read or saved; bring every row current, so that
+        # weights read after fit (exports walking parameters, copies) are what dense AdamW holds.
+        flush = getattr(self.optimizers(use_pl_optimizer=False), "flush", None)
+        if flush is not None:
+            flush()
 
     def configure_optimizers(self):
         total_steps = self.trainer.max_steps if self.trainer.max_steps > 0 else int(self.trainer.estimated_stepping_batches)
