@@ -340,8 +340,11 @@ def run_processes(points: list[Point], jobs: int) -> list[dict[str, Any]]:
 
 def run_submitit(points: list[Point], args: argparse.Namespace, output: Path) -> list[dict[str, Any]]:
     """The same points as one submitit job array (SLURM, or submitit's local executor)."""
-    import cloudpickle
-    import submitit
+    try:
+        import cloudpickle
+        import submitit
+    except ImportError:
+        raise SystemExit("error: --executor slurm/local needs submitit: pip install 'lit_overtok[cluster]'") from None
 
     if __name__ != "__main__":  # ship run_point by value: the job need not import this file from the checkout
         cloudpickle.register_pickle_by_value(sys.modules[__name__])

@@ -14,8 +14,9 @@ import pytest
 import torch
 import yaml
 
-from evaluation import speedup, sweep
-from tests.sweep_grids import TINY_ARMS, write_grid
+from evaluation import report, speedup, sweep
+from lit_overtok.cli import main as cli_main
+from tests.sweep_grids import REPOSITORY, TINY_ARMS, write_grid
 
 BAD_ARM = {"overrides": {"trainer.max_stepz": 5}}
 
@@ -153,3 +154,16 @@ def test_bad_grid_files_get_one_line_naming_the_field(tmp_path, capsys, change, 
     assert sweep.main([str(path)]) == 2
     error = capsys.readouterr().err
     assert error.startswith(f"error: {path}: ") and message in error and error.count("\n") == 1
+
+
+@pytest.mark.parametrize("path", sorted((REPOSITORY / "configs" / "sweeps").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_grid_loads_and_each_arm_parses_through_the_cli(path, monkeypatch, capsys):
+    monkeypatch.chdir(REPOSITORY)  # grid paths are relative to the checkout, as its commands run there
+    grid = sweep.load_grid(path)
+    assert set(grid.report) <= report.REPORT_KEYS
+    first_of_each_arm = {p.arm: p for p in reversed(sweep.grid_points(grid, threads=1))}
+    for point in first_of_each_arm.values():
+        with pytest.raises(SystemExit) as exit_info:
+            cli_main([*point.args, "--print_config"])
+        assert exit_info.value.code in (0, None), f"{path}: arm {point.arm} does not parse"
+        assert f"seed_everything: {point.seed}\n" in capsys.readouterr().out
