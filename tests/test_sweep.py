@@ -3,6 +3,7 @@ a failing point reported while the others finish."""
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import subprocess
@@ -129,6 +130,17 @@ def test_runs_get_their_thread_pools_pinned(tmp_path):
     assert sweep.parse_args([str(tmp_path / "grid.yaml"), "--jobs", "2"]).threads_per_job == max(1, os.cpu_count() // 2)
     assert "--model.init_args.model_config.over_encoding={\"m\": 343, \"n\": 3, \"k\": 1}" in points[1].args
     assert points[2].args[-2:] == ["--seed_everything=3", f"--trainer.default_root_dir={tmp_path / 'out' / 'base' / 'seed3'}"]
+
+
+def test_a_point_another_sweep_is_running_is_not_started_twice(tmp_path):
+    grid = sweep.load_grid(write_grid(tmp_path / "grid.yaml", TINY_ARMS, tmp_path / "out"))
+    point = sweep.grid_points(grid, threads=1)[0]
+    point.path.mkdir(parents=True)
+    with open(point.path / ".lock", "w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        result = sweep.run_point(point)
+    assert result["status"] == "failed" and "is being run by another process" in result["error"]
+    assert not (point.path / "point.json").exists() and not (point.path / "train.log").exists()
 
 
 def test_dry_run_lists_the_commands_and_runs_nothing(tmp_path, capsys):
