@@ -175,11 +175,13 @@ def speedups(baseline: list[Run], treatment: list[Run]) -> list[dict[str, Any]]:
             continue
         for metric in speedup.default_metrics(base.scalars, treat.scalars):
             weight = LOSS_EMA if speedup.is_loss(metric) else EVAL_EMA
-            result, _, _ = speedup.measure(metric, speedup.token_curve(base.scalars, metric, str(base.folder)),
-                                           speedup.token_curve(treat.scalars, metric, str(treat.folder)), weight)
+            result, smoothed_base, _ = speedup.measure(metric, speedup.token_curve(base.scalars, metric, str(base.folder)),
+                                                       speedup.token_curve(treat.scalars, metric, str(treat.folder)), weight)
             rows.append({"arm": treat.arm, "seed": treat.seed, "metric": metric, "target": result.target,
                          "baseline_tokens": result.baseline_tokens, "treatment_tokens": result.treatment_tokens,
-                         "ratio": result.ratio})
+                         "ratio": result.ratio,
+                         # e.g. a single evaluation: the baseline "reaches" its target at once (speedup.py warns too)
+                         "uninformative": result.baseline_tokens == float(smoothed_base.tokens[0])})
     return rows
 
 
@@ -288,7 +290,8 @@ def markdown(report: dict[str, Any]) -> str:
         fit = law[metric]
         lines.append(f"- {metric}: " + ("fewer than two input vocabularies among the arms; no fit" if fit is None else
                      f"L = {fit['intercept']:.4f} {fit['slope']:+.4f} · log10(V + m), R² = {fit['r2']:.3f} over "
-                     f"{fit['points']} arms (paper, OLMoE-1.3B: {PAPER_LAW_SLOPE} per decade)"))
+                     f"{fit['points']} arms{' (two points: R² is 1 by construction)' * (fit['points'] == 2)} "
+                     f"(paper, OLMoE-1.3B: {PAPER_LAW_SLOPE} per decade)"))
     lines += ["", "![vocabulary law](vocab_law.png)", "", "## Convergence speedup over the baseline", "",
               "By `evaluation/speedup.py`'s definition (its docstring), seed by seed against the baseline's run of "
               "the same seed; per-seed targets and tokens are in report.json.", "", "| arm | metric | per seed | mean over the seeds that reach it |",
@@ -297,10 +300,14 @@ def markdown(report: dict[str, Any]) -> str:
     for row in report["speedups"]:
         groups.setdefault((row["arm"], row["metric"]), []).append(row)
     for (arm, metric), rows in groups.items():
-        per_seed = ", ".join(f"{r['seed']}: " + ("not reached" if r["ratio"] is None else f"{r['ratio']:.2f}x") for r in rows)
+        per_seed = ", ".join(f"{r['seed']}: " + ("not reached" if r["ratio"] is None else f"{r['ratio']:.2f}x")
+                             + (" †" if r["uninformative"] else "") for r in rows)
         reached = [r["ratio"] for r in rows if r["ratio"] is not None]
         mean = f"{np.mean(reached):.2f}x ({len(reached)} of {len(rows)})" if reached else "not reached"
         lines.append(f"| {arm} | {metric} | {per_seed} | {mean} |")
+    if any(r["uninformative"] for r in report["speedups"]):
+        lines += ["", "† the baseline's smoothed curve starts at or beyond its final value (e.g. a single evaluation), "
+                  "so reaching it says nothing about speed."]
     evaluation = report.get("evaluation")
     lines += ["", "## Benchmarks of the final checkpoints", ""]
     if evaluation is None:

@@ -97,7 +97,7 @@ def test_known_law_spread_speedups_and_cpu_hours_of_a_synthetic_sweep(synthetic_
     text = (tmp_path / "report" / "report.md").read_text()
     assert "L = 3.0000 -0.0500 · log10(V + m), R² = 1.000 over 4 arms" in text
     assert "| base | 1000 | 200k | " in text and "2.8500 ± 0.0100 (2 seeds)" in text
-    assert "| oe_c | train/loss_next1 | 1: 2.00x, 2: 2.00x | 2.00x (2 of 2) |" in text
+    assert "| oe_c | train/loss_next1 | 1: 2.00x, 2: 2.00x | 2.00x (2 of 2) |" in text and "†" not in text
     for figure in ("loss_curves.png", "vocab_law.png"):
         assert (tmp_path / "report" / figure).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert json.loads((tmp_path / "report" / "report.json").read_text())["law"]["val/loss"]["slope"] == pytest.approx(-0.05)
@@ -152,4 +152,9 @@ def test_the_report_of_a_real_sweep_matches_its_event_files_and_scores_its_check
     [written] = (tmp_path / "report" / "eval").glob("base*.json")
     scores = json.loads(written.read_text())["results"]["cfg_next_token_validity"]
     assert evaluation["per_point"][0]["scores"]["cfg_next_token_validity"]["acc"] == scores["acc,none"]
-    assert "| base | 1 | 5 | acc " in (tmp_path / "report" / "report.md").read_text()
+    text = (tmp_path / "report" / "report.md").read_text()
+    assert "| base | 1 | 5 | acc " in text
+    # The in-training evaluation ran once, at the end: its "speedup" is flagged as saying nothing.
+    flagged = [r for r in result["speedups"] if r["metric"].startswith("eval/")]
+    assert flagged and all(r["uninformative"] for r in flagged) and "† the baseline's smoothed curve" in text
+    assert not any(r["uninformative"] for r in result["speedups"] if r["metric"] == "train/loss_next1")
