@@ -8,7 +8,8 @@ import yaml
 
 from lit_overtok.cli import main as cli_main
 
-CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").rglob("*.yaml"))
+# configs/sweeps/ holds grid files of evaluation/sweep.py, checked in tests/test_sweep.py.
+CONFIGS = sorted(p for p in (Path(__file__).resolve().parents[1] / "configs").rglob("*.yaml") if p.parent.name != "sweeps")
 
 
 def test_every_config_family_is_present():
@@ -60,7 +61,7 @@ def test_every_arm_of_figure_2_is_its_sizes_baseline_on_the_papers_fixed_data_bu
     optimizer = base["model"]["init_args"]["optimizer"]
     assert (optimizer["lr"], optimizer["betas"], optimizer["weight_decay"]) == (3.0e-4, [0.9, 0.98], 0.1)
     trainer = base["trainer"]
-    tokens_per_step = trainer["accumulate_grad_batches"] * data["batch_size"] * data["seq_len"]
+    tokens_per_step = base["global_batch"]["sequences"] * data["seq_len"]
     assert tokens_per_step == 512 * 512
     rng, grammar = random.Random(0), Grammar.load("cfg3f")
     mean_document = sum(len(grammar.sample(rng)) + 2 for _ in range(4000)) / 4000  # BOS s EOS
@@ -76,6 +77,7 @@ def test_every_arm_of_figure_2_is_its_sizes_baseline_on_the_papers_fixed_data_bu
         config = load(f"cfg3f_{size}_{arm}.yaml")
         assert config["data"] == base["data"], arm
         assert config["seed_everything"] == base["seed_everything"]
+        assert config["global_batch"] == base["global_batch"], arm
         assert {**config["trainer"], "default_root_dir": None} == {**trainer, "default_root_dir": None}, arm
         assert config["trainer"]["default_root_dir"] == f"runs/cfg3f_{size}_{arm}"
         assert config["model"]["init_args"]["optimizer"] == optimizer, arm
