@@ -9,6 +9,7 @@ FLOP/s over the measured peak of the dtype the run used.
     python benchmarks/throughput.py [--quick] [--precision 32-true|bf16-mixed] [--threads N]
         [--fused-loss] [--activation-checkpointing]   # options of every timed run
         [--compile]        # also time the same model with per-block torch.compile: mfu_compiled, compile_speedup
+        [--profile]        # one eager fp32 step's profiler op table on stderr: where the time goes
         [--memory]         # peak memory of one training step (V 100,278, seq 2048, 2 layers, d_model 256, batch 2),
                            # plain vs fused loss: peak_memory_ratio_fused (only this case with --memory-only)
 
@@ -24,6 +25,7 @@ import argparse
 import json
 import os
 import statistics
+import sys
 import tempfile
 import time
 import warnings
@@ -112,6 +114,21 @@ def peak_step_memory(cfg: ModelConfig, batch_size: int, seq_len: int) -> float:
     return max(sum(sizes) for sizes in sizes_by_category)
 
 
+def profile_table(cfg: ModelConfig, batch_size: int, seq_len: int, rows: int = 15) -> str:
+    """Where one eager training step's time goes: the profiler's op table by self CPU time (after a warm-up step)."""
+    torch.manual_seed(0)
+    model = Transformer(cfg)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-4)
+    ids_BT = torch.randint(0, cfg.vocab_size, (batch_size, seq_len + 1))
+    for profiled in (False, True):
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], enabled=profiled) as prof:
+            model.loss(ids_BT[:, :-1], ids_BT[:, 1:])[0].backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+    return prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows)
+
+
 def memory_case() -> dict:
     case = MEMORY_CASE
     cfg = ModelConfig(preset=None, vocab_size=case["vocab_size"], n_layer=case["n_layer"], d_model=case["d_model"],
@@ -140,6 +157,7 @@ def main() -> None:
     parser.add_argument("--compile", action="store_true", help="also time per-block torch.compile: mfu_compiled")
     parser.add_argument("--memory", action="store_true", help="also the large-vocabulary peak memory case")
     parser.add_argument("--memory-only", action="store_true", help="only the large-vocabulary peak memory case")
+    parser.add_argument("--profile", action="store_true", help="print one eager step's op table (stderr)")
     args = parser.parse_args()
     if args.threads is not None:
         torch.set_num_threads(args.threads)
@@ -174,6 +192,8 @@ def main() -> None:
         "matmul_peak_bf16_flops_per_s": peaks["bf16"],
         "mfu": round(flops_per_step / step_time / peak, 4),
     })
+    if args.profile:
+        print(profile_table(cfg, args.batch_size, args.seq_len), file=sys.stderr)
     if args.compile:
         # One more warm-up step: the first steps also compile (forward and backward graphs).
         compiled_time = timed_training(cfg.replace(compile_blocks=True), args, steps + 1, warmup + 1)
