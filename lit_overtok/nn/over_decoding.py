@@ -45,11 +45,14 @@ class FutureTokenHead(nn.Module):
                                    loss_chunk_logits=loss_chunk_logits)
 
     def forward(self, hidden_BTD: torch.Tensor) -> torch.Tensor:
-        return self.table(hidden_BTD if self.down is None else self.down(hidden_BTD))
+        return self.table(self.table_input(hidden_BTD))
+
+    def table_input(self, hidden_BTD: torch.Tensor) -> torch.Tensor:
+        return hidden_BTD if self.down is None else self.down(hidden_BTD)
 
     def token_nll(self, hidden_BTD: torch.Tensor, target_BT: torch.Tensor) -> torch.Tensor:
         """CE_j at every position (B, T); the low-rank projection runs on all positions, the table by chunks."""
-        return self.table.token_nll(hidden_BTD if self.down is None else self.down(hidden_BTD), target_BT)
+        return self.table.token_nll(self.table_input(hidden_BTD), target_BT)
 
 
 class OverDecodingHeads(nn.Module):
