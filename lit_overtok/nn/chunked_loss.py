@@ -4,8 +4,9 @@ The plain path materialises fp32 logits of batch × seq × vocab for every head,
 for backward: at OLMo2's vocabulary (100,278), seq 4096 and 8 sequences that is 13 GB per head. Here each chunk of
 positions runs ``head -> per-position NLL`` under ``torch.utils.checkpoint``: the forward keeps only the chunk's
 hidden states and its NLL (one float per position), and backward recomputes one chunk's logits at a time, so the
-peak holds one chunk's logits instead of the whole batch's (OLMo-core and Liger fuse the same way; a chunk costs the
-projection twice, as any fused cross-entropy does). The heads use it when ``ModelConfig.loss_chunk_logits`` is set.
+peak holds one chunk's logits instead of the whole batch's: the memory effect of Liger's and OLMo-core's fused
+linear cross-entropy, which compute each chunk's gradient in the forward instead; here a chunk's projection runs
+twice, forward and backward. The heads use it when ``ModelConfig.loss_chunk_logits`` is set.
 
 Equal to the plain path up to float summation order (the mean is a sum over chunks; the weight gradient accumulates
 chunk by chunk), not bit for bit: hence an option, off by default.
