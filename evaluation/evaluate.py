@@ -28,9 +28,11 @@ from typing import Any, Optional
 import torch
 from tqdm import tqdm
 
+from lit_overtok.checkpoints import read_checkpoint, tokenizer_spec as checkpoint_tokenizer
 from lit_overtok.evaluation.runner import downstream_score, PRIMARY_METRICS, task_scores, TaskSuite
 from lit_overtok.evaluation.tokenizers import load_tokenizer
 from lit_overtok.lightning_module import OverTokLM
+from lit_overtok.script_errors import exit_on_user_error
 from lit_overtok.evaluation.adapter import OverTokEvalLM
 
 
@@ -72,9 +74,7 @@ def find_checkpoints(patterns: list[str]) -> list[Path]:
 
 def load_checkpoint(path: Path, device: str) -> tuple[OverTokLM, dict[str, Any]]:
     """The LightningModule and the checkpoint's metadata (step, tokens, the data module's hyperparameters)."""
-    checkpoint = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
-    if "hyper_parameters" not in checkpoint or "state_dict" not in checkpoint:
-        raise ValueError(f"{path} is not a lit_overtok Lightning checkpoint (no hyper_parameters/state_dict)")
+    checkpoint = read_checkpoint(path)  # training or inference (train.py strip) checkpoints alike
     module = OverTokLM(**checkpoint["hyper_parameters"])
     module.load_state_dict(checkpoint["state_dict"])
     module.on_load_checkpoint(checkpoint)
@@ -87,12 +87,9 @@ def load_checkpoint(path: Path, device: str) -> tuple[OverTokLM, dict[str, Any]]
 
 
 def tokenizer_spec(args: argparse.Namespace, data_hparams: dict[str, Any], path: Path) -> str:
-    if args.tokenizer is not None:
-        return args.tokenizer
-    if data_hparams.get("grammar"):
-        return f"grammar:{data_hparams['grammar']}"
-    if data_hparams.get("tokenizer"):
-        return str(data_hparams["tokenizer"])
+    spec = args.tokenizer or checkpoint_tokenizer(data_hparams)
+    if spec is not None:
+        return spec
     raise ValueError(f"{path}: the checkpoint names no tokenizer; pass --tokenizer (a tokenizers JSON or grammar:<name>)")
 
 
@@ -171,4 +168,4 @@ def main(argv: Optional[list[str]] = None) -> list[dict[str, Any]]:
 
 
 if __name__ == "__main__":
-    main()
+    exit_on_user_error(main)

@@ -77,10 +77,13 @@ def read_documents(path: Path, fmt: str, text_field: str, text_unit: str,
         documents = _parquet_documents(path, text_field, progress)
     else:
         documents = _stream_documents(path, fmt, text_field, text_unit, progress)
-    for document in documents:
-        if document:
-            count += 1
-            yield document
+    try:
+        for document in documents:
+            if document:
+                count += 1
+                yield document
+    except (OSError, EOFError, UnicodeDecodeError, lzma.LZMAError, zstandard.ZstdError) as error:
+        raise PrepareError(f"input {path} cannot be read as {fmt} ({type(error).__name__}: {error})") from None
     if count == 0:
         raise PrepareError(f"input {path} contains no documents (it is empty or every document is empty)")
 

@@ -1,0 +1,133 @@
+"""Checkpoints for inference: the network without Lightning, and the small inference checkpoint (``strip``).
+
+A training checkpoint (Lightning's ``.ckpt``) holds the ``OverTokLM`` hyperparameters (``model_config``,
+``optimizer``: plain dicts), its ``state_dict`` (the network under ``transformer.``), the optimizer's moments, the
+schedulers, the loops' and callbacks' states, ``tokens_seen`` and the data module's hyperparameters (which name the
+tokenizer). Generation and evaluation use only the next-token head (PAPER.md §2), so an *inference checkpoint*
+keeps the config and weights of that model and drops the optimizer state and the training-only heads (Over-Decoding
+heads and MTP-DS modules: ``multi_token.mode`` ``od`` / ``mtp_ds`` becomes ``none``; a ``joint`` head is the
+next-token head and stays). It keeps the training checkpoint's layout, so ``evaluate.py``, ``generate``, ``export``,
+the lm-eval model and ``OverTokLM.load_from_checkpoint`` read either kind.
+
+    python train.py strip --checkpoint runs/x/version_0/checkpoints/last.ckpt --out model.ckpt
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import pickle
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import torch
+
+from lit_overtok.configuration import config_from
+from lit_overtok.nn.config import ModelConfig
+from lit_overtok.nn.transformer import Transformer
+
+PREFIX = "transformer."  # where OverTokLM keeps the network in its state_dict
+TRAINING_ONLY_HEADS = ("od", "mtp_ds")
+# What an inference checkpoint keeps of a training checkpoint (Lightning reads the version when loading).
+_KEPT_KEYS = ("epoch", "global_step", "pytorch-lightning_version", "tokens_seen", "datamodule_hyper_parameters",
+              "datamodule_hparams_name", "hparams_name")
+
+
+@dataclass
+class CheckpointInfo:
+    """What a checkpoint says besides the weights."""
+
+    path: str
+    global_step: Optional[int]
+    tokens_seen: Optional[int]
+    data: dict[str, Any] = field(default_factory=dict)
+    """The data module's hyperparameters (``grammar`` or ``tokenizer`` name the tokenizer)."""
+
+
+def read_checkpoint(path: Union[str, Path]) -> dict[str, Any]:
+    """The checkpoint dict, with one clear error for a missing file or a file that is not a lit_overtok checkpoint."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+    except (RuntimeError, pickle.UnpicklingError, zipfile.BadZipFile, EOFError) as error:
+        raise ValueError(f"{path} is not a readable PyTorch checkpoint ({type(error).__name__}: "
+                         f"{str(error).splitlines()[0] if str(error) else 'no details'})") from None
+    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint or "model_config" not in (
+            checkpoint.get("hyper_parameters") or {}):
+        raise ValueError(f"{path} is not a lit_overtok checkpoint (no hyper_parameters.model_config / state_dict)")
+    return checkpoint
+
+
+def checkpoint_info(checkpoint: dict[str, Any], path: Union[str, Path]) -> CheckpointInfo:
+    return CheckpointInfo(str(path), checkpoint.get("global_step"), checkpoint.get("tokens_seen"),
+                          dict(checkpoint.get("datamodule_hyper_parameters") or {}))
+
+
+def network(checkpoint: dict[str, Any]) -> Transformer:
+    """The ``Transformer`` a checkpoint dict describes, with its weights (strict: every tensor must fit)."""
+    model = Transformer(config_from(ModelConfig, checkpoint["hyper_parameters"]["model_config"], "model_config"))
+    model.load_state_dict({k[len(PREFIX):]: v for k, v in checkpoint["state_dict"].items() if k.startswith(PREFIX)})
+    return model
+
+
+def load_transformer(path: Union[str, Path]) -> tuple[Transformer, CheckpointInfo]:
+    """The network of a training or inference checkpoint, in eval mode on the CPU, without Lightning."""
+    checkpoint = read_checkpoint(path)
+    return network(checkpoint).eval(), checkpoint_info(checkpoint, path)
+
+
+def tokenizer_spec(data_hparams: dict[str, Any]) -> Optional[str]:
+    """The tokenizer a run trained with, from its data module's hyperparameters: ``grammar:<name>``, a tokenizers
+    JSON path, or None when the data module names none."""
+    if data_hparams.get("grammar"):
+        return f"grammar:{data_hparams['grammar']}"
+    if data_hparams.get("tokenizer"):
+        return str(data_hparams["tokenizer"])
+    return None
+
+
+def inference_checkpoint(checkpoint: dict[str, Any], source: str) -> dict[str, Any]:
+    """``checkpoint`` without optimizer state and training-only heads (same layout; see the module docstring)."""
+    hparams = copy.deepcopy(dict(checkpoint["hyper_parameters"]))
+    multi_token = hparams["model_config"].get("multi_token") or {}
+    drop_heads = multi_token.get("mode") in TRAINING_ONLY_HEADS
+    if drop_heads:
+        hparams["model_config"]["multi_token"] = None
+    head_prefix = PREFIX + "multi_token_head."
+    state_dict = {k: v for k, v in checkpoint["state_dict"].items() if not (drop_heads and k.startswith(head_prefix))}
+    kept = {key: checkpoint[key] for key in _KEPT_KEYS if key in checkpoint}
+    dropped = sorted(set(checkpoint) - set(kept) - {"hyper_parameters", "state_dict"})
+    return {**kept, "hyper_parameters": hparams, "state_dict": state_dict,
+            "inference_only": {"source": source, "dropped": dropped,
+                               "dropped_heads": multi_token.get("mode") if drop_heads else None}}
+
+
+def strip(source: Union[str, Path], out: Union[str, Path]) -> Path:
+    """Write the inference checkpoint of ``source`` to ``out``; refuses to overwrite its own input."""
+    source, out = Path(source), Path(out)
+    if out.exists() and out.resolve() == source.resolve():
+        raise ValueError(f"--out {out} is the input checkpoint; write the inference checkpoint elsewhere")
+    stripped = inference_checkpoint(read_checkpoint(source), str(source))
+    network(stripped)  # it must load: a tensor the stripped config no longer expects fails here, not when served
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    torch.save(stripped, tmp)
+    tmp.replace(out)  # never a half-written file under the final name
+    return out
+
+
+def main(argv: Optional[list[str]] = None) -> Path:
+    parser = argparse.ArgumentParser(
+        prog="train.py strip", description="Write a small inference checkpoint: the next-token model's weights and "
+        "config, without optimizer state or Over-Decoding / MTP-DS heads.")
+    parser.add_argument("--checkpoint", required=True, help="a training checkpoint (.ckpt)")
+    parser.add_argument("--out", required=True, help="the inference checkpoint to write")
+    args = parser.parse_args(argv)
+    out = strip(args.checkpoint, args.out)
+    before, after = Path(args.checkpoint).stat().st_size, out.stat().st_size
+    print(f"wrote {out}: {after / 2**20:.2f} MiB (from {before / 2**20:.2f} MiB)")
+    return out
