@@ -29,6 +29,7 @@ import sys
 import tempfile
 import time
 import warnings
+from typing import Callable
 
 import lightning.pytorch as pl
 import torch
@@ -89,8 +90,9 @@ def timed_training(cfg: ModelConfig, args, steps: int, warmup: int) -> float:
     return statistics.median(timer.times[warmup:])
 
 
-def peak_step_memory(cfg: ModelConfig, batch_size: int, seq_len: int) -> float:
-    """Peak bytes held during one fp32 training step (after a warm-up step), from the profiler's memory timeline."""
+def warmed_up_step(cfg: ModelConfig, batch_size: int, seq_len: int, clip_grad: bool) -> Callable[[], None]:
+    """One plain fp32 training step of ``cfg`` on fixed random ids (forward, loss, backward, [clipping,] AdamW,
+    zero_grad), already run once so that AdamW's moments exist and each measured step starts from the same state."""
     torch.manual_seed(0)
     model = Transformer(cfg)
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-4)
@@ -98,10 +100,18 @@ def peak_step_memory(cfg: ModelConfig, batch_size: int, seq_len: int) -> float:
 
     def step() -> None:
         model.loss(ids_BT[:, :-1], ids_BT[:, 1:])[0].backward()
+        if clip_grad:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    step()  # creates AdamW's moments, so both measured steps start from the same state
+    step()
+    return step
+
+
+def peak_step_memory(cfg: ModelConfig, batch_size: int, seq_len: int) -> float:
+    """Peak bytes held during one fp32 training step (after a warm-up step), from the profiler's memory timeline."""
+    step = warmed_up_step(cfg, batch_size, seq_len, clip_grad=False)
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True,
                                 record_shapes=True, with_stack=True) as prof:
         step()
@@ -116,17 +126,7 @@ def peak_step_memory(cfg: ModelConfig, batch_size: int, seq_len: int) -> float:
 
 def profile_table(cfg: ModelConfig, batch_size: int, seq_len: int, rows: int = 15) -> str:
     """Where one eager training step's time goes: the profiler's op table by self CPU time (after a warm-up step)."""
-    torch.manual_seed(0)
-    model = Transformer(cfg)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-4)
-    ids_BT = torch.randint(0, cfg.vocab_size, (batch_size, seq_len + 1))
-    def step() -> None:
-        model.loss(ids_BT[:, :-1], ids_BT[:, 1:])[0].backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-
-    step()  # warm-up: AdamW's moments, thread pool
+    step = warmed_up_step(cfg, batch_size, seq_len, clip_grad=True)
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
         step()
     return prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows)
