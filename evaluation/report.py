@@ -15,7 +15,8 @@ What it holds (PAPER.md §4.2, §4.7):
   averages in its early steps). The fit takes the arms that differ from the baseline in nothing but
   ``over_encoding`` (or ``report.law_arms``), one point per arm (its seed mean).
 - **Convergence speedups** of every arm over the baseline, per shared seed, by ``evaluation/speedup.py``'s
-  definition (its ``measure``; loss EMA 0.99, evaluation EMA 0.9 as there).
+  definition (its ``measure``; loss EMA 0.99 per step, evaluation EMA 0.9 per evaluation interval, as there), on
+  speedup.py's default metrics and on ``val/loss``.
 - **Benchmark scores** of the final checkpoints (``evaluation/evaluate.py``; ``paper`` = the five downstream tasks
   for text runs, ``grammar`` for cfg runs; near chance at CPU scale, reported all the same). ``--limit N`` scores
   the first N documents of each task.
@@ -173,7 +174,9 @@ def speedups(baseline: list[Run], treatment: list[Run]) -> list[dict[str, Any]]:
         base = base_by_seed.get(treat.seed)
         if base is None:
             continue
-        for metric in speedup.default_metrics(base.scalars, treat.scalars):
+        # speedup.py's metrics, and the held-out loss: the paper's "reaches the baseline's final loss" reads on it too.
+        held_out = [m for m in ("val/loss",) if m in base.scalars and m in treat.scalars]
+        for metric in speedup.default_metrics(base.scalars, treat.scalars) + held_out:
             base_curve = speedup.token_curve(base.scalars, metric, str(base.folder))
             treat_curve = speedup.token_curve(treat.scalars, metric, str(treat.folder))
             # speedup.py's weights: losses per optimizer step, evaluations per baseline evaluation interval.

@@ -90,6 +90,9 @@ def test_known_law_spread_speedups_and_cpu_hours_of_a_synthetic_sweep(synthetic_
     # every seed, and the resumed baseline (seed 1: version_0 + version_1, a wrong tail replaced) gives the same.
     rows = [r for r in result["speedups"] if r["metric"] == "train/loss_next1"]
     assert len(rows) == 8 and all(r["ratio"] == pytest.approx(2.0) for r in rows)
+    # The held-out loss is measured too, for every arm and seed (lower final val/loss: the baseline's is reached).
+    held_out = [r for r in result["speedups"] if r["metric"] == "val/loss"]
+    assert len(held_out) == 8 and all(r["ratio"] is not None and r["ratio"] > 1 for r in held_out if r["arm"] != "base")
     base_seed1 = next(r for r in result["runs"] if (r["arm"], r["seed"]) == ("base", 1))
     assert base_seed1["versions"] == ["version_0", "version_1"] and base_seed1["last_step"] == STEPS
     assert result["cpu_hours"] == pytest.approx(5 * (36 + 72) / 3600)
