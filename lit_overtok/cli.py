@@ -19,9 +19,12 @@ from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.loggers import TensorBoardLogger
 
 from lit_overtok.callbacks import TokenThroughputMonitor
+from lit_overtok.checkpoints import resolve_ckpt_path, run_logger_kwargs, with_atomic_checkpoint_io
 from lit_overtok.data.cfg_datamodule import CFGDataModule
+from lit_overtok.errors import InputError
 from lit_overtok.evaluation.callback import LMEvalCallback
 from lit_overtok.lightning_module import OverTokLM
+from lit_overtok.run_checkpoint import RunCheckpoint
 
 DEFAULT_TRAINER = {
     "max_steps": 300,
@@ -44,14 +47,25 @@ class OverTokCLI(LightningCLI):
         })
         parser.link_arguments("data.vocab_size", "model.init_args.vocab_size", apply_on="instantiate")
 
+    def before_instantiate_classes(self) -> None:
+        # --ckpt_path auto (or a run folder): the newest sound checkpoint of the latest run, or a fresh run if none.
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        root = config["trainer"].get("default_root_dir") or "runs"
+        config["ckpt_path"] = resolve_ckpt_path(config.get("ckpt_path"), root)
+
     def _instantiate_trainer(self, config, callbacks):
-        # Our defaults unless the config gives its own: TensorBoard without the placeholder hp_metric, throughput
-        # in tokens and FLOPs, and a checkpoint that always keeps the latest step.
+        # Our defaults unless the config gives its own: TensorBoard without the placeholder hp_metric (continuing the
+        # resumed run's folder), throughput in tokens and FLOPs, checkpoints that are atomic, verified on load and
+        # saved on Ctrl-C / SIGTERM, with last.ckpt always the latest step.
         if config.get("logger") in (None, True):
-            config["logger"] = TensorBoardLogger(config.get("default_root_dir") or "runs", name="", default_hp_metric=False)
+            root = config.get("default_root_dir") or "runs"
+            resume = self.config[self.subcommand].get("ckpt_path") if self.subcommand == "fit" else None
+            config["logger"] = TensorBoardLogger(root, name="", default_hp_metric=False,
+                                                 **run_logger_kwargs(resume, root))
+        config["plugins"] = with_atomic_checkpoint_io(config.get("plugins"))
         given = list(config.get("callbacks") or []) + list(callbacks)
         if not any(isinstance(c, ModelCheckpoint) for c in given):
-            callbacks.append(ModelCheckpoint(save_last=True, every_n_train_steps=100))
+            callbacks.append(RunCheckpoint(every_n_train_steps=100))
         if not any(isinstance(c, TokenThroughputMonitor) for c in given):
             callbacks.append(TokenThroughputMonitor())
         # Grammar runs score the cfg tasks in-loop (eval/*); small subsets keep the default run within minutes.
@@ -67,7 +81,8 @@ def _root_cause(error: BaseException) -> BaseException:
     while error is not None:
         if isinstance(error, ValueError):
             found = error
-        error = error.__cause__ or error.__context__
+        # ``raise ... from None`` hides the context: the message raised is the one meant for the user.
+        error = error.__cause__ or (None if error.__suppress_context__ else error.__context__)
     return found
 
 
@@ -108,6 +123,9 @@ def main(args=None) -> None:
             seed_everything_default=1234,  # reproducible unless a config says otherwise
             args=args,
         )
+    except InputError as error:  # bad input met while running (a file, a checkpoint, a field checked at setup)
+        sys.stderr.write(f"error: {error}\n")
+        raise SystemExit(2) from None
     except ValueError as error:
         # jsonargparse wraps a config error from our classes in union-type noise; show the user our message.
         root = _root_cause(error)
