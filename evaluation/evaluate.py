@@ -7,7 +7,10 @@
 Tasks: lm-eval names or groups (``hellaswag``, ``arc_easy``, ``arc_challenge``, ``piqa``, ``mmlu_continuation``,
 ``mmlu_var``, ``cfg_generation``, ``cfg_next_token_validity``) or the sets ``paper`` (the five downstream tasks)
 and ``grammar``. Offline they read ``<data-dir>/<task>/*.jsonl``; ``--online`` uses lm-eval's own task files.
-The tokenizer defaults to the one the checkpoint's data module names (a grammar, or a ``tokenizer`` path).
+The tokenizer defaults to the one the checkpoint was trained with (its grammar, or the tokenizer file recorded in
+it or in its shards' manifest); a ``--tokenizer`` whose sha256 differs from the recorded one is refused.
+Every checkpoint is verified before it is loaded (``lit_overtok.checkpoints``); a damaged one is reported and the
+others are scored (exit status 1 when any was skipped).
 
 For each checkpoint writes ``<output-dir>/<name>.json`` (lm-eval's results format, plus ``config`` with the
 checkpoint, step and tokens) and ``<name>.md`` (lm-eval's tables); ``summary.md`` has one row per checkpoint.
@@ -28,6 +31,8 @@ from typing import Any, Optional
 import torch
 from tqdm import tqdm
 
+from lit_overtok.checkpoints import checkpoint_tokenizer, load_verified, tokenizer_file_for
+from lit_overtok.errors import InputError
 from lit_overtok.evaluation.runner import downstream_score, PRIMARY_METRICS, task_scores, TaskSuite
 from lit_overtok.evaluation.tokenizers import load_tokenizer
 from lit_overtok.lightning_module import OverTokLM
@@ -72,7 +77,7 @@ def find_checkpoints(patterns: list[str]) -> list[Path]:
 
 def load_checkpoint(path: Path, device: str) -> tuple[OverTokLM, dict[str, Any]]:
     """The LightningModule and the checkpoint's metadata (step, tokens, the data module's hyperparameters)."""
-    checkpoint = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+    checkpoint = load_verified(path, mmap=True)
     if "hyper_parameters" not in checkpoint or "state_dict" not in checkpoint:
         raise ValueError(f"{path} is not a lit_overtok Lightning checkpoint (no hyper_parameters/state_dict)")
     module = OverTokLM(**checkpoint["hyper_parameters"])
@@ -82,11 +87,15 @@ def load_checkpoint(path: Path, device: str) -> tuple[OverTokLM, dict[str, Any]]
         "global_step": checkpoint.get("global_step"),
         "tokens_seen": checkpoint.get("tokens_seen"),
         "data": dict(checkpoint.get("datamodule_hyper_parameters") or {}),
+        "tokenizer": checkpoint_tokenizer(checkpoint),
     }
     return module.to(device).eval(), meta
 
 
-def tokenizer_spec(args: argparse.Namespace, data_hparams: dict[str, Any], path: Path) -> str:
+def tokenizer_spec(args: argparse.Namespace, meta: dict[str, Any], path: Path) -> str:
+    data_hparams, record = meta["data"], meta["tokenizer"]
+    if record is not None and not (args.tokenizer or "").startswith("grammar:"):
+        return tokenizer_file_for(record, args.tokenizer, path)
     if args.tokenizer is not None:
         return args.tokenizer
     if data_hparams.get("grammar"):
@@ -120,6 +129,9 @@ def summary_table(rows: list[dict[str, Any]], names: list[str]) -> str:
     header = ["checkpoint", "step", "tokens"] + [f"{n} {PRIMARY_METRICS.get(n, 'acc')}" for n in names] + ["downstream"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in rows:
+        if "error" in row:
+            lines.append(f"| {row['name']} | skipped: {row['error']} |")
+            continue
         cells = [row["name"], str(row["step"]), str(row["tokens"])]
         cells += [f"{row['scores'].get(n, {}).get(PRIMARY_METRICS.get(n, 'acc'), float('nan')):.4f}" for n in names]
         cells.append("" if row["downstream"] is None else f"{row['downstream']:.4f}")
@@ -138,8 +150,13 @@ def main(argv: Optional[list[str]] = None) -> list[dict[str, Any]]:
     rows = []
     for path, name in tqdm(list(zip(paths, output_names(paths))), desc="checkpoints", disable=len(paths) == 1):
         start = time.perf_counter()
-        module, meta = load_checkpoint(path, args.device)
-        tokenizer = load_tokenizer(tokenizer_spec(args, meta["data"], path))
+        try:
+            module, meta = load_checkpoint(path, args.device)
+            tokenizer = load_tokenizer(tokenizer_spec(args, meta, path))
+        except (InputError, ValueError, FileNotFoundError) as error:  # this checkpoint only: score the others
+            print(f"skipping {path}: {error}", file=sys.stderr)
+            rows.append({"name": name, "error": str(error)})
+            continue
         if suite is None:
             grammar = args.grammar or meta["data"].get("grammar")
             suite = TaskSuite(args.tasks.split(","), data_dir=args.data_dir, grammar=grammar,
@@ -163,7 +180,7 @@ def main(argv: Optional[list[str]] = None) -> list[dict[str, Any]]:
         (out_dir / f"{name}.md").write_text(markdown_report(name, results, downstream))
         rows.append({"name": name, "step": meta["global_step"], "tokens": meta["tokens_seen"], "scores": scores,
                      "downstream": downstream})
-    table = summary_table(rows, suite.names)
+    table = summary_table(rows, suite.names if suite is not None else [])
     (out_dir / "summary.md").write_text(table)
     print(table)
     print(f"results in {out_dir}/", file=sys.stderr)
@@ -171,4 +188,4 @@ def main(argv: Optional[list[str]] = None) -> list[dict[str, Any]]:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(1 if any("error" in row for row in main()) else 0)
