@@ -116,6 +116,24 @@ def _temporary_beside(path: Path, kind: str):
         raise
 
 
+def remove_stale_temporaries(folder: PathLike) -> None:
+    """Delete temporary files that a process killed mid-write left in ``folder`` (its pid is in their name)."""
+    for path in Path(folder).glob(".*"):
+        *_, pid, kind = path.name.rsplit(".", 2)
+        if kind in ("partial", "link") and pid.isdigit() and not _process_alive(int(pid)):
+            path.unlink(missing_ok=True)
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def save_atomically(checkpoint: dict[str, Any], path: PathLike) -> None:
     """``torch.save`` to a temporary file, fsync, rename: ``path`` is the old file or the complete new one."""
     path = Path(path)

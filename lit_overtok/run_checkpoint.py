@@ -26,7 +26,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 
-from lit_overtok.checkpoints import link_atomically
+from lit_overtok.checkpoints import link_atomically, remove_stale_temporaries
 
 
 def _validation_follows(trainer: pl.Trainer) -> bool:
@@ -78,8 +78,13 @@ class RunCheckpoint(ModelCheckpoint):
 
     # ---------------------------------------------------------------------------------------- stop signals
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        # Installed before Lightning's own handlers (registered after on_fit_start): Lightning keeps ours for SIGTERM
-        # beside its own and does not install its SLURM handler, which saves mid-step, over ours.
+        if trainer.is_global_zero and self.dirpath is not None and os.path.isdir(self.dirpath):
+            remove_stale_temporaries(self.dirpath)
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # After Lightning installed its handlers (it restores the ones it found when the fit ends, so ours must be
+        # handed back before that: on_train_end / on_exception). Its SIGTERM handler is kept and called first; its
+        # SLURM handler, which saves in the middle of a step, is replaced.
         self._trainer, self._stop_signal, self._requeue, self._stop_after_validation = trainer, None, False, False
         signals = [signal.SIGINT, signal.SIGTERM]
         environment = trainer._accelerator_connector.cluster_environment
@@ -89,14 +94,17 @@ class RunCheckpoint(ModelCheckpoint):
             try:
                 self._previous_handlers[signum] = signal.signal(signum, self._on_signal)
             except ValueError:  # not the main thread: leave signals to Lightning
-                return
+                break
 
     def _on_signal(self, signum: int, frame: Any) -> None:
         trainer = self._trainer
         if trainer is None or (signum == signal.SIGINT and self._stop_signal == signal.SIGINT):
+            previous = self._previous_handlers.get(signum)
             self._restore_handlers()
-            return _forward(self._previous_handlers.get(signum), signum, frame)
-        if signum not in (signal.SIGINT, signal.SIGTERM):
+            return _forward(previous, signum, frame)
+        if signum == signal.SIGTERM:
+            _forward(self._previous_handlers.get(signum), signum, frame)
+        elif signum != signal.SIGINT:
             self._requeue = True
         if self._stop_signal is None:
             self._stop_signal = signum
@@ -116,10 +124,14 @@ class RunCheckpoint(ModelCheckpoint):
             trainer._signal_connector.received_sigterm = True
 
     def _restore_handlers(self) -> None:
-        # Lightning may reinstall this handler after a failed fit (it restores what it found); it then forwards.
         self._trainer = None
         for signum, handler in self._previous_handlers.items():
             signal.signal(signum, handler if handler is not None else signal.SIG_DFL)
+        self._previous_handlers = {}
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_train_end(trainer, pl_module)
+        self._restore_handlers()
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         if isinstance(exception, SIGTERMException) and not trainer.sanity_checking:
@@ -133,9 +145,6 @@ class RunCheckpoint(ModelCheckpoint):
             exception.code = 128 + signum
             if self._requeue and trainer.is_global_zero:
                 requeue_slurm_job()
-        self._restore_handlers()
-
-    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._restore_handlers()
 
 

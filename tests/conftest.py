@@ -32,3 +32,27 @@ def paper_data(tmp_path: Path) -> Path:
     copy("mmlu", "validation", 1)
     copy("mmlu", "dev", 5, keep=lambda row: row["subject"] == "abstract_algebra")
     return data_dir
+
+
+def synthetic_documents(count: int, seed: int = 0) -> list[str]:
+    """Deterministic English-like documents (a few hundred characters each)."""
+    import random
+
+    words = ("the model reads every token of a sentence and learns which word comes next while the table of "
+             "n-grams grows with the vocabulary over time in each layer").split()
+    rng = random.Random(seed)
+    return [" ".join(rng.choice(words) for _ in range(rng.randint(40, 90))) + "." for _ in range(count)]
+
+
+@pytest.fixture(scope="session")
+def text_corpus(tmp_path_factory) -> Path:
+    """Shards written by ``prepare``: a 300-entry byte-level BPE, 4 train shards and 1 validation shard."""
+    from lit_overtok.data.prepare import PrepareConfig, prepare
+
+    root = tmp_path_factory.mktemp("text_corpus")
+    for name, documents in (("train.jsonl", synthetic_documents(80)), ("val.jsonl", synthetic_documents(20, 1))):
+        (root / name).write_text("".join(json.dumps({"text": d}) + "\n" for d in documents))
+    output = root / "shards"
+    prepare(PrepareConfig(output=output, train=[str(root / "train.jsonl")], validation=[str(root / "val.jsonl")],
+                          vocab_size=300, shard_tokens=2000, workers=1, progress=False, tokenizer_train_mb=1))
+    return output
