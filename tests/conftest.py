@@ -34,25 +34,33 @@ def paper_data(tmp_path: Path) -> Path:
     return data_dir
 
 
-def synthetic_documents(count: int, seed: int = 0) -> list[str]:
+WORDS = ("the model reads every token of a sentence and learns which word comes next while the table of n-grams "
+         "grows with the vocabulary over time in each layer").split()
+
+
+def synthetic_documents(count: int, seed: int = 0, words: tuple[str, ...] = tuple(WORDS)) -> list[str]:
     """Deterministic English-like documents (a few hundred characters each)."""
     import random
 
-    words = ("the model reads every token of a sentence and learns which word comes next while the table of "
-             "n-grams grows with the vocabulary over time in each layer").split()
     rng = random.Random(seed)
     return [" ".join(rng.choice(words) for _ in range(rng.randint(40, 90))) + "." for _ in range(count)]
 
 
-@pytest.fixture(scope="session")
-def text_corpus(tmp_path_factory) -> Path:
-    """Shards written by ``prepare``: a 300-entry byte-level BPE, 4 train shards and 1 validation shard."""
+def prepare_corpus(root: Path, words: tuple[str, ...] = tuple(WORDS)) -> Path:
+    """Shards written by ``prepare``: a 300-entry byte-level BPE trained on the text, 7 train and 2 validation
+    shards."""
     from lit_overtok.data.prepare import PrepareConfig, prepare
 
-    root = tmp_path_factory.mktemp("text_corpus")
-    for name, documents in (("train.jsonl", synthetic_documents(80)), ("val.jsonl", synthetic_documents(20, 1))):
+    root.mkdir(parents=True, exist_ok=True)
+    for name, documents in (("train.jsonl", synthetic_documents(80, 0, words)),
+                            ("val.jsonl", synthetic_documents(20, 1, words))):
         (root / name).write_text("".join(json.dumps({"text": d}) + "\n" for d in documents))
     output = root / "shards"
     prepare(PrepareConfig(output=output, train=[str(root / "train.jsonl")], validation=[str(root / "val.jsonl")],
                           vocab_size=300, shard_tokens=2000, workers=1, progress=False, tokenizer_train_mb=1))
     return output
+
+
+@pytest.fixture(scope="session")
+def text_corpus(tmp_path_factory) -> Path:
+    return prepare_corpus(tmp_path_factory.mktemp("text_corpus"))

@@ -64,3 +64,18 @@ def test_scores_a_glob_of_grammar_checkpoints_with_the_tokenizer_the_run_used(tm
 def test_a_glob_that_matches_nothing_is_an_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="matches no file"):
         evaluate.main(["--checkpoint", str(tmp_path / "*.ckpt")])
+
+
+def test_a_damaged_checkpoint_among_several_is_reported_and_the_rest_are_scored(tmp_path, capsys):
+    folder = train(tmp_path, 3, max_seq_len=1024)
+    damaged = folder / "epoch=0-step=2.ckpt"
+    damaged.write_bytes(damaged.read_bytes()[:1000])  # what a full disk left behind before writes were atomic
+    out = tmp_path / "out"
+    rows = evaluate.main(["--checkpoint", str(folder / "*.ckpt"), "--tasks", "cfg_next_token_validity",
+                          "--cfg-num-docs", "4", "--output-dir", str(out)])
+    assert [row.get("step") for row in rows] == [1, None, 3]
+    assert rows[1]["error"].startswith(f"{damaged} is not a complete checkpoint")
+    assert f"skipping {damaged}: " in capsys.readouterr().err
+    summary = (out / "summary.md").read_text()
+    assert "| epoch=0-step=2 | skipped: " in summary and summary.count("\n") == 5
+    assert sorted(p.name for p in out.glob("*.json")) == ["epoch=0-step=1.json", "epoch=0-step=3.json"]
