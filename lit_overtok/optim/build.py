@@ -17,7 +17,6 @@ def build_optimizer(model: nn.Module, cfg: OptimizerConfig, total_steps: int):
     has_sparse = any(isinstance(m, nn.Embedding) and m.sparse for m in model.modules())
     optimizer_class = RowSparseAdamW if has_sparse else torch.optim.AdamW
     optimizer = optimizer_class(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: warmup_cosine(step, cfg.warmup_steps, total_steps, cfg.min_lr_ratio)
-    )
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: warmup_cosine(
+        step, cfg.warmup_steps, total_steps, cfg.min_lr_ratio, cfg.warmup_start_ratio))
     return optimizer, scheduler
