@@ -19,9 +19,10 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from lit_overtok.data import encoding, shards
 from lit_overtok.data.prepare import PrepareConfig, PrepareError, main, prepare
 from lit_overtok.data.shard_writer import PROGRESS_NAME
+from lit_overtok.evaluation.benchmark_tasks import DEFAULT_DATA_DIR
 
 ROOT = Path(__file__).resolve().parents[2]
-TOKENIZERS = Path(__file__).resolve().parents[3] / "shared/data/tokenizers"
+TOKENIZERS = DEFAULT_DATA_DIR / "tokenizers"
 
 
 def corpus(tmp_path: Path, documents: int = 60) -> Path:
@@ -103,34 +104,50 @@ def test_tokenizers_that_add_a_prefix_are_encoded_whole():
 
 
 MEASURE = """
-import resource, sys
+import os, resource, sys
+os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one thread: the peak is the encoding's, not the thread pool's
+import webdataset  # imports torch; imported later (by the first shard) it would reuse, and hide, what encoding freed
+from lit_overtok.data import encoding
 from lit_overtok.data.prepare import PrepareConfig, prepare
+encoding.LONG_DOCUMENT_CHARS, encoding.PIECE_CHARS = 1 << 13, 1 << 11  # pieces from 8 kB: small documents suffice
 prepare(PrepareConfig(output=sys.argv[2], train=[sys.argv[1]], tokenizer=sys.argv[3], workers=1, progress=False))
 print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024)
 """
 
 
 def test_peak_memory_does_not_grow_with_the_document(tmp_path):
-    peaks = {}
-    for megabytes in (0.25, 3):
+    runs = {}
+    for megabytes in (0.05, 1.2):  # each in a fresh interpreter (the two side by side): its peak is this document's
         text = tmp_path / f"book{megabytes}.txt"  # one document (--text-unit file)
-        text.write_text(((TRICKY + "Plain English prose follows here. ") * 60000)[: int(megabytes * 1e6)])
-        done = subprocess.run([sys.executable, "-c", MEASURE, str(text), str(tmp_path / f"out{megabytes}"),
-                               str(TOKENIZERS / "gpt2/tokenizer.json")], capture_output=True, text=True, cwd=ROOT,
-                              env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}, timeout=600)
-        assert done.returncode == 0, done.stderr[-2000:]
-        peaks[megabytes] = int(done.stdout.split()[-1])
-    # Whole-document encoding grew by ~175 MB per MB of text (3 MB: +480 MB); pieces keep ids only.
-    assert peaks[3] - peaks[0.25] < 80, peaks
+        text.write_text(((TRICKY + "Plain English prose follows here. ") * 8000)[: int(megabytes * 1e6)])
+        runs[megabytes] = subprocess.Popen(
+            [sys.executable, "-c", MEASURE, str(text), str(tmp_path / f"out{megabytes}"),
+             str(TOKENIZERS / "gpt2/tokenizer.json")], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"})
+    peaks = {}
+    for megabytes, run in runs.items():
+        stdout, stderr = run.communicate(timeout=600)
+        assert run.returncode == 0, stderr[-2000:]
+        peaks[megabytes] = int(stdout.split()[-1])
+    # Whole-document encoding grows by ~175 MB per MB of text (here about +160 MB); pieces keep ids only.
+    assert peaks[1.2] - peaks[0.05] < 40, peaks
 
 
 # -------------------------------------------------------------------------------------------- resuming
-@pytest.mark.parametrize("fault", ["ctrl-c", "full disk"])
-def test_an_interrupted_run_resumes_to_the_bytes_of_an_uninterrupted_one(tmp_path, monkeypatch, fault):
-    train = corpus(tmp_path)
-    prepare(config(tmp_path, "reference", train))
-    reference = files(tmp_path / "reference")
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory) -> tuple[Path, dict[str, bytes]]:
+    """A corpus and the files an uninterrupted ``prepare`` writes for it."""
+    folder = tmp_path_factory.mktemp("uninterrupted")
+    train = corpus(folder)
+    prepare(config(folder, "reference", train))
+    reference = files(folder / "reference")
     assert len([f for f in reference if f.startswith("train-")]) >= 6
+    return train, reference
+
+
+@pytest.mark.parametrize("fault", ["ctrl-c", "full disk"])
+def test_an_interrupted_run_resumes_to_the_bytes_of_an_uninterrupted_one(tmp_path, monkeypatch, fault, uninterrupted):
+    train, reference = uninterrupted
 
     error = KeyboardInterrupt() if fault == "ctrl-c" else OSError(errno.ENOSPC, "No space left on device")
     fail_on_shard(monkeypatch, 4, error)
@@ -152,9 +169,8 @@ def test_an_interrupted_run_resumes_to_the_bytes_of_an_uninterrupted_one(tmp_pat
     assert files(tmp_path / "run") == reference
 
 
-def test_a_sigkilled_run_resumes_to_the_same_bytes_and_a_changed_command_is_refused(tmp_path, capsys):
-    train = corpus(tmp_path)
-    prepare(config(tmp_path, "reference", train))
+def test_a_sigkilled_run_resumes_to_the_same_bytes_and_a_changed_command_is_refused(tmp_path, uninterrupted):
+    train, reference = uninterrupted
     script = ("import os, signal, sys\n"
               "from lit_overtok.data import shards\n"
               "from lit_overtok.data.prepare import main\n"
@@ -174,7 +190,7 @@ def test_a_sigkilled_run_resumes_to_the_same_bytes_and_a_changed_command_is_refu
     with pytest.raises(SystemExit, match="--resume: .* was prepared with other shard_tokens"):
         main([*command[:-5], "--shard-tokens", "900", "--workers", "1", "--no-progress", "--resume"])
     main([*command, "--resume"])
-    assert files(tmp_path / "run") == files(tmp_path / "reference")
+    assert files(tmp_path / "run") == reference
     with pytest.raises(SystemExit, match="a finished run \\(manifest.json\\), nothing to resume"):
         main([*command, "--resume"])
 
