@@ -9,8 +9,9 @@ Tasks: lm-eval names or groups (``hellaswag``, ``arc_easy``, ``arc_challenge``, 
 and ``grammar``. Offline they read ``<data-dir>/<task>/*.jsonl``; ``--online`` uses lm-eval's own task files.
 The tokenizer defaults to the one the checkpoint was trained with (its grammar, or the tokenizer file recorded in
 it or in its shards' manifest); a ``--tokenizer`` whose sha256 differs from the recorded one is refused.
-Every checkpoint is verified before it is loaded (``lit_overtok.checkpoints``); a damaged one is reported and the
-others are scored (exit status 1 when any was skipped).
+Every checkpoint is verified before it is loaded (``lit_overtok.checkpoints``); a damaged one (or a link to a
+removed file) is reported and the others are scored (exit status 1 when any was skipped). A ``last.ckpt`` link is
+scored once, under its step file's name, when the glob lists both.
 
 For each checkpoint writes ``<output-dir>/<name>.json`` (lm-eval's results format, plus ``config`` with the
 checkpoint, step and tokens) and ``<name>.md`` (lm-eval's tables); ``summary.md`` has one row per checkpoint.
@@ -63,16 +64,21 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
 
 
 def find_checkpoints(patterns: list[str]) -> list[Path]:
-    paths: list[Path] = []
+    """The checkpoints to score, each once: a ``last.ckpt`` link to a step file already listed is that file.
+
+    What a glob matches is kept even if it cannot be read (a link to a removed file): it is reported and skipped
+    with the other bad checkpoints. A path named without a glob must exist.
+    """
+    paths: dict[Path, Path] = {}
     for pattern in patterns:
         matches = sorted(glob.glob(pattern)) if glob.has_magic(pattern) else [pattern]
         if not matches:
             raise FileNotFoundError(f"--checkpoint {pattern!r} matches no file")
         for match in matches:
-            if not Path(match).is_file():
+            if not glob.has_magic(pattern) and not Path(match).is_file():
                 raise FileNotFoundError(f"checkpoint {match} does not exist")
-            paths.append(Path(match))
-    return list(dict.fromkeys(paths))
+            paths.setdefault(Path(match).resolve(), Path(match))
+    return list(paths.values())
 
 
 def load_checkpoint(path: Path, device: str) -> tuple[OverTokLM, dict[str, Any]]:
@@ -107,9 +113,9 @@ def tokenizer_spec(args: argparse.Namespace, meta: dict[str, Any], path: Path) -
 
 def output_names(paths: list[Path]) -> list[str]:
     """File names for the results: the checkpoint paths below their common folder, '/' -> '__'."""
-    resolved = [p.resolve() for p in paths]
-    common = Path(os.path.commonpath([p.parent for p in resolved]))
-    return ["__".join(p.with_suffix("").relative_to(common).parts) for p in resolved]
+    given = [Path(os.path.abspath(p)) for p in paths]  # links not followed: named as given, even if their file is gone
+    common = Path(os.path.commonpath([p.parent for p in given]))
+    return ["__".join(p.with_suffix("").relative_to(common).parts) for p in given]
 
 
 def markdown_report(name: str, results: dict[str, Any], downstream: Optional[float]) -> str:
