@@ -5,8 +5,7 @@ interrupted run logged after the checkpoint it resumed from. A run resumed into 
 logger, an older version of this template) leaves ``version_0``, ``version_1``, ... side by side; those are stitched
 here the same way: each later version replaces everything the earlier ones logged after its first step, and at its
 first step its own values win. A later version that starts again at step 0 (a rerun, not a resume) therefore
-replaces its predecessors entirely. ``evaluation/speedup.py`` and the sweep report builder read runs through
-``read_run_scalars``.
+replaces its predecessors entirely. ``evaluation/speedup.py`` reads runs through ``read_run_scalars``.
 """
 
 from __future__ import annotations
