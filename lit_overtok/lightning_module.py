@@ -115,6 +115,13 @@ class OverTokLM(pl.LightningModule):
             raise InputError(f"data.seq_len={seq_len} exceeds model_config.max_seq_len={self.model_config.max_seq_len}"
                              "; raise model_config.max_seq_len or lower data.seq_len")
 
+    def on_train_end(self) -> None:
+        # The sparse tables' AdamW catches rows up when they are read or saved; bring every row current, so that
+        # weights read after fit (exports walking parameters, copies) are what dense AdamW holds.
+        flush = getattr(self.optimizers(use_pl_optimizer=False), "flush", None)
+        if flush is not None:
+            flush()
+
     def configure_optimizers(self):
         total_steps = self.trainer.max_steps if self.trainer.max_steps > 0 else self.trainer.estimated_stepping_batches
         if not 0 < total_steps < float("inf"):

@@ -1,5 +1,6 @@
 """The optimizer and schedule of a run: AdamW over ``groups``, or ``RowSparseAdamW`` when a table has sparse row
-gradients (Over-Encoding's sparse path; it is AdamW for every dense gradient), with ``warmup_cosine`` per step."""
+gradients (Over-Encoding's sparse path; it is AdamW for every dense gradient and, by default, for the tables' rows
+too), with ``warmup_cosine`` per step."""
 
 from __future__ import annotations
 
@@ -15,8 +16,15 @@ from lit_overtok.optim.sparse_adamw import RowSparseAdamW
 def build_optimizer(model: nn.Module, cfg: OptimizerConfig, total_steps: int):
     groups = parameter_groups(model, cfg)
     has_sparse = any(isinstance(m, nn.Embedding) and m.sparse for m in model.modules())
-    optimizer_class = RowSparseAdamW if has_sparse else torch.optim.AdamW
-    optimizer = optimizer_class(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps)
+    if has_sparse:
+        if cfg.sparse_row_semantics == "adamw" and not cfg.betas[0] < cfg.betas[1]:
+            raise ValueError(f"optimizer.betas={list(cfg.betas)}: sparse_row_semantics 'adamw' needs beta1 < beta2 "
+                             "(its catch-up sums converge only then); use sparse_row_semantics 'lazy' or dense tables")
+        optimizer = RowSparseAdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, row_semantics=cfg.sparse_row_semantics)
+        # Rows a step skipped are caught up right before a lookup reads them and flushed when a state dict is taken.
+        optimizer.register_catch_up_hooks(model)
+    else:
+        optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: warmup_cosine(
         step, cfg.warmup_steps, total_steps, cfg.min_lr_ratio, cfg.warmup_start_ratio))
     return optimizer, scheduler

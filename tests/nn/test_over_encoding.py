@@ -14,7 +14,6 @@ from torch import nn
 
 from lit_overtok.nn.config import ModelConfig
 from lit_overtok.nn.counts import parameter_counts, flops_per_token
-from lit_overtok.nn.generation import generate
 from lit_overtok.nn.transformer import Transformer
 from lit_overtok.optim.config import OptimizerConfig
 from lit_overtok.optim.groups import parameter_groups
@@ -40,19 +39,21 @@ class ReferenceOverEncoding(nn.Module):
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         x = self.wte(ids)
-        gram = ids.clone()
         for i in range(2, self.n + 1):
-            shifted = torch.cat([torch.zeros_like(ids[:, : i - 1]), ids[:, : ids.shape[1] - (i - 1)]], dim=1)
-            gram = gram + shifted * self.V ** (i - 1)  # small V and n here: the plain formula cannot overflow
+            # h_i(t) = x_t + x_{t-1}·V + ... + x_{t-i+1}·V^(i-1), one position at a time, ids before the start 0
+            # (small V and n here: the plain formula cannot overflow).
+            gram = torch.stack([sum(ids[:, t - r] * self.V**r for r in range(i) if t - r >= 0)
+                                for t in range(ids.shape[1])], dim=1)
             for j in range(self.k):
                 idx = (i - 2) * self.k + j
                 x = x + self.oe_projs[idx](self.oe_embedders[idx](gram % (self.m + 2 * idx)))
         return x / (1 + self.k * (self.n - 1))
 
 
-def fast_and_reference(m, n, k, sparse=False):
+def fast_and_reference(m, n, k, sparse=False, d_model=32):
     torch.manual_seed(0)
-    cfg = ModelConfig(preset="tiny", vocab_size=V, over_encoding=OverEncodingConfig(m=m, n=n, k=k, sparse=sparse))
+    cfg = ModelConfig(preset="tiny", vocab_size=V, d_model=d_model,
+                      over_encoding=OverEncodingConfig(m=m, n=n, k=k, sparse=sparse))
     fast = OverEncoding(cfg.over_encoding, cfg.vocab_size, cfg.padded_vocab_size, cfg.d_model).double()
     ref = ReferenceOverEncoding(V, cfg.d_model, m, n, k).double()
     width = cfg.d_model // (k * (n - 1))
@@ -84,6 +85,23 @@ def test_fast_module_equals_algorithm_1_forward_and_backward(m, n, k, sparse):
         torch.testing.assert_close(fast.proj.weight.grad[:, i * width: (i + 1) * width], proj.weight.grad)
         torch.testing.assert_close(fast.proj.bias.grad, proj.bias.grad)  # the summed bias feeds every slice
     assert table_grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("n,T", [(n, T) for n in range(2, 6) for T in range(1, n + 2)])
+def test_sequences_shorter_than_n_equal_algorithm_1(n, T):
+    # A sequence shorter than the n-gram order (a 1-token prompt in generation) has only zeros before its start;
+    # slicing ids[:, :T - r] with r > T once counted from the end and returned extra positions or raised.
+    fast, ref, _ = fast_and_reference(23, n, 1, d_model=48)  # 48: divisible by k(n-1) for every n here
+    ids_BT = torch.randint(1, V, (2, T), generator=torch.Generator().manual_seed(n * 10 + T))
+    target_BTD = torch.randn(2, T, 48, dtype=torch.float64)
+    out_fast, out_ref = fast(ids_BT), ref(ids_BT)
+    assert out_fast.shape == (2, T, 48)
+    torch.testing.assert_close(out_fast, out_ref, rtol=1e-12, atol=1e-12)
+    (out_fast * target_BTD).sum().backward()
+    (out_ref * target_BTD).sum().backward()
+    for i, table in enumerate(ref.oe_embedders):
+        rows = slice(fast.offsets[i], fast.offsets[i] + table.num_embeddings)
+        torch.testing.assert_close(fast.tables.weight.grad[rows], table.weight.grad, rtol=1e-12, atol=1e-12)
 
 
 def test_indices_by_hand():
@@ -232,6 +250,8 @@ def test_coverage_counts_rows_touched_in_training_only():
     (dict(reset_at_eos=True), r"model_config\.over_encoding\.eos_id"),
     (dict(eos_id=99), r"model_config\.over_encoding\.eos_id"),
     (dict(m=2**60), r"int64"),
+    (dict(form="flat"), r"model_config\.over_encoding\.form"),
+    (dict(form="single", k=2), r"model_config\.over_encoding\.k must be 1"),
 ])
 def test_bad_settings_are_clear_errors(changes, message):
     with pytest.raises(ValueError, match=message):
@@ -275,6 +295,8 @@ def test_experiment_configs_build_with_the_papers_table_sizes(path):
         if oe is None:
             continue
         tables = parameter_counts(cfg).embedding - parameter_counts(cfg.replace(over_encoding=None)).embedding
+        if oe.form == "single":
+            tables += cfg.padded_vocab_size * cfg.d_model  # it replaces the 1-gram input table
         assert tables == sum(oe.row_counts()) * oe.slice_width(cfg.d_model)
         if "olmo2" in path:
             assert abs(tables - oe.m * cfg.d_model) / (oe.m * cfg.d_model) < 1e-4  # OE-m = m x d_model
@@ -284,12 +306,61 @@ def test_experiment_configs_build_with_the_papers_table_sizes(path):
             assert oe.m >= vocab**oe.n  # exact n-gram encoding
 
 
-def test_kv_cached_generation_sees_the_ngram_history():
+# ------------------------------------------------------------------------- the single form (n-gram encoding)
+def single_config(vocab=7, m=7**3, n=3, **options) -> ModelConfig:
+    return ModelConfig(preset="tiny", vocab_size=vocab, tie_embeddings=False,
+                       over_encoding=OverEncodingConfig(m=m, n=n, k=1, form="single", **options))
+
+
+def test_single_form_is_one_table_over_the_exact_ngram_ids():
+    # The CFG study's n-gram encoding model with cfg3f's 7 ids: position t reads row x_t + 7·x_(t-1) + 49·x_(t-2)
+    # of ONE 343-row table of width d_model, ids before the start being 0 (Algorithm 1); nothing else.
     torch.manual_seed(0)
-    model = Transformer(oe_config(reset_at_eos=True, eos_id=3)).eval()
-    prompt_BT = torch.randint(0, V, (2, 4))
-    cached = generate(model, prompt_BT, 8, temperature=0)
-    ids_BT = prompt_BT
-    for _ in range(8):
-        ids_BT = torch.cat([ids_BT, model(ids_BT)[:, -1].argmax(-1, keepdim=True)], dim=1)
-    assert torch.equal(cached, ids_BT)
+    cfg = single_config()
+    embed = OverEncoding(cfg.over_encoding, cfg.vocab_size, cfg.padded_vocab_size, cfg.d_model).double()
+    assert embed.wte is None and embed.proj is None
+    assert [p.shape for p in embed.parameters()] == [(343, cfg.d_model)]
+    ids_BT = torch.tensor([[2, 4, 0, 6, 1, 3, 5], [0, 0, 1, 2, 3, 1, 1]])
+    padded_BT = torch.cat([torch.zeros(2, 2, dtype=torch.long), ids_BT], dim=1)
+    for b, t in itertools.product(range(2), range(7)):
+        row = padded_BT[b, t + 2] + 7 * padded_BT[b, t + 1] + 49 * padded_BT[b, t]
+        assert torch.equal(embed(ids_BT)[b, t], embed.tables.weight[row]), (b, t)
+    # Exact: the 343 3-grams get 343 different rows.
+    grams = torch.tensor(list(itertools.product(range(7), repeat=3)))
+    assert embed.lookup_rows(grams)[:, -1, 0].unique().numel() == 343
+    target_BTD = torch.randn(2, 7, cfg.d_model, dtype=torch.float64)
+    (embed(ids_BT) * target_BTD).sum().backward()
+    touched = embed.tables.weight.grad.abs().sum(1).nonzero().flatten()
+    assert touched.tolist() == sorted(set(embed.lookup_rows(ids_BT).flatten().tolist()))
+
+
+def test_single_form_refuses_a_tied_head():
+    # cfg-small ties its embeddings; the single form has no 1-gram table to tie to.
+    with pytest.raises(ValueError, match=r"model_config\.tie_embeddings: false"):
+        ModelConfig(preset="cfg-small", vocab_size=7, over_encoding=OverEncodingConfig(m=343, form="single"))
+
+
+def test_single_form_model_trains_with_an_untied_head_and_counts_its_table():
+    cfg = single_config()
+    model = Transformer(cfg)
+    assert model.lm_head.proj.weight is not model.embed.tables.weight
+    counts, untied = parameter_counts(cfg), parameter_counts(cfg.replace(over_encoding=None))
+    assert counts.embedding - untied.embedding == (343 - 7) * cfg.d_model  # the n-gram table replaces the 1-gram one
+    assert counts.non_embedding == untied.non_embedding
+    assert flops_per_token(cfg, 16) == flops_per_token(cfg.replace(over_encoding=None), 16)  # lookups are free
+    assert model.embed.parameter_metrics() == {"over_encoding_tables": 343 * cfg.d_model, "over_encoding_projection": 0}
+    ids_BT = torch.randint(0, 7, (2, 12))
+    loss, _ = model.loss(ids_BT[:, :-1], ids_BT[:, 1:])
+    loss.backward()
+    assert model.embed.tables.weight.grad.abs().sum() > 0
+    assert set(model.embed.training_metrics()) == {"oe/coverage_3gram_0"}
+    groups = {g["name"]: g for g in parameter_groups(model, OptimizerConfig())}
+    assert [p is model.embed.tables.weight for p in groups["over_encoding"]["params"]] == [True]
+
+
+def test_single_form_hashes_when_m_is_smaller_than_v_to_the_n():
+    cfg = single_config(vocab=V, m=101, n=2)
+    embed = OverEncoding(cfg.over_encoding, cfg.vocab_size, cfg.padded_vocab_size, cfg.d_model)
+    ids_BT = torch.tensor([[5, 7, 2]])
+    assert embed.lookup_rows(ids_BT)[0, :, 0].tolist() == [5, (7 + 5 * V) % 101, (2 + 7 * V) % 101]
+
