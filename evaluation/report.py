@@ -174,9 +174,12 @@ def speedups(baseline: list[Run], treatment: list[Run]) -> list[dict[str, Any]]:
         if base is None:
             continue
         for metric in speedup.default_metrics(base.scalars, treat.scalars):
-            weight = LOSS_EMA if speedup.is_loss(metric) else EVAL_EMA
-            result, smoothed_base, _ = speedup.measure(metric, speedup.token_curve(base.scalars, metric, str(base.folder)),
-                                                       speedup.token_curve(treat.scalars, metric, str(treat.folder)), weight)
+            base_curve = speedup.token_curve(base.scalars, metric, str(base.folder))
+            treat_curve = speedup.token_curve(treat.scalars, metric, str(treat.folder))
+            # speedup.py's weights: losses per optimizer step, evaluations per baseline evaluation interval.
+            weight, weight_steps = ((LOSS_EMA, 1.0) if speedup.is_loss(metric)
+                                    else (EVAL_EMA, speedup.logging_interval(base_curve)))
+            result, smoothed_base, _ = speedup.measure(metric, base_curve, treat_curve, weight, weight_steps)
             rows.append({"arm": treat.arm, "seed": treat.seed, "metric": metric, "target": result.target,
                          "baseline_tokens": result.baseline_tokens, "treatment_tokens": result.treatment_tokens,
                          "ratio": result.ratio,

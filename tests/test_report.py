@@ -126,8 +126,8 @@ def test_stitching_lets_a_later_version_replace_each_tag_from_its_first_step():
 
 
 def test_seed_mean_and_band_on_the_shared_token_range():
-    a = speedup.Curve(np.array([0.0, 10, 20, 30]), np.array([4.0, 3, 2, 1]))
-    b = speedup.Curve(np.array([0.0, 20]), np.array([6.0, 2]))
+    a = speedup.Curve(np.array([0.0, 10, 20, 30]), np.array([4.0, 3, 2, 1]), np.array([0, 1, 2, 3]))
+    b = speedup.Curve(np.array([0.0, 20]), np.array([6.0, 2]), np.array([0, 2]))
     tokens, mean, low, high = report.mean_band([a, b])
     np.testing.assert_array_equal(tokens, [0, 20])
     np.testing.assert_allclose(mean, [5, 2]) and np.testing.assert_allclose(low, [4, 2])
