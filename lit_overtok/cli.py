@@ -57,7 +57,10 @@ class OverTokCLI(LightningCLI):
 
     def before_instantiate_classes(self) -> None:
         # --ckpt_path auto (or a run folder): the newest sound checkpoint of the latest run, or a fresh run if none.
-        config = self.config[self.subcommand] if self.subcommand else self.config
+        # Only subcommands take a ckpt_path (run=False has neither the option nor a run to resume).
+        if self.subcommand is None:
+            return
+        config = self.config[self.subcommand]
         root = config["trainer"].get("default_root_dir") or "runs"
         config["ckpt_path"] = resolve_ckpt_path(config.get("ckpt_path"), root)
 
