@@ -85,10 +85,12 @@ def test_ctrl_c_saves_the_step_in_flight_and_the_resumed_run_is_the_uninterrupte
     assert [p.name for p in run.iterdir()] == ["version_0"]  # the resumed run continued its own log folder
     assert curves(run) == curves(uninterrupted)  # bit for bit, every step, once
     assert logged_steps(run, "val/loss") == logged_steps(uninterrupted, "val/loss") == [3, 7]
-    results = speedup.main(["--baseline", str(uninterrupted), "--treatment", str(run), "--metrics",
-                            "train/loss_next1,val/loss", "--output", str(tmp_path / "s.md"),
-                            "--plot", str(tmp_path / "s.png")])
-    assert [r.ratio for r in results] == [pytest.approx(1.0)] * 2
+    # speedup.py reads the resumed run exactly as the uninterrupted one (against the same baseline, the same
+    # readings; on these 8-step curves a run against itself need not read 1.0).
+    readings = [[(r.metric, r.ratio) for r in speedup.main(
+        ["--baseline", str(uninterrupted), "--treatment", str(treatment), "--metrics", "train/loss_next1,val/loss",
+         "--output", str(tmp_path / "s.md"), "--plot", str(tmp_path / "s.png")])] for treatment in (run, uninterrupted)]
+    assert readings[0] == readings[1] and len(readings[0]) == 2
 
 
 def test_sigkill_while_writing_a_checkpoint_leaves_the_earlier_ones_and_resume_loses_nothing(tmp_path, text_corpus,
