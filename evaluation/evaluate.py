@@ -9,7 +9,7 @@ Tasks: lm-eval names or groups (``hellaswag``, ``arc_easy``, ``arc_challenge``, 
 and ``grammar``. Offline they read ``<data-dir>/<task>/*.jsonl``; ``--online`` uses lm-eval's own task files.
 The tokenizer defaults to the one the checkpoint was trained with (its grammar, or the tokenizer file recorded in
 it or in its shards' manifest); a ``--tokenizer`` whose sha256 differs from the recorded one is refused.
-Every checkpoint is verified before it is loaded (``lit_overtok.checkpoints``); a damaged one (or a link to a
+Every checkpoint is verified before it is loaded (``lit_overtok.checkpoint_files``); a damaged one (or a link to a
 removed file) is reported and the others are scored (exit status 1 when any was skipped). A ``last.ckpt`` link is
 scored once, under its step file's name, when the glob lists both.
 
@@ -32,11 +32,13 @@ from typing import Any, Optional
 import torch
 from tqdm import tqdm
 
-from lit_overtok.checkpoints import checkpoint_tokenizer, load_verified, tokenizer_file_for
+from lit_overtok.checkpoint_files import checkpoint_tokenizer, tokenizer_file_for
+from lit_overtok.checkpoints import read_checkpoint, tokenizer_spec as named_tokenizer
 from lit_overtok.errors import InputError
 from lit_overtok.evaluation.runner import downstream_score, PRIMARY_METRICS, task_scores, TaskSuite
 from lit_overtok.evaluation.tokenizers import load_tokenizer
 from lit_overtok.lightning_module import OverTokLM
+from lit_overtok.script_errors import exit_on_user_error
 from lit_overtok.evaluation.adapter import OverTokEvalLM
 
 
@@ -83,9 +85,7 @@ def find_checkpoints(patterns: list[str]) -> list[Path]:
 
 def load_checkpoint(path: Path, device: str) -> tuple[OverTokLM, dict[str, Any]]:
     """The LightningModule and the checkpoint's metadata (step, tokens, the data module's hyperparameters)."""
-    checkpoint = load_verified(path, mmap=True)
-    if "hyper_parameters" not in checkpoint or "state_dict" not in checkpoint:
-        raise ValueError(f"{path} is not a lit_overtok Lightning checkpoint (no hyper_parameters/state_dict)")
+    checkpoint = read_checkpoint(path)  # verified; training or inference (train.py strip) checkpoints alike
     module = OverTokLM(**checkpoint["hyper_parameters"])
     module.load_state_dict(checkpoint["state_dict"])
     module.on_load_checkpoint(checkpoint)
@@ -99,15 +99,12 @@ def load_checkpoint(path: Path, device: str) -> tuple[OverTokLM, dict[str, Any]]
 
 
 def tokenizer_spec(args: argparse.Namespace, meta: dict[str, Any], path: Path) -> str:
-    data_hparams, record = meta["data"], meta["tokenizer"]
+    record = meta["tokenizer"]
     if record is not None and not (args.tokenizer or "").startswith("grammar:"):
         return tokenizer_file_for(record, args.tokenizer, path)
-    if args.tokenizer is not None:
-        return args.tokenizer
-    if data_hparams.get("grammar"):
-        return f"grammar:{data_hparams['grammar']}"
-    if data_hparams.get("tokenizer"):
-        return str(data_hparams["tokenizer"])
+    spec = args.tokenizer or named_tokenizer(meta["data"])
+    if spec is not None:
+        return spec
     raise ValueError(f"{path}: the checkpoint names no tokenizer; pass --tokenizer (a tokenizers JSON or grammar:<name>)")
 
 
@@ -194,4 +191,4 @@ def main(argv: Optional[list[str]] = None) -> list[dict[str, Any]]:
 
 
 if __name__ == "__main__":
-    sys.exit(1 if any("error" in row for row in main()) else 0)
+    sys.exit(1 if any("error" in row for row in exit_on_user_error(main)) else 0)

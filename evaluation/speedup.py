@@ -42,6 +42,7 @@ from typing import Optional
 import numpy as np
 
 from lit_overtok.evaluation.run_logs import read_run_scalars
+from lit_overtok.script_errors import exit_on_user_error
 
 TOKENS_TAG = "train/tokens_seen"
 DEFAULT_LOSS_TAG = "train/loss_next1"
@@ -272,4 +273,4 @@ def main(argv: Optional[list[str]] = None) -> list[Speedup]:
 
 
 if __name__ == "__main__":
-    main()
+    exit_on_user_error(main)

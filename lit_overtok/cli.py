@@ -1,13 +1,16 @@
-"""The LightningCLI used by ``train.py``: subclass mode for model and data, the vocabulary linked from the data.
+"""The training command line: ``train.py fit | validate | test`` (LightningCLI) and ``generate | export | strip``.
 
 With no arguments, ``fit`` runs the embedded default (DEFAULT_TRAINER plus the defaults of ``OverTokLM`` and
 ``CFGDataModule``): a small model on the cfg3f grammar that finishes within 5 minutes on 2 idle CPU cores, then
-prints what happened and what to try next (``run_summary``).
+prints what happened and what to try next (``run_summary``). Model and data are in subclass mode (``class_path`` /
+``init_args``) and the vocabulary is linked from the data. Keys are checked before jsonargparse sees them
+(``config_keys``), so a wrong one is one line naming the nearest valid name.
 """
 
 from __future__ import annotations
 
-import re
+import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -16,19 +19,23 @@ from typing import Optional
 import yaml
 
 from lightning.pytorch import LightningDataModule
-from lightning.pytorch.callbacks import ModelCheckpoint
-from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import TensorBoardLogger
 
-from lit_overtok.callbacks import TokenThroughputMonitor
-from lit_overtok.checkpoints import resolve_ckpt_path, run_logger_kwargs, with_atomic_checkpoint_io
+from lit_overtok import checkpoints, generate
+from lit_overtok.callbacks import StepProgressBar, TokenThroughputMonitor
+from lit_overtok.checkpoint_files import resolve_ckpt_path, run_logger_kwargs, with_atomic_checkpoint_io
+from lit_overtok.config_keys import check_keys, field_help, OPTIMIZER_MESSAGE, REFUSED_ROOTS, resolve_model_config
 from lit_overtok.data.cfg_datamodule import CFGDataModule
 from lit_overtok.errors import InputError
 from lit_overtok.evaluation.callback import LMEvalCallback
-from lit_overtok.global_batch import GlobalBatch, GlobalBatchError, apply_global_batch
+from lit_overtok.export import command as export_command
+from lit_overtok.global_batch import GlobalBatch, apply_global_batch
 from lit_overtok.lightning_module import OverTokLM
 from lit_overtok.run_checkpoint import RunCheckpoint
 from lit_overtok.run_summary import run_summary
+from lit_overtok.script_errors import exit_on_user_error, one_line, USER_ERRORS
 
 # The default run ends within 5 minutes on an idle 2-core CPU, evaluations included (BENCHMARKS.md: the default run).
 DEFAULT_TRAINER = {
@@ -43,8 +50,35 @@ DEFAULT_TRAINER = {
     "default_root_dir": "runs/default",
 }
 
+# Commands beside Lightning's fit / validate / test: (main(argv), what it does).
+COMMANDS = {
+    "generate": (generate.main, "sample text from a checkpoint (temperature, top-k, max tokens, stop at EOS)"),
+    "export": (export_command.main, "write a Hugging Face transformers folder (Olmo2 / FlexOlmo / OLMoE)"),
+    "strip": (checkpoints.main, "write a small inference checkpoint (no optimizer state, no OD / MTP-DS heads)"),
+}
+COMMANDS_EPILOG = "other commands (train.py <command> --help):\n" + "\n".join(
+    f"  {name:10s}{summary}" for name, (_, summary) in COMMANDS.items())
+
+
+class OverTokArgumentParser(LightningArgumentParser):
+    """Dumps (``--print_config``, the saved ``config.yaml``) show the model config with its preset resolved."""
+
+    def dump(self, cfg, *args, **kwargs):
+        return super().dump(resolve_model_config(cfg), *args, **kwargs)
+
 
 class OverTokCLI(LightningCLI):
+    @staticmethod
+    def subcommands() -> dict[str, set[str]]:
+        # predict has no prompts to read from a data module; `train.py generate` samples from a checkpoint.
+        return {name: skip for name, skip in LightningCLI.subcommands().items() if name != "predict"}
+
+    def before_instantiate_classes(self) -> None:
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        for key in REFUSED_ROOTS:
+            if config.get(key) is not None:
+                raise ValueError(f"{key}: {OPTIMIZER_MESSAGE}")
+
     def add_arguments_to_parser(self, parser) -> None:
         parser.set_defaults({
             "model": {"class_path": f"{OverTokLM.__module__}.{OverTokLM.__qualname__}"},
@@ -66,8 +100,9 @@ class OverTokCLI(LightningCLI):
 
     def _instantiate_trainer(self, config, callbacks):
         # Our defaults unless the config gives its own: TensorBoard without the placeholder hp_metric (continuing the
-        # resumed run's folder), throughput in tokens and FLOPs, checkpoints that are atomic, verified on load and
-        # saved on Ctrl-C / SIGTERM, with last.ckpt always the latest step.
+        # resumed run's folder), speed and memory (timed first, before any other callback's batch-end work), a
+        # progress bar counted in optimizer steps, and checkpoints that are atomic, verified on load and saved on
+        # Ctrl-C / SIGTERM, with last.ckpt always the latest step.
         if config.get("logger") in (None, True):
             root = config.get("default_root_dir") or "runs"
             resume = self.config[self.subcommand].get("ckpt_path") if self.subcommand == "fit" else None
@@ -75,10 +110,12 @@ class OverTokCLI(LightningCLI):
                                                  **run_logger_kwargs(resume, root))
         config["plugins"] = with_atomic_checkpoint_io(config.get("plugins"))
         given = list(config.get("callbacks") or []) + list(callbacks)
+        if not any(isinstance(c, TokenThroughputMonitor) for c in given):
+            config["callbacks"] = [TokenThroughputMonitor()] + list(config.get("callbacks") or [])
+        if config.get("enable_progress_bar") is not False and not any(isinstance(c, ProgressBar) for c in given):
+            callbacks.append(StepProgressBar())
         if not any(isinstance(c, ModelCheckpoint) for c in given):
             callbacks.append(RunCheckpoint(every_n_train_steps=100))
-        if not any(isinstance(c, TokenThroughputMonitor) for c in given):
-            callbacks.append(TokenThroughputMonitor())
         # Grammar runs score the cfg tasks in-loop (eval/*); small subsets keep the default run within minutes.
         if not any(isinstance(c, LMEvalCallback) for c in given):
             default_eval = LMEvalCallback.for_grammar_run(self.datamodule)
@@ -101,7 +138,9 @@ class OverTokCLI(LightningCLI):
 
 
 def _root_cause(error: BaseException) -> BaseException:
-    """The deepest ValueError in the chain: ours (config validation, GrammarError), not the I/O error beneath."""
+    """The deepest ValueError in the chain: ours (config validation, GrammarError), not the I/O error beneath.
+
+    ``LIT_OVERTOK_TRACEBACK=1`` shows the whole traceback instead."""
     found = error
     while error is not None:
         if isinstance(error, ValueError):
@@ -111,32 +150,25 @@ def _root_cause(error: BaseException) -> BaseException:
     return found
 
 
-_RENAMED_KEY = re.compile(r"^--model\.(init_args\.)?model(\.|=|$)")
-_RENAMED_MESSAGE = ("the model's architecture is configured under model.init_args.model_config (renamed from "
-                    "model.init_args.model); e.g. --model.init_args.model_config.preset cfg-small")
-
-
-def reject_renamed_keys(args: Optional[list[str]]) -> None:
-    """One clear error for the architecture key of earlier versions, on the command line or in a --config file."""
-    args = sys.argv[1:] if args is None else args
-    for i, arg in enumerate(args):
-        if _RENAMED_KEY.match(arg):
-            raise ValueError(f"{arg.split('=')[0]}: {_RENAMED_MESSAGE}")
-        if arg == "--config" and i + 1 < len(args) or arg.startswith("--config="):
-            path = Path(arg.split("=", 1)[1] if "=" in arg else args[i + 1])
-            config = yaml.safe_load(path.read_text()) if path.is_file() else None
-            model = config.get("model") if isinstance(config, dict) else None
-            init_args = model.get("init_args", model) if isinstance(model, dict) else None
-            if isinstance(init_args, dict) and "model" in init_args:
-                raise ValueError(f"{path}: model.init_args.model: {_RENAMED_MESSAGE}")
+def _fail(message: object) -> None:
+    sys.stderr.write(f"error: {one_line(message) if isinstance(message, BaseException) else message}\n")
+    raise SystemExit(2)
 
 
 def main(args=None) -> None:
+    given, args = args, list(sys.argv[1:] if args is None else args)
+    if args and args[0] in COMMANDS:
+        return exit_on_user_error(COMMANDS[args[0]][0], args[1:])
+    if args and args[0] == "predict":
+        _fail("train.py predict is not available; sample from a checkpoint with train.py generate "
+              "(train.py generate --help)")
     try:
-        reject_renamed_keys(args)
-    except ValueError as error:
-        sys.stderr.write(f"error: {error}\n")
-        raise SystemExit(2) from None
+        asked_help = check_keys(args)
+    except (ValueError, OSError, yaml.YAMLError) as error:
+        _fail(error)
+    if asked_help is not None:
+        sys.stdout.write(field_help(*asked_help))
+        raise SystemExit(0)
     try:
         OverTokCLI(
             OverTokLM,
@@ -146,15 +178,14 @@ def main(args=None) -> None:
             trainer_defaults=DEFAULT_TRAINER,
             save_config_kwargs={"overwrite": True},
             seed_everything_default=1234,  # reproducible unless a config says otherwise
-            args=args,
+            parser_class=OverTokArgumentParser,
+            parser_kwargs={"description": __doc__.split("\n\n")[0], "epilog": COMMANDS_EPILOG,
+                           "formatter_class": argparse.RawDescriptionHelpFormatter},
+            args=given,
         )
-    except InputError as error:  # bad input met while running (a file, a checkpoint, a field checked at setup)
-        sys.stderr.write(f"error: {error}\n")
-        raise SystemExit(2) from None
-    except ValueError as error:
-        # jsonargparse wraps a config error from our classes in union-type noise; show the user our message.
-        root = _root_cause(error)
-        if root is error and not isinstance(error, GlobalBatchError):
+    except USER_ERRORS as error:
+        # jsonargparse wraps a config error from our classes in union-type noise; show the user our message. Bad
+        # input met while running (a file, a checkpoint, a field checked at setup) is an InputError that says it all.
+        if os.environ.get("LIT_OVERTOK_TRACEBACK"):
             raise
-        sys.stderr.write(f"error: {root}\n")
-        raise SystemExit(2) from error
+        _fail(error if isinstance(error, InputError) else _root_cause(error))

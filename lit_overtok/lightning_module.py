@@ -1,15 +1,18 @@
-"""The LightningModule: training objective, validation loss, optimizer and schedule for every model variant.
+"""The LightningModule: training objective, validation and test loss, optimizer and schedule for every model variant.
 
-Logged to TensorBoard (step axis = optimizer steps; ``train/tokens_seen`` gives the token axis):
+Logged (step axis = optimizer steps completed, for every tag: a training step's values at the step it completes,
+validation and evaluation after that many steps; ``train/tokens_seen`` gives the token axis):
 ``train/loss`` (the full objective), ``train/loss_next1`` (plain next-token CE) plus any per-head parts,
-``train/lr``, ``train/tokens_seen``, what modules publish through ``nn.hooks`` (``train/oe/*``, ``train/moe/*``),
-``val/loss`` and ``val/ppl``. Benchmark and grammar scores (``eval/*``, the paper's generation accuracy among them)
-come from ``evaluation.callback.LMEvalCallback``.
+``train/lr``, ``train/tokens_seen``, ``train/grad_norm`` (+ ``/<part>``, ``optim.gradients``), what modules publish
+through ``nn.hooks`` (``train/oe/*``, ``train/moe/*``), ``val/loss``, ``val/ppl`` (+ ``val/loss_by_tokens``) and
+``test/loss``, ``test/ppl``. Benchmark and grammar scores (``eval/*``) come from ``evaluation.callback.LMEvalCallback``,
+speed and memory from ``callbacks.TokenThroughputMonitor``, the HPARAMS tab and parameter counts from ``hparams_tab``.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 from typing import Any, Optional
 
 import lightning.pytorch as pl
@@ -18,6 +21,7 @@ from torchmetrics import MeanMetric
 
 from lit_overtok.configuration import config_from
 from lit_overtok.errors import InputError
+from lit_overtok.evaluation.callback import log_by_tokens
 from lit_overtok.nn import hooks
 from lit_overtok.nn.config import ModelConfig
 from lit_overtok.nn.counts import flops_per_token
@@ -25,6 +29,8 @@ from lit_overtok.nn.losses import IGNORE_INDEX
 from lit_overtok.nn.transformer import Transformer
 from lit_overtok.optim.build import build_optimizer
 from lit_overtok.optim.config import OptimizerConfig
+from lit_overtok.optim.gradients import gradient_norms
+from lit_overtok.hparams_tab import log_hparams_tab
 
 
 class OverTokLM(pl.LightningModule):
@@ -51,14 +57,17 @@ class OverTokLM(pl.LightningModule):
                     f"{vocab_size} tokens; remove model_config.vocab_size or use data that matches it"
                 )
             model_config = model_config.replace(vocab_size=vocab_size)
-        # Plain dicts in the checkpoint, so loading needs no unpickling of our classes.
-        self.save_hyperparameters({
+        # Plain dicts and lists (JSON types) in the checkpoint and hparams.yaml: loading unpickles none of our classes
+        # and yaml.safe_load reads them (a tuple would be written as !!python/tuple).
+        self.save_hyperparameters(json.loads(json.dumps({
             "model_config": dataclasses.asdict(model_config), "optimizer": dataclasses.asdict(optimizer_config),
-        })
+        })))
         self.model_config, self.optimizer_config = model_config, optimizer_config
         self.transformer = Transformer(model_config)
         self.val_loss = MeanMetric()
+        self.test_loss = MeanMetric()
         self.tokens_seen = 0
+        self._checkpoint_step = 0
         self._flops_per_token: dict[int, float] = {}
 
     def forward(self, input_ids_BT: torch.Tensor) -> torch.Tensor:
@@ -68,14 +77,14 @@ class OverTokLM(pl.LightningModule):
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         loss, parts = self.transformer.loss(batch["input_ids"], batch["labels"])
         self.tokens_seen += batch["input_ids"].numel() * self.trainer.world_size
+        self.log("step", float(self.global_step + 1))  # the step this batch completes: the axis of every tag
         self.log("train/loss", loss, prog_bar=True)
         for name, value in parts.items():
             self.log(f"train/{name}", value)
         self.log("train/tokens_seen", float(self.tokens_seen))
         optimizer = self.optimizers(use_pl_optimizer=False)
         self.log("train/lr", optimizer.param_groups[0]["lr"] / optimizer.param_groups[0]["lr_multiplier"])
-        # Lightning writes logged values when (step + 1) is a multiple of log_every_n_steps; compute them then.
-        if (self.trainer.global_step + 1) % self.trainer.log_every_n_steps == 0:
+        if self._writes_logs():
             self.log_dict({f"train/{k}": v for k, v in hooks.training_metrics(self.transformer).items()})
             if isinstance(self.trainer.datamodule, hooks.PublishesTrainingMetrics):
                 # Data diagnostics are counts per rank (e.g. corrupt shards skipped): log their sum over ranks.
@@ -83,12 +92,21 @@ class OverTokLM(pl.LightningModule):
                 self.log_dict({f"train/{k}": v for k, v in data_metrics.items()}, sync_dist=True, reduce_fx="sum")
         return loss
 
+    def _writes_logs(self) -> bool:
+        """Lightning writes logged values when (step + 1) is a multiple of log_every_n_steps; compute them then."""
+        return (self.trainer.global_step + 1) % self.trainer.log_every_n_steps == 0
+
     def on_train_start(self) -> None:
-        # Parameter counts, once per fit at the current step: ``params/non_embedding`` is the backbone, and modules
-        # that publish ``parameter_metrics`` (Over-Encoding) add their own beside it.
+        # Parameter counts, once per fit, into the hyperparameters (HPARAMS tab, hparams.yaml) and a text table:
+        # ``non_embedding`` is the backbone, and modules that publish ``parameter_metrics`` (Over-Encoding) add theirs.
         counts = {**self.transformer.parameter_counts().as_dict(), **hooks.parameter_metrics(self.transformer)}
-        for logger in self.loggers:
-            logger.log_metrics({f"params/{k}": float(v) for k, v in counts.items()}, step=self.global_step)
+        log_hparams_tab(self.loggers, dict(self.hparams), counts, self.global_step)
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        # Before clipping: the norm that clipping acts on (the sparse path clips inside its optimizer, later).
+        if self._writes_logs():
+            norms = gradient_norms(self.transformer)
+            self.log_dict({f"train/{name}": value for name, value in norms.items()})
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
         # torch's clip_grad_norm_ cannot take sparse row gradients (Over-Encoding's sparse path); an optimizer that
@@ -136,20 +154,38 @@ class OverTokLM(pl.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.tokens_seen = checkpoint.get("tokens_seen", 0)
+        # validate/test restore the weights but not the loops: the checkpoint's step is their point on the axis.
+        self._checkpoint_step = checkpoint.get("global_step", 0)
 
-    # --------------------------------------------------------------------------------------------- validation
-    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+    # ---------------------------------------------------------------------------------- validation and test
+    def _update_loss(self, metric: MeanMetric, batch: dict[str, torch.Tensor]) -> None:
         logits_BTV = self.transformer(batch["input_ids"])
         labels_BT = batch["labels"]
         n_targets = (labels_BT != IGNORE_INDEX).sum()
         loss = torch.nn.functional.cross_entropy(
             logits_BTV.flatten(0, 1).float(), labels_BT.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
         )
-        # Token-weighted mean over the whole validation set (batches may hold different numbers of targets).
-        self.val_loss.update(loss / n_targets.clamp(min=1), weight=n_targets)
+        # Token-weighted mean over the whole set (batches may hold different numbers of targets).
+        metric.update(loss / n_targets.clamp(min=1), weight=n_targets)
+
+    def _log_loss(self, metric: MeanMetric, split: str) -> float:
+        loss = metric.compute()
+        metric.reset()
+        self.log("step", float(self.global_step or self._checkpoint_step))  # after this many optimizer steps
+        self.log(f"{split}/loss", loss, sync_dist=False)
+        self.log(f"{split}/ppl", torch.exp(loss.clamp(max=50.0)))
+        return float(loss)
+
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        self._update_loss(self.val_loss, batch)
 
     def on_validation_epoch_end(self) -> None:
-        val_loss = self.val_loss.compute()
-        self.val_loss.reset()
-        self.log("val/loss", val_loss, sync_dist=False)
-        self.log("val/ppl", torch.exp(val_loss.clamp(max=50.0)))
+        val_loss = self._log_loss(self.val_loss, "val")
+        if not self.trainer.sanity_checking:
+            log_by_tokens(self.trainer, {"val/loss": val_loss}, self.tokens_seen)
+
+    def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        self._update_loss(self.test_loss, batch)
+
+    def on_test_epoch_end(self) -> None:
+        self._log_loss(self.test_loss, "test")

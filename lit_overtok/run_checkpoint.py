@@ -1,7 +1,7 @@
 """When a run saves: ``RunCheckpoint``, the ModelCheckpoint every ``train.py`` run gets.
 
 * ``last.ckpt`` is a link to the newest step file, replaced in one rename right after that file is written and
-  before an older step file is removed, so it is never behind and never dangles (``checkpoints.link_atomically``).
+  before an older step file is removed, so it is never behind and never dangles (``checkpoint_files.link_atomically``).
 * A step checkpoint due at a step with a validation is written after that validation, so everything logged at the
   step (train metrics, in-training evaluation, validation) happened before it: a resumed run repeats none of it and
   misses none of it.
@@ -26,7 +26,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 
-from lit_overtok.checkpoints import link_atomically, remove_stale_temporaries
+from lit_overtok.checkpoint_files import link_atomically, remove_stale_temporaries
 
 
 def _validation_follows(trainer: pl.Trainer) -> bool:

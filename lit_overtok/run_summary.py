@@ -3,8 +3,8 @@
 A newcomer's first run ends with a few lines rather than a scrolled-away progress bar: steps, tokens and time; the
 final training and validation losses beside the loss of a uniform guess (so "0.98" means something); the last
 in-training evaluation; where the TensorBoard logs, the exact config and the checkpoint are; and the next commands
-(score the checkpoint; on grammar data without Over-Encoding, train its OE twin and measure the speedup). Printed
-by the CLI on rank 0 after ``fit`` returns.
+(score, sample and export the checkpoint; on grammar data without Over-Encoding, train its OE twin and measure the
+speedup). Printed by the CLI on rank 0 after ``fit`` returns.
 """
 
 from __future__ import annotations
@@ -69,7 +69,10 @@ def _next_commands(trainer: pl.Trainer, checkpoint: str, config_path: Optional[s
     grammar = getattr(trainer.datamodule, "grammar", None)
     lines = ["Next:",
              f"  score it:    python evaluation/evaluate.py --checkpoint {checkpoint} "
-             f"--tasks {'grammar' if grammar is not None else 'paper'}"]
+             f"--tasks {'grammar' if grammar is not None else 'paper'}",
+             f"  sample it:   python train.py generate --checkpoint {checkpoint} --num-samples 4",
+             f"  export it:   python train.py export --checkpoint {checkpoint} --out {Path(checkpoint).parent.parent / 'hf'}"
+             "   (Hugging Face transformers)"]
     model_config = getattr(trainer.lightning_module, "model_config", None)
     if grammar is not None and getattr(model_config, "over_encoding", None) is None and log_dir is not None:
         # cfg3f and its kin: m = V^3 makes exact 3-gram tables, the paper's synthetic setting (PAPER.md §5).

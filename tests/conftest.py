@@ -66,6 +66,38 @@ def text_corpus(tmp_path_factory) -> Path:
     return prepare_corpus(tmp_path_factory.mktemp("text_corpus"))
 
 
+# A 2-step run of the real CLI per model family (tiny shapes, cfg3f), shared by the tests of the commands that read
+# checkpoints (generate, strip, export, lm-eval, evaluate).
+TINY_FIT = ["--trainer.max_steps=2", "--trainer.val_check_interval=2", "--trainer.limit_val_batches=1",
+            "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false",
+            "--data.init_args.seq_len=32", "--data.init_args.batch_size=2", "--data.init_args.val_sentences=2"]
+RUN_FAMILIES = {
+    "dense": ["--model.init_args.model_config.preset=tiny"],
+    "moe": ["--model.init_args.model_config.preset=moe-tiny"],
+    "oe": ["--model.init_args.model_config.preset=tiny",
+           '--model.init_args.model_config.over_encoding={"m": 97, "n": 3, "k": 2}'],
+    "od": ["--model.init_args.model_config.preset=tiny",
+           '--model.init_args.model_config.multi_token={"mode": "od", "n": 2}'],
+}
+
+
+@pytest.fixture(scope="session")
+def trained_checkpoint(tmp_path_factory):
+    """``trained_checkpoint(family) -> last.ckpt`` of a 2-step ``train.py fit`` (trained once per session)."""
+    from lit_overtok.cli import main as cli_main
+
+    done: dict[str, Path] = {}
+
+    def train(family: str) -> Path:
+        if family not in done:
+            root = tmp_path_factory.mktemp(f"run_{family}")
+            cli_main(["fit", f"--trainer.default_root_dir={root}", *TINY_FIT, *RUN_FAMILIES[family]])
+            done[family] = root / "version_0" / "checkpoints" / "last.ckpt"
+        return done[family]
+
+    return train
+
+
 @pytest.fixture(scope="session")
 def tiny_sweep(tmp_path_factory) -> Path:
     """The grid file of a finished 2-point sweep (baseline and exact 3-gram OE, seed 1), run one point at a time."""

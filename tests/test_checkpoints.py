@@ -1,128 +1,48 @@
-"""Checkpoint files: damaged ones (flipped bits, truncated, empty, not a checkpoint) are refused on every load path
-with one line naming the file; last.ckpt links fall back to hard links and copies; the resume search skips damage."""
+"""``train.py strip``: a small inference checkpoint without optimizer state or training-only heads, which every
+reader loads (evaluate.py, generate, export, ``OverTokLM.load_from_checkpoint``) and which predicts exactly as the
+training checkpoint's next-token head does."""
 
 from __future__ import annotations
 
-import os
-import shutil
-from pathlib import Path
-
-import lightning.pytorch as pl
 import pytest
 import torch
 
-from lit_overtok import checkpoints
-from lit_overtok.checkpoints import (
-    CheckpointError,
-    find_resume_checkpoint,
-    link_atomically,
-    load_verified,
-    resolve_ckpt_path,
-    verify_checkpoint,
-)
+from evaluation import evaluate
+from lit_overtok.checkpoints import load_transformer
 from lit_overtok.cli import main as cli_main
-from lit_overtok.data.cfg_datamodule import CFGDataModule
 from lit_overtok.lightning_module import OverTokLM
-from lit_overtok.nn.config import ModelConfig
-from lit_overtok.run_checkpoint import RunCheckpoint
 
 
-def flip_bytes_in_a_weight(path: Path, count: int = 4000) -> None:
-    """Invert ``count`` bytes in the middle of the largest tensor's bytes: the file still loads with torch."""
-    import struct
-    import zipfile
-
-    with zipfile.ZipFile(path) as archive:
-        largest = max((i for i in archive.infolist() if "/data/" in i.filename), key=lambda i: i.file_size)
-    data = bytearray(path.read_bytes())
-    name_length, extra_length = struct.unpack("<HH", data[largest.header_offset + 26:largest.header_offset + 30])
-    start = largest.header_offset + 30 + name_length + extra_length + largest.file_size // 2 - count // 2
-    data[start:start + count] = bytes(b ^ 0xFF for b in data[start:start + count])
-    path.write_bytes(bytes(data))
-
-
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory) -> Path:
-    """A grammar run's checkpoints (steps 1, 2, 3), written by RunCheckpoint through AtomicCheckpointIO."""
-    root = tmp_path_factory.mktemp("trained")
-    callback = RunCheckpoint(dirpath=root / "version_0" / "checkpoints", every_n_train_steps=1, save_top_k=-1)
-    trainer = pl.Trainer(max_steps=3, logger=False, callbacks=[callback], enable_progress_bar=False,
-                         limit_val_batches=0, use_distributed_sampler=False, enable_model_summary=False,
-                         plugins=[checkpoints.AtomicCheckpointIO()])
-    trainer.fit(OverTokLM(model_config=ModelConfig(preset="tiny", max_seq_len=1024), vocab_size=7),
-                CFGDataModule(seq_len=32, batch_size=2, val_sentences=4))
-    return root
+def test_strip_drops_optimizer_state_and_over_decoding_heads(trained_checkpoint, tmp_path, capsys):
+    source = trained_checkpoint("od")
+    out = tmp_path / "model.ckpt"
+    cli_main(["strip", "--checkpoint", str(source), "--out", str(out)])
+    assert "wrote" in capsys.readouterr().out
+    full, small = torch.load(source, weights_only=False), torch.load(out, weights_only=False)
+    assert "optimizer_states" in full and "optimizer_states" not in small and "lr_schedulers" not in small
+    assert any(k.startswith("transformer.multi_token_head.") for k in full["state_dict"])
+    assert not any(k.startswith("transformer.multi_token_head.") for k in small["state_dict"])
+    assert small["hyper_parameters"]["model_config"]["multi_token"] is None
+    assert small["inference_only"]["dropped_heads"] == "od"
+    assert out.stat().st_size < 0.5 * source.stat().st_size
+    # The next-token model is unchanged, whoever loads it.
+    trained, _ = load_transformer(source)
+    stripped, info = load_transformer(out)
+    assert info.global_step == 2 and info.data["grammar"] == "cfg3f"
+    ids_BT = torch.randint(0, 7, (2, 20), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(trained(ids_BT), stripped(ids_BT))
+        module, meta = evaluate.load_checkpoint(out, "cpu")
+        assert torch.equal(module(ids_BT), trained(ids_BT)) and meta["global_step"] == 2
+        assert torch.equal(OverTokLM.load_from_checkpoint(out).eval()(ids_BT), trained(ids_BT))
 
 
-def copy_run(trained: Path, tmp_path: Path) -> Path:
-    shutil.copytree(trained, tmp_path / "run", symlinks=True)
-    return tmp_path / "run" / "version_0" / "checkpoints"
-
-
-DAMAGE = {
-    "flipped": (flip_bytes_in_a_weight, "do not match the CRC-32"),
-    "truncated": (lambda p: p.write_bytes(p.read_bytes()[: p.stat().st_size // 2]), "not a complete checkpoint"),
-    "empty": (lambda p: p.write_bytes(b""), r"0 bytes: empty"),
-    "text": (lambda p: p.write_text("weights: none\n"), "not a complete checkpoint"),
-}
-
-
-@pytest.mark.parametrize("kind", DAMAGE)
-def test_damaged_checkpoints_are_refused_naming_the_file(trained, tmp_path, kind):
-    path = copy_run(trained, tmp_path) / "epoch=0-step=2.ckpt"
-    if kind == "flipped":
-        before = torch.load(path, weights_only=False)["state_dict"]
-    damage, message = DAMAGE[kind]
-    damage(path)
-    if kind == "flipped":  # torch alone loads the damaged weights without a word
-        after = torch.load(path, weights_only=False)["state_dict"]
-        assert any(not torch.equal(before[k], after[k]) for k in before)
-    for check in (verify_checkpoint, load_verified):
-        with pytest.raises(CheckpointError, match=message) as error:
-            check(path)
-        assert str(path) in str(error.value) and "\n" not in str(error.value)
-
-
-def test_lightning_resume_from_a_flipped_checkpoint_stops_with_one_line(trained, tmp_path, capsys):
-    path = copy_run(trained, tmp_path) / "epoch=0-step=2.ckpt"
-    flip_bytes_in_a_weight(path)
-    with pytest.raises(SystemExit) as stopped:
-        cli_main(["fit", f"--trainer.default_root_dir={tmp_path / 'run'}", "--trainer.max_steps=4",
-                  "--trainer.enable_progress_bar=false", "--model.init_args.model_config.preset=tiny",
-                  "--data.init_args.seq_len=32", "--data.init_args.batch_size=2", f"--ckpt_path={path}"])
-    assert stopped.value.code == 2
-    err = capsys.readouterr().err
-    assert err.strip().splitlines()[-1].startswith(f"error: {path} is damaged") and "Traceback" not in err
-
-
-def test_last_ckpt_is_a_link_to_the_newest_step_and_falls_back_to_hard_links_and_copies(trained, tmp_path,
-                                                                                      monkeypatch):
-    folder = copy_run(trained, tmp_path)
-    assert os.readlink(folder / "last.ckpt") == "epoch=0-step=3.ckpt"
-    target, link = folder / "epoch=0-step=2.ckpt", tmp_path / "last.ckpt"
-
-    def refuse(*args, **kwargs):
-        raise OSError(1, "Operation not permitted")
-
-    monkeypatch.setattr(os, "symlink", refuse)
-    assert link_atomically(target, link) == "hardlink"
-    assert os.path.samefile(link, target) and not link.is_symlink()
-    monkeypatch.setattr(os, "link", refuse)
-    assert link_atomically(target, link) == "copy"
-    assert link.read_bytes() == target.read_bytes() and not os.path.samefile(link, target)
-    verify_checkpoint(link)
-    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temporary left behind
-
-
-def test_resume_search_takes_the_newest_sound_checkpoint_of_the_latest_run(trained, tmp_path):
-    folder = copy_run(trained, tmp_path)
-    assert find_resume_checkpoint(tmp_path / "run") == folder / "epoch=0-step=3.ckpt"
-    flip_bytes_in_a_weight(folder / "epoch=0-step=3.ckpt")
-    with pytest.warns(UserWarning, match="skipping it for resume: .*step=3.ckpt is damaged"):
-        assert find_resume_checkpoint(tmp_path / "run") == folder / "epoch=0-step=2.ckpt"
-    (tmp_path / "run" / "version_1" / "checkpoints").mkdir(parents=True)  # a later run that saved nothing yet
-    with pytest.warns(UserWarning):
-        assert resolve_ckpt_path("auto", tmp_path / "run") == str(folder / "epoch=0-step=2.ckpt")
-    assert resolve_ckpt_path("auto", tmp_path / "elsewhere") is None
-    with pytest.raises(CheckpointError, match="no checkpoint"):
-        resolve_ckpt_path(str(tmp_path / "run" / "version_1"), tmp_path / "run")
+def test_strip_refuses_its_own_input_and_a_file_that_is_not_a_checkpoint(trained_checkpoint, tmp_path, capsys):
+    source = trained_checkpoint("dense")
+    for args in (["--checkpoint", str(source), "--out", str(source)],
+                 ["--checkpoint", str(source.parent.parent / "hparams.yaml"), "--out", str(tmp_path / "x.ckpt")],
+                 ["--checkpoint", str(tmp_path / "missing.ckpt"), "--out", str(tmp_path / "x.ckpt")]):
+        with pytest.raises(SystemExit) as exit_info:
+            cli_main(["strip", *args])
+        err = capsys.readouterr().err
+        assert exit_info.value.code == 2 and len(err.strip().splitlines()) == 1, err

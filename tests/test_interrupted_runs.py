@@ -15,7 +15,7 @@ import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from evaluation import speedup
-from lit_overtok.checkpoints import verify_checkpoint
+from lit_overtok.checkpoint_files import verify_checkpoint
 from lit_overtok.cli import main as cli_main
 from lit_overtok.evaluation.run_logs import read_run_scalars
 

@@ -11,7 +11,7 @@ import torch
 
 from conftest import prepare_corpus
 from evaluation import evaluate
-from lit_overtok.checkpoints import CheckpointError, save_atomically
+from lit_overtok.checkpoint_files import CheckpointError, save_atomically
 from lit_overtok.cli import main as cli_main
 from lit_overtok.data.shards import file_sha256
 

@@ -133,6 +133,7 @@ def test_cli_smoke_run_writes_tensorboard_config_and_checkpoint(tmp_path, capsys
     assert torch.load(checkpoint, weights_only=False)["global_step"] == 4  # the last step, not the last interval
     for line in (f"tensorboard --logdir {root}   (this run: {run})", f"Config:      {run / 'config.yaml'}",
                  f"Checkpoint:  {checkpoint}", f"evaluate.py --checkpoint {checkpoint} --tasks grammar",
+                 f"train.py generate --checkpoint {checkpoint}", f"train.py export --checkpoint {checkpoint} --out {run / 'hf'}",
                  f"--model.init_args.model_config.over_encoding.m 343 --trainer.default_root_dir {root}_oe",
                  f"speedup.py --baseline {run} --treatment {root}_oe/version_0"):
         assert line in summary, (line, summary)

@@ -23,6 +23,8 @@ Conventions (ours; the official release fixes no packing, see ``grammars/ATTRIBU
   rows are repeated up to a multiple of the world size and rank r takes rows r, r + world, ...,
   so all ranks run the same number of batches. Because this module shards validation itself,
   the Trainer must not add a DistributedSampler (``use_distributed_sampler=False``).
+* Test (``train.py test``): ``test_sentences`` more sentences built like validation from a third
+  seed (``seed + 2_000_003``), held out from model selection.
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ from lit_overtok.data.grammar import Grammar
 from lit_overtok.nn.losses import IGNORE_INDEX
 
 _VALIDATION_SEED_OFFSET = 1_000_003
+_TEST_SEED_OFFSET = 2_000_003
 
 
 class CFGDataModule(pl.LightningDataModule):
@@ -55,6 +58,7 @@ class CFGDataModule(pl.LightningDataModule):
         val_sentences: int = 256,
         num_workers: int = 0,
         train_sentences: Optional[int] = None,
+        test_sentences: int = 256,
     ) -> None:
         """
         Args:
@@ -66,9 +70,11 @@ class CFGDataModule(pl.LightningDataModule):
             num_workers: DataLoader worker processes per rank (0: sample in the training process).
             train_sentences: None: fresh sentences forever. N: a fixed training set of N sentences, sampled once
                 (seeded) and read in a new order each epoch; ``trainer.max_steps`` sets how many epochs.
+            test_sentences: held-out documents for ``train.py test``, one per row, from their own seed.
         """
         super().__init__()
-        sizes = {"seq_len": seq_len, "batch_size": batch_size, "val_sentences": val_sentences}
+        sizes = {"seq_len": seq_len, "batch_size": batch_size, "val_sentences": val_sentences,
+                 "test_sentences": test_sentences}
         for field, value in sizes.items():
             if value <= 0:
                 raise ValueError(f"CFGDataModule: {field} must be a positive integer, got {value}")
@@ -83,7 +89,7 @@ class CFGDataModule(pl.LightningDataModule):
         self.bos_id = self.grammar.bos_id
         self.eos_id = self.grammar.eos_id
         self.rank, self.world_size = 0, 1
-        self._validation: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._fixed_sets: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # validation, test
         self._train_batches = 0  # training batches this rank has consumed since the streams started
         self._lane_states: dict[int, LaneState] = {}  # after the last consumed batch of each of this rank's lanes
         self._restart: Optional[int] = None
@@ -166,10 +172,15 @@ class CFGDataModule(pl.LightningDataModule):
 
     # ------------------------------------------------------------------------------------------ validation
     def val_dataloader(self) -> DataLoader:
-        if self._validation is None:
-            self._validation = self._validation_rows()
-        input_ids_VT, labels_VT = self._validation
-        count = input_ids_VT.shape[0]
+        return self._fixed_loader("validation", self.hparams.val_sentences, _VALIDATION_SEED_OFFSET)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._fixed_loader("test", self.hparams.test_sentences, _TEST_SEED_OFFSET)
+
+    def _fixed_loader(self, split: str, count: int, seed_offset: int) -> DataLoader:
+        if split not in self._fixed_sets:
+            self._fixed_sets[split] = self._fixed_rows(count, seed_offset)
+        input_ids_VT, labels_VT = self._fixed_sets[split]
         padded = -(-count // self.world_size) * self.world_size
         rows = (torch.arange(padded) % count)[self.rank :: self.world_size]
         dataset = _Rows(input_ids_VT[rows], labels_VT[rows])
@@ -177,11 +188,11 @@ class CFGDataModule(pl.LightningDataModule):
             dataset, batch_size=self.hparams.batch_size, shuffle=False, num_workers=self.hparams.num_workers
         )
 
-    def _validation_rows(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(input_ids, labels), each (val_sentences, seq_len): one padded document per row."""
-        rng = random.Random(self.hparams.seed + _VALIDATION_SEED_OFFSET)
+    def _fixed_rows(self, count: int, seed_offset: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(input_ids, labels), each (count, seq_len): one padded document per row."""
+        rng = random.Random(self.hparams.seed + seed_offset)
         width = self.hparams.seq_len + 1
-        rows_VW = torch.full((self.hparams.val_sentences, width), self.eos_id, dtype=torch.long)
+        rows_VW = torch.full((count, width), self.eos_id, dtype=torch.long)
         lengths = []
         for row_W in rows_VW:
             document = [self.bos_id, *self.grammar.sample(rng), self.eos_id][:width]

@@ -54,6 +54,7 @@ class PrepareConfig:
     output: Path
     train: list[str]
     validation: list[str] = field(default_factory=list)
+    test: list[str] = field(default_factory=list)
     field: str = "text"
     format: Optional[str] = None
     """'text', 'jsonl' or 'parquet'; None: from each file's extension."""
@@ -235,7 +236,8 @@ def _tokenizer(config: PrepareConfig, inputs: dict[str, list[Path]], progress: P
 def prepare(config: PrepareConfig) -> dict:
     """Write shards, tokenizer and manifest to ``config.output``; returns the manifest plus timing statistics."""
     inputs = {"train": expand_inputs(config.train, "--train"),
-              "validation": expand_inputs(config.validation, "--validation")}
+              "validation": expand_inputs(config.validation, "--validation"),
+              "test": expand_inputs(config.test, "--test")}
     for files in inputs.values():
         for path in files:
             input_format(path, config.format)  # fail on an unknown extension before any work
@@ -284,6 +286,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--output", required=True, help="directory for shards, tokenizer.json and manifest.json")
     parser.add_argument("--train", nargs="+", required=True, help="training input files or globs")
     parser.add_argument("--validation", nargs="*", default=[], help="validation input files or globs")
+    parser.add_argument("--test", nargs="*", default=[], help="held-out test input files or globs (train.py test)")
     parser.add_argument("--field", default="text", help="JSONL field / Parquet column holding the text")
     parser.add_argument("--format", choices=("text", "jsonl", "parquet"), help="override detection by extension")
     parser.add_argument("--text-unit", choices=TEXT_UNITS, default="file",
@@ -312,7 +315,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     args = build_parser().parse_args(argv)
     try:
         result = prepare(PrepareConfig(**vars(args)))
-    except PrepareError as error:
+    except (PrepareError, OSError) as error:  # bad input, or an output folder that cannot be written
         sys.exit(f"lit-overtok-prepare: error: {error}")
     except KeyboardInterrupt:
         print(f"lit-overtok-prepare: interrupted; the complete shards in {args.output} are kept: rerun the same "

@@ -91,6 +91,8 @@ def read_documents(path: Path, fmt: str, text_field: str, text_unit: str,
             f"{path} is not UTF-8 text ({error.reason}: byte {error.object[error.start:error.start + 1]!r} after "
             f"{count} documents); convert it (e.g. iconv -f latin1 -t utf-8) or pass --encoding-errors replace"
         ) from None
+    except (OSError, EOFError, lzma.LZMAError, zstandard.ZstdError) as error:
+        raise PrepareError(f"input {path} cannot be read as {fmt} ({type(error).__name__}: {error})") from None
     if count == 0:
         raise PrepareError(f"input {path} contains no documents (it is empty or every document is empty)")
 

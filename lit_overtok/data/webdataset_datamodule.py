@@ -88,13 +88,14 @@ def resolve_shards(spec: str, split: str, manifest: Optional[str] = None) -> Sha
     The manifest is ``manifest`` if given, else ``manifest.json`` in the directory of the (first) shard. Every shard
     must be listed in it under ``split``.
     """
-    option = "data.train_shards" if split == "train" else "data.val_shards"
+    option = {"train": "data.train_shards", "validation": "data.val_shards", "test": "data.test_shards"}[split]
     root = Path(spec)
     if root.is_dir():
         loaded = Manifest.load(manifest or root / MANIFEST_NAME)
         infos = loaded.splits.get(split, ())
         if not infos:
-            raise ManifestError(f"{option}: {loaded.path} lists no {split!r} shards (splits: {sorted(loaded.splits)})")
+            raise ManifestError(f"{option}: {loaded.path} lists no {split!r} shards (splits: {sorted(loaded.splits)}); "
+                                f"write them with `python -m lit_overtok.data.prepare --{split} FILES ...`")
         return ShardSet(loaded, tuple(str(root / info.file) for info in infos), tuple(infos))
     urls: list[str] = []
     for pattern in braceexpand.braceexpand(spec):
@@ -275,6 +276,7 @@ class WebDatasetDataModule(pl.LightningDataModule):
         manifest: Optional[str] = None,
         on_corrupt: Literal["skip", "error"] = "skip",
         allow_tokenizer_change: bool = False,
+        test_shards: Optional[str] = None,
     ) -> None:
         """
         Args:
@@ -293,6 +295,8 @@ class WebDatasetDataModule(pl.LightningDataModule):
             on_corrupt: ``skip`` a corrupt shard with a warning and a count in TensorBoard, or stop with an ``error``.
             allow_tokenizer_change: resume a checkpoint trained on data of another tokenizer (with a warning)
                 instead of stopping; the model's token ids then mean other strings.
+            test_shards: the held-out set of ``train.py test`` (``prepare --test``), given like ``val_shards``; None:
+                the test split of the ``train_shards`` directory. Every complete batch is scored.
         """
         super().__init__()
         for name, value in {"seq_len": seq_len, "batch_size": batch_size, "shuffle_buffer": shuffle_buffer}.items():
@@ -335,6 +339,7 @@ class WebDatasetDataModule(pl.LightningDataModule):
         self._val_corrupt = 0
         self._train_stream: Optional[TrainStream] = None
         self._val_batches: Optional[list[dict[str, torch.Tensor]]] = None
+        self._test_batches: Optional[list[dict[str, torch.Tensor]]] = None
 
     @property
     def workers(self) -> int:
@@ -420,43 +425,56 @@ class WebDatasetDataModule(pl.LightningDataModule):
         )
         self._restart, self._train_batches = restart, 0
 
-    # ------------------------------------------------------------------------------------------ validation
+    # ---------------------------------------------------------------------------------- validation and test
     def val_dataloader(self) -> DataLoader:
         if self._val_batches is None:
-            self._val_batches = self._validation_batches()
+            self._val_batches, self._val_corrupt = self._fixed_batches(self.val_set, self.hparams.val_batches, "val_shards")
         return DataLoader(_FixedBatches(self._val_batches), batch_size=None)
 
-    def _validation_batches(self) -> list[dict[str, torch.Tensor]]:
+    def test_dataloader(self) -> DataLoader:
+        if self._test_batches is None:
+            h = self.hparams
+            if h.test_shards is None and not Path(h.train_shards).is_dir():
+                raise ValueError("WebDatasetDataModule: give data.test_shards (data.train_shards is not a directory)")
+            test_set = resolve_shards(h.test_shards or h.train_shards, "test", h.manifest)
+            if test_set.manifest.compatibility() != self.train_set.manifest.compatibility():
+                raise ManifestError(f"test manifest {test_set.manifest.path} and training manifest "
+                                    f"{self.train_set.manifest.path} disagree on the tokenizer, vocabulary, EOS or dtype")
+            self._test_batches, _ = self._fixed_batches(test_set, None, "test_shards")
+        return DataLoader(_FixedBatches(self._test_batches), batch_size=None)
+
+    def _fixed_batches(self, shard_set: ShardSet, max_batches: Optional[int],
+                       option: str) -> tuple[list[dict[str, torch.Tensor]], int]:
+        """This rank's batches of a fixed set (validation, test) and the corrupt shards skipped reading it."""
         h = self.hparams
         window, group = h.seq_len + 1, h.batch_size * self.world_size
-        wanted = None if h.val_batches is None else h.val_batches * group * window
+        wanted = None if max_batches is None else max_batches * group * window
         corrupt = _CorruptShards(h.on_corrupt)
         pieces, held = [], 0
-        for url, info in zip(self.val_set.urls, self.val_set.infos):
+        for url, info in zip(shard_set.urls, shard_set.infos):
             if wanted is not None and held >= wanted:
                 break
             try:
-                documents = read_shard(url, info, self.val_set.manifest.dtype, self.val_set.manifest.vocab_size)
+                documents = read_shard(url, info, shard_set.manifest.dtype, shard_set.manifest.vocab_size)
             except CorruptShardError as error:
                 corrupt.handle(error)
                 continue
             pieces += documents
             held += info.tokens
-        self._val_corrupt = len(corrupt.skipped)
         per_rank = (held // window) // group
-        if h.val_batches is not None:
-            per_rank = min(per_rank, h.val_batches)
+        if max_batches is not None:
+            per_rank = min(per_rank, max_batches)
         if per_rank == 0:
             raise ValueError(
-                f"data.val_shards: {held} readable validation tokens are fewer than one batch per rank "
+                f"data.{option}: {held} readable tokens are fewer than one batch per rank "
                 f"({h.batch_size} rows × {window} tokens × {self.world_size} ranks); lower data.batch_size or "
-                "data.seq_len, or prepare more validation text"
+                "data.seq_len, or prepare more text for this split"
             )
-        if h.val_batches is not None and per_rank < h.val_batches:
-            warnings.warn(f"data.val_batches={h.val_batches} but the validation shards fill only {per_rank} per rank")
+        if max_batches is not None and per_rank < max_batches:
+            warnings.warn(f"data.val_batches={max_batches} but the validation shards fill only {per_rank} per rank")
         flat = np.concatenate(pieces)[: per_rank * group * window]
         batches = [as_batch(tokens, h.batch_size) for tokens in np.split(flat, per_rank * self.world_size)]
-        return batches[self.rank :: self.world_size]
+        return batches[self.rank :: self.world_size], len(corrupt.skipped)
 
 
 def check_tokenizer_size(manifest: Manifest) -> None:

@@ -35,11 +35,13 @@ from lm_eval.api.model import TemplateLM
 from tqdm import tqdm
 
 from lit_overtok.evaluation.tokenizers import EvalTokenizer
+from lit_overtok.nn.chunked_loss import positions_per_chunk
 from lit_overtok.nn.generation import generate
 from lit_overtok.nn.transformer import Transformer
 
 _GENERATION_KEYS = {"until", "max_gen_toks", "do_sample", "temperature", "top_k"}
-# Logits are materialised at most this many floats at a time (1 GiB in fp32).
+# Logits are materialised at most this many floats at a time (1 GiB in fp32), or the model's
+# ``loss_chunk_logits`` when it sets one (the budget its training loss keeps to).
 _MAX_LOGIT_ELEMENTS = 2**28
 # A batch takes no row that would make more than this fraction of its padded tokens padding.
 _MAX_PADDING = 0.1
@@ -240,7 +242,8 @@ class OverTokEvalLM(TemplateLM):
         target_N = torch.tensor(request_target, device=device)
         token_logprob_N = torch.empty(len(request_pair), dtype=torch.float32, device=device)
         token_greedy_N = torch.empty(len(request_pair), dtype=torch.bool, device=device)
-        chunk = max(1, _MAX_LOGIT_ELEMENTS // self.transformer.cfg.vocab_size)
+        cfg = self.transformer.cfg
+        chunk = positions_per_chunk(cfg.loss_chunk_logits or _MAX_LOGIT_ELEMENTS, cfg.vocab_size)
         for start in range(0, hidden_ND.shape[0], chunk):
             logits_NV = self.transformer.lm_head(hidden_ND[start:start + chunk]).float()
             logprobs_NV = torch.log_softmax(logits_NV, dim=-1)

@@ -32,6 +32,14 @@ from lit_overtok.evaluation.runner import downstream_score, expand_task_names, t
 from lit_overtok.evaluation.tokenizers import EvalTokenizer, GrammarTokenizer, load_tokenizer
 
 
+def log_by_tokens(trainer: pl.Trainer, metrics: dict[str, float], tokens: int) -> None:
+    """Each metric's ``<tag>_by_tokens`` twin, whose step axis is training tokens (TensorBoard loggers only)."""
+    for logger in trainer.loggers:
+        if isinstance(logger, TensorBoardLogger):
+            for tag, value in metrics.items():
+                logger.experiment.add_scalar(f"{tag}_by_tokens", value, global_step=int(tokens))
+
+
 class LMEvalCallback(Callback):
     def __init__(
         self,
@@ -155,7 +163,7 @@ class LMEvalCallback(Callback):
         lm = OverTokEvalLM(pl_module, self.tokenizer, batch_size=self.batch_size,
                            max_batch_tokens=self.max_batch_tokens, seed=self.seed, progress=False)
         with trainer.precision_plugin.val_step_context():
-            results = [suite.evaluate(lm) for suite in suites]
+            results = [suite.evaluate(lm, progress=False) for suite in suites]
         if not trainer.is_global_zero or results[0] is None:
             return None
         scores = {task: values for suite, result in zip(suites, results)
@@ -165,10 +173,8 @@ class LMEvalCallback(Callback):
         if downstream is not None:
             metrics["eval/downstream"] = downstream
         tokens = getattr(pl_module, "tokens_seen", None)
-        for logger in trainer.loggers:
-            if isinstance(logger, TensorBoardLogger) and tokens is not None:
-                for tag, value in metrics.items():
-                    logger.experiment.add_scalar(f"{tag}_by_tokens", value, global_step=int(tokens))
+        if tokens is not None:
+            log_by_tokens(trainer, metrics, tokens)
         metrics["eval/wall_time_s"] = time.perf_counter() - start
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=trainer.global_step)

@@ -14,6 +14,7 @@ PIQA, each under the metric OLMo's in-loop evaluator uses for it (``PRIMARY_METR
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import random
@@ -73,6 +74,27 @@ def _quiet_lm_eval():
         yield
     finally:
         logger.setLevel(level)
+
+
+@contextlib.contextmanager
+def _without_lm_eval_bars():
+    """lm-eval draws bars that take no ``disable`` flag from its callers (building requests, tokenizing them)."""
+    import lm_eval.api.model
+    import lm_eval.api.task
+
+    modules = (lm_eval.api.model, lm_eval.api.task)
+    saved = [module.tqdm for module in modules]
+    for module, bar in zip(modules, saved):
+        module.tqdm = functools.partial(_disabled, bar)
+    try:
+        yield
+    finally:
+        for module, bar in zip(modules, saved):
+            module.tqdm = bar
+
+
+def _disabled(bar, *args, **kwargs):
+    return bar(*args, **{**kwargs, "disable": True})
 
 
 class TaskSuite:
@@ -212,10 +234,12 @@ class TaskSuite:
             task.dataset[split] = chosen
             task.config.process_docs = None  # the chosen documents are already processed
 
-    def evaluate(self, lm, *, limit: Optional[int] = None, log_samples: bool = False) -> Optional[dict[str, Any]]:
+    def evaluate(self, lm, *, limit: Optional[int] = None, log_samples: bool = False,
+                 progress: bool = True) -> Optional[dict[str, Any]]:
         """lm-eval's ``evaluate`` on the loaded tasks (no stderr bootstrap); the results dict on rank 0, else None.
 
-        ``limit`` takes the first documents of each task (lm-eval's quick-look semantics).
+        ``limit`` takes the first documents of each task (lm-eval's quick-look semantics). ``progress=False`` hides
+        lm-eval's own progress bars (request building, tokenization), e.g. inside the training's progress bar.
         """
         from lm_eval.evaluator import evaluate
 
@@ -224,4 +248,5 @@ class TaskSuite:
                 f"cfg_generation needs a context of {self.generation_budget + 1} tokens (BOS + the longest "
                 f"{self.grammar} sentence + EOS) but the model has {lm.max_length}; raise model_config.max_seq_len"
             )
-        return evaluate(lm=lm, task_dict=self.task_dict, limit=limit, bootstrap_iters=0, log_samples=log_samples)
+        with contextlib.nullcontext() if progress else _without_lm_eval_bars():
+            return evaluate(lm=lm, task_dict=self.task_dict, limit=limit, bootstrap_iters=0, log_samples=log_samples)

@@ -77,11 +77,22 @@ class GrammarTokenizer:
             return [self._ids[c] for c in text]
         except KeyError as err:
             raise ValueError(
-                f"character {err.args[0]!r} is not in the alphabet {self.chars!r} of {self.name}"
+                f"character {err.args[0]!r} is not in the alphabet {self.chars!r} of {self.name}: a grammar model "
+                "reads only its grammar's symbols (its tasks: cfg_generation, cfg_next_token_validity)"
             ) from None
 
     def decode(self, ids: list[int]) -> str:
         return "".join(self.chars[i] for i in ids)
+
+    def save_tokenizers_json(self, path: Union[str, Path]) -> None:
+        """This spelling as a ``tokenizers`` JSON file (one character per id), for tools that read only those
+        (an exported Hugging Face model, lm-eval's ``--model hf``)."""
+        from tokenizers import decoders, models, pre_tokenizers, Regex
+
+        tokenizer = Tokenizer(models.WordLevel({c: i for i, c in enumerate(self.chars)}, unk_token=self.chars[-1]))
+        tokenizer.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+        tokenizer.decoder = decoders.Fuse()
+        tokenizer.save(str(path))
 
 
 EvalTokenizer = Union[TextTokenizer, GrammarTokenizer]

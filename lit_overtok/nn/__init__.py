@@ -6,7 +6,8 @@ One module per concept, read in the order of a forward pass:
 - ``embedding``: the input-embedding seam, the plain table or ``over_encoding`` (Over-Encoding, paper §3.2, App. A);
 - ``norms``, ``rotary``, ``attention`` (with the KV cache), ``feed_forward`` (dense SwiGLU or ``moe``), ``block``;
 - ``transformer``: embedding -> blocks -> final norm -> ``heads`` (next token) [+ ``over_decoding`` (App. C) or
-  ``mtp`` (MTP-DS, with Over-Encoding the paper's OT)], and its training loss (``losses``);
+  ``mtp`` (MTP-DS, with Over-Encoding the paper's OT)], and its training loss (``losses``; by chunks of positions
+  without full logits: ``chunked_loss``); ``recompute``: activation checkpointing of the blocks;
 - ``counts`` (parameter counts and FLOPs per token), ``generation`` (KV-cached sampling), ``hooks`` (what a module
   may publish to the training loop).
 

@@ -56,6 +56,17 @@ class ModelConfig:
     """Mixture-of-experts feed-forward in every block (None: dense, unless the preset has experts)."""
     multi_token: Optional[MultiTokenConfig] = None
     """Training-only prediction of further tokens: Over-Decoding, joint n-gram decoding or MTP-DS (``nn.heads``)."""
+    loss_chunk_logits: Optional[int] = None
+    """Cross-entropy without full logits (``nn.chunked_loss``): every head computes its projection and loss over
+    chunks of positions holding at most this many logits (e.g. 8388608 = 32 MiB in fp32), recomputed in backward, so
+    the loss's memory no longer grows with batch × seq × vocab. None: the plain path (all logits at once). Equal up
+    to float summation order."""
+    activation_checkpointing: bool = False
+    """Recompute each block's activations in backward instead of storing them (``nn.recompute``): one more forward
+    of the blocks per step; gradients equal the plain run's."""
+    compile_blocks: bool = False
+    """``torch.compile`` each transformer block on its own (as torchtitan does; inductor, on CPU with the system C++
+    compiler); the embedding, the heads and the loss stay eager. Output equals eager up to float rounding."""
 
     def __post_init__(self) -> None:
         if self.multi_token is not None:
@@ -83,6 +94,9 @@ class ModelConfig:
                 raise ValueError(f"model_config.{name} must be a positive integer, got {getattr(self, name)}")
         if self.block not in BLOCKS:
             raise ValueError(f"model_config.block: unknown block {self.block!r}; valid blocks are {list(BLOCKS)}")
+        if self.loss_chunk_logits is not None and self.loss_chunk_logits <= 0:
+            raise ValueError(f"model_config.loss_chunk_logits must be a positive number of logits per chunk (or null for "
+                             f"the plain path), got {self.loss_chunk_logits}")
         if self.vocab_size is not None and self.vocab_size <= 0:
             raise ValueError(f"model_config.vocab_size must be a positive integer, got {self.vocab_size}")
         if self.d_model % self.n_head != 0:

@@ -16,7 +16,7 @@ from typing import Literal, Optional
 import torch
 from torch import nn
 
-from lit_overtok.nn.losses import mean_cross_entropy
+from lit_overtok.nn.chunked_loss import head_mean_loss, head_token_nll, positions_per_chunk
 
 MULTI_TOKEN_MODES = ("none", "od", "joint", "mtp_ds")
 # A joint head holds V^n rows; beyond this the product decomposition ("od") is the way (PAPER.md §2.2).
@@ -101,15 +101,17 @@ class MultiTokenConfig:
 class NextTokenHead(nn.Module):
     """Unembedding to the vocabulary; optionally tied to the 1-gram input table.
 
-    ``in_features`` is d_model, or narrower behind an Over-Decoding low-rank projection.
+    ``in_features`` is d_model, or narrower behind an Over-Decoding low-rank projection. With ``loss_chunk_logits``
+    set, the loss never holds more than that many logits at once (``chunked_loss``); None: the plain path.
     """
 
     counts_as_embedding = True  # vocabulary-sized (``hooks.is_vocabulary_sized``): counted apart from the backbone
 
     def __init__(self, in_features: int, vocab_size: int, padded_vocab_size: int,
-                 tied_table: Optional[nn.Embedding] = None) -> None:
+                 tied_table: Optional[nn.Embedding] = None, loss_chunk_logits: Optional[int] = None) -> None:
         super().__init__()
         self.vocab_size = vocab_size
+        self.loss_chunk = None if loss_chunk_logits is None else positions_per_chunk(loss_chunk_logits, padded_vocab_size)
         self.is_padded = padded_vocab_size != vocab_size
         self.proj = nn.Linear(in_features, padded_vocab_size, bias=False)
         if tied_table is not None:
@@ -120,5 +122,9 @@ class NextTokenHead(nn.Module):
         logits_BTV = self.proj(hidden_BTD)
         return logits_BTV[..., : self.vocab_size] if self.is_padded else logits_BTV
 
+    def token_nll(self, hidden_BTD: torch.Tensor, target_BT: torch.Tensor) -> torch.Tensor:
+        """Cross-entropy (B, T) in fp32 at every position, zero where the target is IGNORE_INDEX."""
+        return head_token_nll(self, self.loss_chunk, hidden_BTD, target_BT)
+
     def loss(self, hidden_BTD: torch.Tensor, labels_BT: torch.Tensor) -> torch.Tensor:
-        return mean_cross_entropy(self(hidden_BTD), labels_BT)
+        return head_mean_loss(self, self.loss_chunk, hidden_BTD, labels_BT)

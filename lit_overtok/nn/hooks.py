@@ -6,7 +6,8 @@ hook reaches it only through the functions here, so this file lists every extens
 - ``training_metrics() -> {name: scalar}``: diagnostics logged as ``train/<name>`` on the steps Lightning writes
   logs (Over-Encoding table coverage, MoE expert load; a data module's counts, e.g. corrupt shards skipped, summed
   over ranks);
-- ``parameter_metrics() -> {name: count}``: extra parameter counts logged once per fit as ``params/<name>``;
+- ``parameter_metrics() -> {name: count}``: extra parameter counts, recorded once per fit with the run's
+  hyperparameters as ``params/<name>`` (HPARAMS tab, ``hparams.yaml``);
 - ``inactive_parameter_count() -> int``: parameters a token does not use (MoE experts it is not routed to), so the
   *active* counts and FLOPs per token stay honest;
 - ``counts_as_embedding = True``: the module's parameters are vocabulary-sized (output tables), counted with the

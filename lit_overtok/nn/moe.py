@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lit_overtok.configuration import config_from
+from lit_overtok.nn.recompute import is_recomputing
 
 Backend = Literal["auto", "grouped_mm", "loop"]
 _BACKENDS = ("auto", "grouped_mm", "loop")
@@ -219,9 +220,13 @@ class MoEFeedForward(nn.Module):
             x_ND = x_ND.to(torch.get_autocast_dtype(x_ND.device.type))
         counts_E = torch.bincount(ids_NK.flatten(), minlength=self.num_experts)
         if self.training:
-            self.load_counts_E += counts_E
-            if torch.is_grad_enabled():
-                self.pending_aux_losses = self.auxiliary_losses(logits_NE, scores_NE, counts_E)
+            # A checkpointed rerun in backward (``nn.recompute``) must run the same ops, but its counts and losses
+            # were already taken in the forward.
+            aux_losses = self.auxiliary_losses(logits_NE, scores_NE, counts_E) if torch.is_grad_enabled() else None
+            if not is_recomputing():
+                self.load_counts_E += counts_E
+                if aux_losses is not None:
+                    self.pending_aux_losses = aux_losses
         if self.backend_for(x_ND) == "grouped_mm":
             out_ND = self.experts.forward_grouped(x_ND, ids_NK, weights_NK, counts_E)
         else:

@@ -28,7 +28,7 @@ from torch import nn
 from lit_overtok.nn.block import Block
 from lit_overtok.nn.config import ModelConfig
 from lit_overtok.nn.heads import MultiTokenConfig, NextTokenHead
-from lit_overtok.nn.losses import IGNORE_INDEX, masked_mean, token_nll
+from lit_overtok.nn.losses import IGNORE_INDEX, masked_mean
 from lit_overtok.nn.norms import RMSNorm
 from lit_overtok.nn.rotary import RotaryEmbedding
 
@@ -80,7 +80,7 @@ class MultiTokenPredictionDS(nn.Module):
             cos_LC, sin_LC = self.rotary(0, L)
             state_BLD = depth(state_BLD[:, :L], embedded_BTD[:, k:], cos_LC, sin_LC)
             target_BL = labels_BT[:, k:]
-            ce = masked_mean(token_nll(self.shared_head(depth.norm(state_BLD)), target_BL), target_BL != IGNORE_INDEX)
+            ce = masked_mean(self.shared_head.token_nll(depth.norm(state_BLD), target_BL), target_BL != IGNORE_INDEX)
             total = total + weight * ce
             parts[f"loss_next{k + 1}"] = ce.detach()
         return total, parts

@@ -29,34 +29,45 @@ from typing import Optional
 import torch
 from torch import nn
 
+from lit_overtok.nn.chunked_loss import head_mean_loss, over_position_chunks, positions_per_chunk
 from lit_overtok.nn.heads import MultiTokenConfig, NextTokenHead
-from lit_overtok.nn.losses import future_labels, IGNORE_INDEX, masked_mean, mean_cross_entropy, token_nll
+from lit_overtok.nn.losses import future_labels, IGNORE_INDEX, masked_mean, token_nll
 
 
 class FutureTokenHead(nn.Module):
     """One Over-Decoding head: ``E_j(W_j h)``, its own output table E_j behind an optional low-rank W_j."""
 
-    def __init__(self, d_model: int, vocab_size: int, padded_vocab_size: int, low_rank: Optional[int]) -> None:
+    def __init__(self, d_model: int, vocab_size: int, padded_vocab_size: int, low_rank: Optional[int],
+                 loss_chunk_logits: Optional[int] = None) -> None:
         super().__init__()
         self.down = nn.Linear(d_model, low_rank, bias=False) if low_rank is not None else None
-        self.table = NextTokenHead(low_rank or d_model, vocab_size, padded_vocab_size)
+        self.table = NextTokenHead(low_rank or d_model, vocab_size, padded_vocab_size,
+                                   loss_chunk_logits=loss_chunk_logits)
 
     def forward(self, hidden_BTD: torch.Tensor) -> torch.Tensor:
-        return self.table(hidden_BTD if self.down is None else self.down(hidden_BTD))
+        return self.table(self.table_input(hidden_BTD))
+
+    def table_input(self, hidden_BTD: torch.Tensor) -> torch.Tensor:
+        return hidden_BTD if self.down is None else self.down(hidden_BTD)
+
+    def token_nll(self, hidden_BTD: torch.Tensor, target_BT: torch.Tensor) -> torch.Tensor:
+        """CE_j at every position (B, T); the low-rank projection runs on all positions, the table by chunks."""
+        return self.table.token_nll(self.table_input(hidden_BTD), target_BT)
 
 
 class OverDecodingHeads(nn.Module):
     """Heads j = 2..n of App. C, each predicting the token j steps ahead from the last hidden state."""
 
-    def __init__(self, multi_token: MultiTokenConfig, d_model: int, vocab_size: int, padded_vocab_size: int) -> None:
+    def __init__(self, multi_token: MultiTokenConfig, d_model: int, vocab_size: int, padded_vocab_size: int,
+                 loss_chunk_logits: Optional[int] = None) -> None:
         super().__init__()
         self.weights = multi_token.head_weights
-        self.heads = nn.ModuleList(FutureTokenHead(d_model, vocab_size, padded_vocab_size, multi_token.low_rank)
-                                   for _ in range(multi_token.n - 1))
+        self.heads = nn.ModuleList(FutureTokenHead(d_model, vocab_size, padded_vocab_size, multi_token.low_rank,
+                                                   loss_chunk_logits) for _ in range(multi_token.n - 1))
 
     def per_position_nll(self, hidden_BTD: torch.Tensor, labels_BT: torch.Tensor) -> list[torch.Tensor]:
         """CE_j at every position, (B, T) each for j = 2..n, zero where head j has no target."""
-        return [token_nll(head(hidden_BTD), future_labels(labels_BT, j)) for j, head in enumerate(self.heads, start=2)]
+        return [head.token_nll(hidden_BTD, future_labels(labels_BT, j)) for j, head in enumerate(self.heads, start=2)]
 
     def loss(self, hidden_BTD: torch.Tensor, input_ids_BT: torch.Tensor, labels_BT: torch.Tensor,
              embedded_BTD: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -79,9 +90,10 @@ class JointNGramHead(nn.Module):
 
     counts_as_embedding = True  # an unembedding, like NextTokenHead (``hooks.is_vocabulary_sized``)
 
-    def __init__(self, d_model: int, vocab_size: int, n: int) -> None:
+    def __init__(self, d_model: int, vocab_size: int, n: int, loss_chunk_logits: Optional[int] = None) -> None:
         super().__init__()
         self.vocab_size, self.n = vocab_size, n
+        self.loss_chunk = None if loss_chunk_logits is None else positions_per_chunk(loss_chunk_logits, vocab_size ** n)
         self.proj = nn.Linear(d_model, vocab_size ** n, bias=False)
 
     def joint_log_probs(self, hidden_BTD: torch.Tensor) -> torch.Tensor:
@@ -94,20 +106,28 @@ class JointNGramHead(nn.Module):
 
     def loss(self, hidden_BTD: torch.Tensor, labels_BT: torch.Tensor) -> torch.Tensor:
         """Cross-entropy of the first-token marginal: the model's ``loss_next1``."""
-        return mean_cross_entropy(self(hidden_BTD), labels_BT)
+        return head_mean_loss(self, self.loss_chunk, hidden_BTD, labels_BT)
 
     def per_position_nll(self, hidden_BTD: torch.Tensor, labels_BT: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """``-log p(known prefix of z_1..z_n)`` per position (zero where z_1 is unknown), and each token's
         marginal NLL ``-log p(z_j)`` (zero where z_j is unknown), j = 1..n."""
+        targets = [future_labels(labels_BT, j) for j in range(1, self.n + 1)]
+        if self.loss_chunk is None:
+            joint_nll_BT, *marginal_nlls = self.nll_given_targets(hidden_BTD, *targets)
+        else:
+            joint_nll_BT, *marginal_nlls = over_position_chunks(self.nll_given_targets, self.loss_chunk, hidden_BTD, *targets)
+        return joint_nll_BT, marginal_nlls
+
+    def nll_given_targets(self, hidden_BTD: torch.Tensor, *targets_BT: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """``per_position_nll`` from the targets 1..n steps ahead, as one tuple (joint NLL first)."""
         V, n = self.vocab_size, self.n
         logp_BTJ = self.joint_log_probs(hidden_BTD)
         logp_grid = logp_BTJ.unflatten(-1, (V,) * n)
-        targets = [future_labels(labels_BT, j) for j in range(1, n + 1)]
         joint_nll_BT = torch.zeros_like(logp_BTJ[..., 0])
-        prefix_known_BT = torch.ones_like(labels_BT, dtype=torch.bool)
-        prefix_BT = torch.zeros_like(labels_BT)
+        prefix_known_BT = torch.ones_like(targets_BT[0], dtype=torch.bool)
+        prefix_BT = torch.zeros_like(targets_BT[0])
         marginal_nlls = []
-        for k, target_BT in enumerate(targets, start=1):
+        for k, target_BT in enumerate(targets_BT, start=1):
             known_BT = target_BT != IGNORE_INDEX
             # log p(z_1..z_k): the remaining n-k tokens summed out.
             prefix_known_BT = prefix_known_BT & known_BT
@@ -118,7 +138,7 @@ class JointNGramHead(nn.Module):
             # log p(z_k): every other token summed out.
             others = [2 + i for i in range(n) if i != k - 1]
             marginal_nlls.append(token_nll(logp_grid.logsumexp(others), target_BT))
-        return joint_nll_BT, marginal_nlls
+        return (joint_nll_BT, *marginal_nlls)
 
 
 class JointDecodingLoss(nn.Module):

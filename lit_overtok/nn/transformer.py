@@ -29,6 +29,7 @@ from lit_overtok.nn.moe import pop_auxiliary_losses
 from lit_overtok.nn.mtp import MultiTokenPredictionDS
 from lit_overtok.nn.norms import RMSNorm
 from lit_overtok.nn.over_decoding import JointDecodingLoss, JointNGramHead, OverDecodingHeads
+from lit_overtok.nn.recompute import checkpointed
 from lit_overtok.nn.rotary import RotaryEmbedding
 
 
@@ -57,6 +58,9 @@ class Transformer(nn.Module):
         self.embed = build_input_embedding(cfg)
         self.rotary = RotaryEmbedding(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
         self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layer))
+        if cfg.compile_blocks:
+            for block in self.blocks:
+                block.compile()  # in place: parameter names and checkpoints stay those of the eager model
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.lm_head = build_next_token_head(cfg, tied_table=self.embed.wte if cfg.tie_embeddings else None)
         self.multi_token_head = build_multi_token_head(cfg, self.lm_head, self.rotary)
@@ -74,8 +78,12 @@ class Transformer(nn.Module):
     def backbone(self, x_BTD: torch.Tensor, caches: Optional[list[KVCache]] = None, start: int = 0) -> torch.Tensor:
         """Blocks and final norm over embedded positions ``start .. start + T``."""
         cos_TC, sin_TC = self.rotary(start, x_BTD.shape[1])
+        recompute = self.cfg.activation_checkpointing and self.training and caches is None and torch.is_grad_enabled()
         for i, block in enumerate(self.blocks):
-            x_BTD = block(x_BTD, cos_TC, sin_TC, None if caches is None else caches[i])
+            if recompute:
+                x_BTD = checkpointed(block, x_BTD, cos_TC, sin_TC)
+            else:
+                x_BTD = block(x_BTD, cos_TC, sin_TC, None if caches is None else caches[i])
         return self.norm(x_BTD)
 
     def forward(self, input_ids_BT: torch.Tensor) -> torch.Tensor:
@@ -150,8 +158,8 @@ def build_next_token_head(cfg: ModelConfig, tied_table: Optional[nn.Embedding]) 
     """The head generation and evaluation use: a V-way unembedding, or for joint n-gram decoding the first-token
     marginal of the V^n-way joint softmax."""
     if cfg.multi_token is not None and cfg.multi_token.mode == "joint":
-        return JointNGramHead(cfg.d_model, cfg.vocab_size, cfg.multi_token.n)
-    return NextTokenHead(cfg.d_model, cfg.vocab_size, cfg.padded_vocab_size, tied_table)
+        return JointNGramHead(cfg.d_model, cfg.vocab_size, cfg.multi_token.n, cfg.loss_chunk_logits)
+    return NextTokenHead(cfg.d_model, cfg.vocab_size, cfg.padded_vocab_size, tied_table, cfg.loss_chunk_logits)
 
 
 def build_multi_token_head(cfg: ModelConfig, lm_head: nn.Module, rotary: RotaryEmbedding) -> Optional[nn.Module]:
@@ -168,4 +176,4 @@ def build_multi_token_head(cfg: ModelConfig, lm_head: nn.Module, rotary: RotaryE
         return MultiTokenPredictionDS(cfg, multi_token, lm_head, rotary)
     if multi_token.mode == "joint":
         return JointDecodingLoss(lm_head)
-    return OverDecodingHeads(multi_token, cfg.d_model, cfg.vocab_size, cfg.padded_vocab_size)
+    return OverDecodingHeads(multi_token, cfg.d_model, cfg.vocab_size, cfg.padded_vocab_size, cfg.loss_chunk_logits)

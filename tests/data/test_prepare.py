@@ -153,3 +153,25 @@ def test_command_line_prepares_and_reports(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "train: 5 documents" in out and "validation: 5 documents" in out and "MB/s" in out
     assert Manifest.load(tmp_path / "out/manifest.json").dtype == np.dtype("<u2")
+
+
+def test_a_test_split_is_prepared_and_is_the_data_modules_held_out_set(tmp_path, capsys):
+    train, val, test = (write_jsonl_gz(tmp_path / f"{name}.jsonl.gz", texts)
+                        for name, texts in (("train", TEXTS[:20]), ("val", TEXTS[20:30]), ("test", TEXTS[30:])))
+    main(["--output", str(tmp_path / "out"), "--tokenizer", str(GPT2), "--train", str(train), "--validation", str(val),
+          "--test", str(test), "--workers", "1", "--no-progress"])
+    assert "test: 10 documents" in capsys.readouterr().out
+    manifest = Manifest.load(tmp_path / "out/manifest.json")
+    dm = WebDatasetDataModule(str(tmp_path / "out"), seq_len=20, batch_size=2, num_workers=0)
+    dm.trainer = SimpleNamespace(global_rank=0, world_size=1)
+    dm.setup("test")
+    windows = [row.tolist() + [batch["labels"][i, -1].item()]
+               for batch in dm.test_dataloader() for i, row in enumerate(batch["input_ids"])]
+    flat = [token for document in documents(tmp_path / "out", manifest, "test") for token in document]
+    assert sum(windows, []) == flat[: 21 * len(windows)] and len(flat) - 21 * len(windows) < 42  # every full batch
+    # Shards prepared without --test: train.py test says how to get a test split.
+    main(["--output", str(tmp_path / "no_test"), "--tokenizer", str(GPT2), "--train", str(train), "--validation",
+          str(val), "--workers", "1", "--no-progress"])
+    dm = WebDatasetDataModule(str(tmp_path / "no_test"), seq_len=20, batch_size=2, num_workers=0)
+    with pytest.raises(ValueError, match=r"data.test_shards: .* lists no 'test' shards.*--test FILES"):
+        dm.test_dataloader()

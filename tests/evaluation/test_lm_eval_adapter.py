@@ -48,8 +48,9 @@ def instance(request_type: str, args: tuple) -> Instance:
     return Instance(request_type=request_type, doc={}, arguments=args, idx=0)
 
 
-def test_loglikelihood_tokens_equal_a_direct_forward_with_truncation_dedup_and_batching():
-    model = tiny_model()
+@pytest.mark.parametrize("loss_chunk_logits", [None, 3 * 7], ids=["one_chunk", "chunks_of_3_positions"])
+def test_loglikelihood_tokens_equal_a_direct_forward_with_truncation_dedup_and_batching(loss_chunk_logits):
+    model = tiny_model(loss_chunk_logits=loss_chunk_logits)
     rng = random.Random(0)
     requests = []
     for _ in range(12):

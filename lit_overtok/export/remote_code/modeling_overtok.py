@@ -1,0 +1,192 @@
+"""lit_overtok models in transformers (remote code): an OLMo-family backbone with Over-Encoding and/or a joint head.
+
+Written into every exported folder that needs it; needs only torch and transformers >= 5 (tested with 5.24).
+
+Over-Encoding (Huang et al., ICML 2025, Algorithm 1) replaces the token embedding by
+
+    e_t = ( E(x_t) + W · concat_i T_i[ h_{g_i}(t) mod M_i ] + b ) / (1 + I)
+
+over I hashed tables T_i of M_i rows (table i hashes the g_i-gram ending at t), where
+``h_g(t) = x_t + x_{t-1}·V + ... + x_{t-g+1}·V^(g-1)`` with ids before the sequence start taken as 0 (and, when the
+config names an ``eos_id``, ids at or before the last EOS preceding t too). All tables are stored as one weight,
+``over_encoding.tables``, table i starting at row M_0 + ... + M_{i-1}; ``over_encoding.proj`` is W with bias b.
+
+Because e_t needs the n-1 ids before t, a forward with a KV cache needs those ids too. ``generate`` hands them over
+(``prepare_inputs_for_generation`` passes the whole sequence as ``history_ids``); a hand-written decoding loop either
+passes ``history_ids`` (every id so far, the new ones last) or keeps reusing the cache object a previous forward of
+this model returned (the model leaves the last ids on it). Left padding enters the n-gram history like any token.
+
+A joint head (``joint_head_n`` = n) scores all V^n next-n-token tuples; the logits returned are the log-probabilities
+of the first token (the other n-1 summed out), which is what the training code predicts with.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers.cache_utils import DynamicCache
+from transformers.models.flex_olmo.modeling_flex_olmo import FlexOlmoForCausalLM, FlexOlmoModel
+from transformers.models.olmo2.modeling_olmo2 import Olmo2ForCausalLM, Olmo2Model
+from transformers.models.olmoe.modeling_olmoe import OlmoeForCausalLM, OlmoeModel
+
+from .configuration_overtok import OverTokFlexOlmoConfig, OverTokOlmo2Config, OverTokOlmoeConfig
+
+_HISTORY_ATTRIBUTE = "overtok_recent_ids"  # where a cache keeps the last n-1 ids for the next decoding step
+
+
+def hashed_ngram_rows(ids_BT: torch.Tensor, vocab_size: int, orders: list[int], moduli: list[int],
+                      eos_id: Optional[int] = None) -> torch.Tensor:
+    """(B, T, I) int64: for each position and table, the row ``h_g(t) mod M`` (within the table)."""
+    B, T = ids_BT.shape
+    ids_BT = ids_BT.long()
+    if eos_id is not None:
+        eos_BT = (ids_BT == eos_id).long()
+        segment_BT = eos_BT.cumsum(1) - eos_BT  # EOS tokens strictly before t; equal values: same document
+    tables = []
+    for order, modulus in zip(orders, moduli):
+        row_BT = torch.zeros_like(ids_BT)
+        for lag in range(order):
+            kept = max(T - lag, 0)
+            # x_{t-lag}, 0 where t-lag < 0 (and across an EOS).
+            lagged_BT = torch.cat([ids_BT.new_zeros(B, T - kept), ids_BT[:, :kept]], dim=1)
+            if eos_id is not None and lag > 0:
+                lagged_segment_BT = torch.cat([segment_BT.new_full((B, T - kept), -1), segment_BT[:, :kept]], dim=1)
+                lagged_BT = lagged_BT * (lagged_segment_BT == segment_BT)
+            # Digit by digit, each term below V·M: exact in int64 whatever n is.
+            row_BT = (row_BT + lagged_BT * pow(vocab_size, lag, modulus)) % modulus
+        tables.append(row_BT)
+    return torch.stack(tables, dim=-1)
+
+
+class OverEncodingEmbedding(nn.Module):
+    """The hashed n-gram part of Over-Encoding: all tables in one weight, one projection with bias."""
+
+    def __init__(self, spec: dict, hidden_size: int) -> None:
+        super().__init__()
+        self.vocab_size = int(spec["vocab_size"])
+        self.orders = [int(g) for g in spec["orders"]]
+        self.moduli = [int(m) for m in spec["moduli"]]
+        self.eos_id = spec.get("eos_id")
+        self.offsets = [sum(self.moduli[:i]) for i in range(len(self.moduli))]
+        width = int(spec["slice_width"])
+        self.tables = nn.Embedding(sum(self.moduli), width)
+        self.proj = nn.Linear(len(self.moduli) * width, hidden_size, bias=True)
+
+    @property
+    def context(self) -> int:
+        """Ids before t that the embedding of t reads."""
+        return max(self.orders) - 1
+
+    def forward(self, ids_BT: torch.Tensor, unigram_BTD: torch.Tensor) -> torch.Tensor:
+        rows_BTI = hashed_ngram_rows(ids_BT, self.vocab_size, self.orders, self.moduli, self.eos_id)
+        rows_BTI = rows_BTI + torch.tensor(self.offsets, dtype=torch.long, device=ids_BT.device)
+        ngram_BTD = self.proj(self.tables(rows_BTI).flatten(2))
+        return (unigram_BTD + ngram_BTD) / (1 + len(self.moduli))
+
+
+class JointMarginalHead(nn.Linear):
+    """V^n joint next-n-token logits reduced to the first token's log-probabilities (fp32)."""
+
+    def __init__(self, hidden_size: int, vocab_size: int, n: int) -> None:
+        super().__init__(hidden_size, vocab_size**n, bias=False)
+        self.vocab_size = vocab_size
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        joint = super().forward(hidden).float().log_softmax(-1)
+        return joint.unflatten(-1, (self.vocab_size, -1)).logsumexp(-1)
+
+
+class _OverTokModelMixin:
+    """The backbone's base model with the input embedding replaced by Over-Encoding (when configured)."""
+
+    def __init__(self, config) -> None:
+        super().__init__(config)
+        self.over_encoding = OverEncodingEmbedding(config.over_encoding, config.hidden_size) if config.over_encoding else None
+        self.post_init()
+
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, cache=None, inputs_embeds=None,
+                use_cache=None, history_ids=None, **kwargs):
+        if cache is None:
+            cache = kwargs.pop("past_key_values", None)
+        if self.over_encoding is not None and inputs_embeds is None and input_ids is not None:
+            if use_cache is None:
+                use_cache = self.config.use_cache
+            if use_cache and cache is None:
+                cache = DynamicCache(config=self.config)
+            inputs_embeds = self._over_encode(input_ids, cache, history_ids)
+            input_ids = None
+        return super().forward(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                               cache=cache, inputs_embeds=inputs_embeds, use_cache=use_cache, **kwargs)
+
+    def _over_encode(self, input_ids: torch.Tensor, cache, history_ids: Optional[torch.Tensor]) -> torch.Tensor:
+        T = input_ids.shape[1]
+        past = cache.get_seq_length() if cache is not None else 0
+        context = self.over_encoding.context
+        if past == 0:
+            earlier = input_ids[:, :0]
+        elif history_ids is not None:
+            if history_ids.shape[1] != past + T:
+                raise ValueError(f"history_ids has {history_ids.shape[1]} ids; with {past} cached positions and "
+                                 f"{T} new ones it must hold all {past + T} ids of the sequence")
+            earlier = history_ids[:, :past][:, -context:] if context else history_ids[:, :0]
+        elif getattr(cache, _HISTORY_ATTRIBUTE, None) is not None:
+            earlier = getattr(cache, _HISTORY_ATTRIBUTE)
+        else:
+            raise ValueError("Over-Encoding needs the ids before the new ones: pass history_ids (all ids so far), "
+                             "or the cache object this model returned")
+        # Fewer than `context` earlier ids happens only near the sequence start, where zeros are right.
+        ids_BT = torch.cat([earlier.to(input_ids.device), input_ids], dim=1)
+        if cache is not None:
+            setattr(cache, _HISTORY_ATTRIBUTE, ids_BT[:, ids_BT.shape[1] - min(context, ids_BT.shape[1]):])
+        embeds_BTD = self.over_encoding(ids_BT, self.embed_tokens(ids_BT))
+        return embeds_BTD[:, -T:]
+
+
+class _OverTokCausalLMMixin:
+    """Swaps in the Over-Encoding base model and the joint head; hands the whole sequence to each decoding step."""
+
+    overtok_model_class: type  # the family's Over-Encoding base model
+
+    def __init__(self, config) -> None:
+        super().__init__(config)
+        if config.over_encoding:
+            self.model = self.overtok_model_class(config)
+        if config.joint_head_n:
+            self.lm_head = JointMarginalHead(config.hidden_size, config.vocab_size, config.joint_head_n)
+        self.post_init()
+
+    def prepare_inputs_for_generation(self, input_ids, *args, **kwargs):
+        model_inputs = super().prepare_inputs_for_generation(input_ids, *args, **kwargs)
+        if self.config.over_encoding:
+            model_inputs["history_ids"] = input_ids
+        return model_inputs
+
+
+class OverTokOlmo2Model(_OverTokModelMixin, Olmo2Model):
+    config_class = OverTokOlmo2Config
+
+
+class OverTokOlmo2ForCausalLM(_OverTokCausalLMMixin, Olmo2ForCausalLM):
+    config_class = OverTokOlmo2Config
+    overtok_model_class = OverTokOlmo2Model
+
+
+class OverTokFlexOlmoModel(_OverTokModelMixin, FlexOlmoModel):
+    config_class = OverTokFlexOlmoConfig
+
+
+class OverTokFlexOlmoForCausalLM(_OverTokCausalLMMixin, FlexOlmoForCausalLM):
+    config_class = OverTokFlexOlmoConfig
+    overtok_model_class = OverTokFlexOlmoModel
+
+
+class OverTokOlmoeModel(_OverTokModelMixin, OlmoeModel):
+    config_class = OverTokOlmoeConfig
+
+
+class OverTokOlmoeForCausalLM(_OverTokCausalLMMixin, OlmoeForCausalLM):
+    config_class = OverTokOlmoeConfig
+    overtok_model_class = OverTokOlmoeModel
