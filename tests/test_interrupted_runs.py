@@ -84,7 +84,7 @@ def test_ctrl_c_saves_the_step_in_flight_and_the_resumed_run_is_the_uninterrupte
     cli_main(fit_args(run, text_corpus, "--ckpt_path=auto"))
     assert [p.name for p in run.iterdir()] == ["version_0"]  # the resumed run continued its own log folder
     assert curves(run) == curves(uninterrupted)  # bit for bit, every step, once
-    assert logged_steps(run, "val/loss") == logged_steps(uninterrupted, "val/loss") == [3, 7]
+    assert logged_steps(run, "val/loss") == logged_steps(uninterrupted, "val/loss") == [4, 8]  # after steps 4 and 8
     # speedup.py reads the resumed run exactly as the uninterrupted one (against the same baseline, the same
     # readings; on these 8-step curves a run against itself need not read 1.0).
     readings = [[(r.metric, r.ratio) for r in speedup.main(
@@ -109,7 +109,7 @@ def test_sigkill_while_writing_a_checkpoint_leaves_the_earlier_ones_and_resume_l
     cli_main(fit_args(run, text_corpus, "--ckpt_path=auto"))
     assert not partial[0].exists()  # the dead writer's temporary file is cleaned up
     assert curves(run) == curves(uninterrupted)
-    assert logged_steps(run, "val/loss") == [3, 7]
+    assert logged_steps(run, "val/loss") == [4, 8]
 
 
 def test_a_refused_write_stops_with_one_line_and_keeps_every_earlier_checkpoint(tmp_path, text_corpus, capsys):
@@ -151,11 +151,11 @@ def test_slurm_requeue_signal_during_validation_saves_after_it_requeues_and_logs
     assert stopped.value.code == 128 + signal.SIGUSR1
     assert calls.read_text().split() == ["requeue", "4242"]
     assert checkpoint_files(run)["last.ckpt"] == "epoch=0-step=4.ckpt"
-    assert logged_steps(run, "val/loss") == [3]  # the interrupted validation ran to its end first
+    assert logged_steps(run, "val/loss") == [4]  # the interrupted validation ran to its end first
 
     cli_main(fit_args(run, text_corpus, "--ckpt_path=auto"))  # what the requeued job runs
     assert curves(run) == curves(uninterrupted)
-    assert logged_steps(run, "val/loss") == [3, 7]
+    assert logged_steps(run, "val/loss") == [4, 8]
 
 
 def test_sigterm_saves_the_step_and_exits_with_its_code(tmp_path, text_corpus):
