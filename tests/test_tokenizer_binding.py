@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import prepare_corpus
+from tests.conftest import prepare_corpus
 from evaluation import evaluate
 from lit_overtok.checkpoint_files import CheckpointError, save_atomically
 from lit_overtok.cli import main as cli_main
