@@ -9,8 +9,9 @@ Tasks: lm-eval names or groups (``hellaswag``, ``arc_easy``, ``arc_challenge``, 
 and ``grammar``. Offline they read ``<data-dir>/<task>/*.jsonl``; ``--online`` uses lm-eval's own task files.
 The tokenizer defaults to the one the checkpoint was trained with (its grammar, or the tokenizer file recorded in
 it or in its shards' manifest); a ``--tokenizer`` whose sha256 differs from the recorded one is refused.
-Every checkpoint is verified before it is loaded (``lit_overtok.checkpoint_files``); a damaged one (or a link to a
-removed file) is reported and the others are scored (exit status 1 when any was skipped). A ``last.ckpt`` link is
+Every checkpoint is verified before it is loaded (``lit_overtok.checkpoint_files``); among several, a damaged one
+(or a link to a removed file) is reported and the others are scored (exit status 1 when any was skipped); a single
+checkpoint that cannot be read is a one-line error (exit status 2). A ``last.ckpt`` link is
 scored once, under its step file's name, when the glob lists both.
 
 For each checkpoint writes ``<output-dir>/<name>.json`` (lm-eval's results format, plus ``config`` with the
@@ -157,6 +158,8 @@ def main(argv: Optional[list[str]] = None) -> list[dict[str, Any]]:
             module, meta = load_checkpoint(path, args.device)
             tokenizer = load_tokenizer(tokenizer_spec(args, meta, path))
         except (InputError, ValueError, FileNotFoundError) as error:  # this checkpoint only: score the others
+            if len(paths) == 1:
+                raise  # nothing else to score: the one-line error of a bad input (exit status 2)
             print(f"skipping {path}: {error}", file=sys.stderr)
             rows.append({"name": name, "error": str(error)})
             continue
