@@ -69,9 +69,10 @@ def test_evaluate_scores_with_the_recorded_tokenizer_and_refuses_another(run, te
     config = json.loads((tmp_path / "out" / "last.json").read_text())["config"]
     assert config["tokenizer"] == str((text_corpus / "tokenizer.json").resolve()) and "error" not in rows[0]
 
-    rows = evaluate.main(["--checkpoint", str(run), "--tasks", "piqa", "--tokenizer",
-                          str(other_corpus / "tokenizer.json"), "--output-dir", str(tmp_path / "refused")])
-    assert "is not the tokenizer" in rows[0]["error"] and str(other_corpus / "tokenizer.json") in rows[0]["error"]
+    with pytest.raises(CheckpointError, match="is not the tokenizer") as refused:  # one checkpoint: the error itself
+        evaluate.main(["--checkpoint", str(run), "--tasks", "piqa", "--tokenizer",
+                       str(other_corpus / "tokenizer.json"), "--output-dir", str(tmp_path / "refused")])
+    assert str(other_corpus / "tokenizer.json") in str(refused.value)
 
 
 def test_a_checkpoint_without_the_record_finds_the_tokenizer_in_its_manifest(run, text_corpus, tmp_path):
