@@ -7,7 +7,12 @@
 Tasks: lm-eval names or groups (``hellaswag``, ``arc_easy``, ``arc_challenge``, ``piqa``, ``mmlu_continuation``,
 ``mmlu_var``, ``cfg_generation``, ``cfg_next_token_validity``) or the sets ``paper`` (the five downstream tasks)
 and ``grammar``. Offline they read ``<data-dir>/<task>/*.jsonl``; ``--online`` uses lm-eval's own task files.
-The tokenizer defaults to the one the checkpoint's data module names (a grammar, or a ``tokenizer`` path).
+The tokenizer defaults to the one the checkpoint was trained with (its grammar, or the tokenizer file recorded in
+it or in its shards' manifest); a ``--tokenizer`` whose sha256 differs from the recorded one is refused.
+Every checkpoint is verified before it is loaded (``lit_overtok.checkpoint_files``); among several, a damaged one
+(or a link to a removed file) is reported and the others are scored (exit status 1 when any was skipped); a single
+checkpoint that cannot be read is a one-line error (exit status 2). A ``last.ckpt`` link is
+scored once, under its step file's name, when the glob lists both.
 
 For each checkpoint writes ``<output-dir>/<name>.json`` (lm-eval's results format, plus ``config`` with the
 checkpoint, step and tokens) and ``<name>.md`` (lm-eval's tables); ``summary.md`` has one row per checkpoint.
@@ -28,7 +33,9 @@ from typing import Any, Optional
 import torch
 from tqdm import tqdm
 
-from lit_overtok.checkpoints import read_checkpoint, tokenizer_spec as checkpoint_tokenizer
+from lit_overtok.checkpoint_files import checkpoint_tokenizer, tokenizer_file_for
+from lit_overtok.checkpoints import read_checkpoint, tokenizer_spec as named_tokenizer
+from lit_overtok.errors import InputError
 from lit_overtok.evaluation.runner import downstream_score, PRIMARY_METRICS, task_scores, TaskSuite
 from lit_overtok.evaluation.tokenizers import load_tokenizer
 from lit_overtok.lightning_module import OverTokLM
@@ -60,21 +67,26 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
 
 
 def find_checkpoints(patterns: list[str]) -> list[Path]:
-    paths: list[Path] = []
+    """The checkpoints to score, each once: a ``last.ckpt`` link to a step file already listed is that file.
+
+    What a glob matches is kept even if it cannot be read (a link to a removed file): it is reported and skipped
+    with the other bad checkpoints. A path named without a glob must exist.
+    """
+    paths: dict[Path, Path] = {}
     for pattern in patterns:
         matches = sorted(glob.glob(pattern)) if glob.has_magic(pattern) else [pattern]
         if not matches:
             raise FileNotFoundError(f"--checkpoint {pattern!r} matches no file")
         for match in matches:
-            if not Path(match).is_file():
+            if not glob.has_magic(pattern) and not Path(match).is_file():
                 raise FileNotFoundError(f"checkpoint {match} does not exist")
-            paths.append(Path(match))
-    return list(dict.fromkeys(paths))
+            paths.setdefault(Path(match).resolve(), Path(match))
+    return list(paths.values())
 
 
 def load_checkpoint(path: Path, device: str) -> tuple[OverTokLM, dict[str, Any]]:
     """The LightningModule and the checkpoint's metadata (step, tokens, the data module's hyperparameters)."""
-    checkpoint = read_checkpoint(path)  # training or inference (train.py strip) checkpoints alike
+    checkpoint = read_checkpoint(path)  # verified; training or inference (train.py strip) checkpoints alike
     module = OverTokLM(**checkpoint["hyper_parameters"])
     module.load_state_dict(checkpoint["state_dict"])
     module.on_load_checkpoint(checkpoint)
@@ -82,12 +94,16 @@ def load_checkpoint(path: Path, device: str) -> tuple[OverTokLM, dict[str, Any]]
         "global_step": checkpoint.get("global_step"),
         "tokens_seen": checkpoint.get("tokens_seen"),
         "data": dict(checkpoint.get("datamodule_hyper_parameters") or {}),
+        "tokenizer": checkpoint_tokenizer(checkpoint),
     }
     return module.to(device).eval(), meta
 
 
-def tokenizer_spec(args: argparse.Namespace, data_hparams: dict[str, Any], path: Path) -> str:
-    spec = args.tokenizer or checkpoint_tokenizer(data_hparams)
+def tokenizer_spec(args: argparse.Namespace, meta: dict[str, Any], path: Path) -> str:
+    record = meta["tokenizer"]
+    if record is not None and not (args.tokenizer or "").startswith("grammar:"):
+        return tokenizer_file_for(record, args.tokenizer, path)
+    spec = args.tokenizer or named_tokenizer(meta["data"])
     if spec is not None:
         return spec
     raise ValueError(f"{path}: the checkpoint names no tokenizer; pass --tokenizer (a tokenizers JSON or grammar:<name>)")
@@ -95,9 +111,9 @@ def tokenizer_spec(args: argparse.Namespace, data_hparams: dict[str, Any], path:
 
 def output_names(paths: list[Path]) -> list[str]:
     """File names for the results: the checkpoint paths below their common folder, '/' -> '__'."""
-    resolved = [p.resolve() for p in paths]
-    common = Path(os.path.commonpath([p.parent for p in resolved]))
-    return ["__".join(p.with_suffix("").relative_to(common).parts) for p in resolved]
+    given = [Path(os.path.abspath(p)) for p in paths]  # links not followed: named as given, even if their file is gone
+    common = Path(os.path.commonpath([p.parent for p in given]))
+    return ["__".join(p.with_suffix("").relative_to(common).parts) for p in given]
 
 
 def markdown_report(name: str, results: dict[str, Any], downstream: Optional[float]) -> str:
@@ -117,6 +133,9 @@ def summary_table(rows: list[dict[str, Any]], names: list[str]) -> str:
     header = ["checkpoint", "step", "tokens"] + [f"{n} {PRIMARY_METRICS.get(n, 'acc')}" for n in names] + ["downstream"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in rows:
+        if "error" in row:
+            lines.append(f"| {row['name']} | skipped: {row['error']} |")
+            continue
         cells = [row["name"], str(row["step"]), str(row["tokens"])]
         cells += [f"{row['scores'].get(n, {}).get(PRIMARY_METRICS.get(n, 'acc'), float('nan')):.4f}" for n in names]
         cells.append("" if row["downstream"] is None else f"{row['downstream']:.4f}")
@@ -135,8 +154,15 @@ def main(argv: Optional[list[str]] = None) -> list[dict[str, Any]]:
     rows = []
     for path, name in tqdm(list(zip(paths, output_names(paths))), desc="checkpoints", disable=len(paths) == 1):
         start = time.perf_counter()
-        module, meta = load_checkpoint(path, args.device)
-        tokenizer = load_tokenizer(tokenizer_spec(args, meta["data"], path))
+        try:
+            module, meta = load_checkpoint(path, args.device)
+            tokenizer = load_tokenizer(tokenizer_spec(args, meta, path))
+        except (InputError, ValueError, FileNotFoundError) as error:  # this checkpoint only: score the others
+            if len(paths) == 1:
+                raise  # nothing else to score: the one-line error of a bad input (exit status 2)
+            print(f"skipping {path}: {error}", file=sys.stderr)
+            rows.append({"name": name, "error": str(error)})
+            continue
         if suite is None:
             grammar = args.grammar or meta["data"].get("grammar")
             suite = TaskSuite(args.tasks.split(","), data_dir=args.data_dir, grammar=grammar,
@@ -160,7 +186,7 @@ def main(argv: Optional[list[str]] = None) -> list[dict[str, Any]]:
         (out_dir / f"{name}.md").write_text(markdown_report(name, results, downstream))
         rows.append({"name": name, "step": meta["global_step"], "tokens": meta["tokens_seen"], "scores": scores,
                      "downstream": downstream})
-    table = summary_table(rows, suite.names)
+    table = summary_table(rows, suite.names if suite is not None else [])
     (out_dir / "summary.md").write_text(table)
     print(table)
     print(f"results in {out_dir}/", file=sys.stderr)
@@ -168,4 +194,4 @@ def main(argv: Optional[list[str]] = None) -> list[dict[str, Any]]:
 
 
 if __name__ == "__main__":
-    exit_on_user_error(main)
+    sys.exit(1 if any("error" in row for row in exit_on_user_error(main)) else 0)

@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,6 +41,7 @@ from typing import Optional
 
 import numpy as np
 
+from lit_overtok.evaluation.run_logs import read_run_scalars
 from lit_overtok.script_errors import exit_on_user_error
 
 TOKENS_TAG = "train/tokens_seen"
@@ -140,28 +140,10 @@ def logging_interval(curve: Curve) -> float:
 
 
 # ------------------------------------------------------------------------------------------------ reading runs
-def event_folder(path: str) -> Path:
-    """The one folder under ``path`` that holds TensorBoard event files (a run's version folder)."""
-    folders = sorted({Path(root) for root, _, files in os.walk(path) if any(f.startswith("events.out.tfevents") for f in files)})
-    if not folders:
-        raise FileNotFoundError(f"{path}: no TensorBoard event files (events.out.tfevents.*) found")
-    if len(folders) > 1:
-        raise ValueError(f"{path} holds several runs; pass one of: " + ", ".join(str(f) for f in folders))
-    return folders[0]
-
-
 def read_scalars(path: str) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """``{tag: (steps, values)}`` of a run's scalars, sorted by step (the last value of a repeated step wins)."""
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    accumulator = EventAccumulator(str(event_folder(path)), size_guidance={"scalars": 0})
-    accumulator.Reload()
-    scalars = {}
-    for tag in accumulator.Tags()["scalars"]:
-        by_step = {event.step: event.value for event in accumulator.Scalars(tag)}
-        steps = np.array(sorted(by_step), dtype=np.float64)
-        scalars[tag] = (steps, np.array([by_step[s] for s in sorted(by_step)], dtype=np.float64))
-    return scalars
+    """``{tag: (steps, values)}`` of a run's scalars, sorted by step; a run resumed into several version folders
+    is read as one (``lit_overtok.evaluation.run_logs``)."""
+    return read_run_scalars(path)
 
 
 def token_curve(scalars: dict[str, tuple[np.ndarray, np.ndarray]], metric: str, run: str) -> Curve:
@@ -245,7 +227,8 @@ def plot(panels: list[tuple[Speedup, Curve, Curve, Curve, Curve]], path: Path, l
 
 def main(argv: Optional[list[str]] = None) -> list[Speedup]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--baseline", required=True, help="baseline run folder (TensorBoard event files)")
+    parser.add_argument("--baseline", required=True,
+                        help="baseline run folder (TensorBoard event files; its version_* folders are read as one run)")
     parser.add_argument("--treatment", required=True, help="treatment run folder")
     parser.add_argument("--metrics", default=None, help="comma-separated scalar tags (default: loss and eval/*)")
     parser.add_argument("--loss-ema", type=float, default=0.99, help="EMA weight for losses (paper: 0.99)")

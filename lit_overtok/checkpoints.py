@@ -7,7 +7,8 @@ tokenizer). Generation and evaluation use only the next-token head (PAPER.md §2
 keeps the config and weights of that model and drops the optimizer state and the training-only heads (Over-Decoding
 heads and MTP-DS modules: ``multi_token.mode`` ``od`` / ``mtp_ds`` becomes ``none``; a ``joint`` head is the
 next-token head and stays). It keeps the training checkpoint's layout, so ``evaluate.py``, ``generate``, ``export``,
-the lm-eval model and ``OverTokLM.load_from_checkpoint`` read either kind.
+the lm-eval model and ``OverTokLM.load_from_checkpoint`` read either kind. Every read is CRC-verified and every
+write atomic (``checkpoint_files``).
 
     python train.py strip --checkpoint runs/x/version_0/checkpoints/last.ckpt --out model.ckpt
 """
@@ -16,14 +17,11 @@ from __future__ import annotations
 
 import argparse
 import copy
-import pickle
-import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Union
 
-import torch
-
+from lit_overtok.checkpoint_files import CheckpointError, load_verified, save_atomically
 from lit_overtok.configuration import config_from
 from lit_overtok.nn.config import ModelConfig
 from lit_overtok.nn.transformer import Transformer
@@ -47,18 +45,11 @@ class CheckpointInfo:
 
 
 def read_checkpoint(path: Union[str, Path]) -> dict[str, Any]:
-    """The checkpoint dict, with one clear error for a missing file or a file that is not a lit_overtok checkpoint."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {path} does not exist")
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
-    except (RuntimeError, pickle.UnpicklingError, zipfile.BadZipFile, EOFError) as error:
-        raise ValueError(f"{path} is not a readable PyTorch checkpoint ({type(error).__name__}: "
-                         f"{str(error).splitlines()[0] if str(error) else 'no details'})") from None
-    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint or "model_config" not in (
-            checkpoint.get("hyper_parameters") or {}):
-        raise ValueError(f"{path} is not a lit_overtok checkpoint (no hyper_parameters.model_config / state_dict)")
+    """The checkpoint dict after its CRC check (``load_verified``): one clear error for a missing, damaged or
+    truncated file, or a file that is not a lit_overtok checkpoint."""
+    checkpoint = load_verified(path, mmap=True)
+    if "state_dict" not in checkpoint or "model_config" not in (checkpoint.get("hyper_parameters") or {}):
+        raise CheckpointError(f"{path} is not a lit_overtok checkpoint (no hyper_parameters.model_config / state_dict)")
     return checkpoint
 
 
@@ -113,10 +104,7 @@ def strip(source: Union[str, Path], out: Union[str, Path]) -> Path:
         raise ValueError(f"--out {out} is the input checkpoint; write the inference checkpoint elsewhere")
     stripped = inference_checkpoint(read_checkpoint(source), str(source))
     network(stripped)  # it must load: a tensor the stripped config no longer expects fails here, not when served
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    torch.save(stripped, tmp)
-    tmp.replace(out)  # never a half-written file under the final name
+    save_atomically(stripped, out)  # never a half-written file under the final name, and CRCs for the readers
     return out
 
 

@@ -25,12 +25,15 @@ from lightning.pytorch.loggers import TensorBoardLogger
 
 from lit_overtok import checkpoints, generate
 from lit_overtok.callbacks import StepProgressBar, TokenThroughputMonitor
+from lit_overtok.checkpoint_files import resolve_ckpt_path, run_logger_kwargs, with_atomic_checkpoint_io
 from lit_overtok.config_keys import check_keys, field_help, OPTIMIZER_MESSAGE, REFUSED_ROOTS, resolve_model_config
 from lit_overtok.data.cfg_datamodule import CFGDataModule
+from lit_overtok.errors import InputError
 from lit_overtok.evaluation.callback import LMEvalCallback
 from lit_overtok.export import command as export_command
 from lit_overtok.global_batch import GlobalBatch, apply_global_batch
 from lit_overtok.lightning_module import OverTokLM
+from lit_overtok.run_checkpoint import RunCheckpoint
 from lit_overtok.run_summary import run_summary
 from lit_overtok.script_errors import exit_on_user_error, one_line, USER_ERRORS
 
@@ -86,19 +89,33 @@ class OverTokCLI(LightningCLI):
                             help="Sequences or tokens per optimizer step over all ranks; trainer.accumulate_grad_batches "
                                  "is derived from it at start (lit_overtok/global_batch.py)")
 
+    def before_instantiate_classes(self) -> None:
+        # --ckpt_path auto (or a run folder): the newest sound checkpoint of the latest run, or a fresh run if none.
+        # Only subcommands take a ckpt_path (run=False has neither the option nor a run to resume).
+        if self.subcommand is None:
+            return
+        config = self.config[self.subcommand]
+        root = config["trainer"].get("default_root_dir") or "runs"
+        config["ckpt_path"] = resolve_ckpt_path(config.get("ckpt_path"), root)
+
     def _instantiate_trainer(self, config, callbacks):
-        # Our defaults unless the config gives its own: TensorBoard without the placeholder hp_metric, speed and
-        # memory (timed first, before any other callback's batch-end work), a progress bar counted in optimizer
-        # steps, and a checkpoint that always keeps the latest step.
+        # Our defaults unless the config gives its own: TensorBoard without the placeholder hp_metric (continuing the
+        # resumed run's folder), speed and memory (timed first, before any other callback's batch-end work), a
+        # progress bar counted in optimizer steps, and checkpoints that are atomic, verified on load and saved on
+        # Ctrl-C / SIGTERM, with last.ckpt always the latest step.
         if config.get("logger") in (None, True):
-            config["logger"] = TensorBoardLogger(config.get("default_root_dir") or "runs", name="", default_hp_metric=False)
+            root = config.get("default_root_dir") or "runs"
+            resume = self.config[self.subcommand].get("ckpt_path") if self.subcommand == "fit" else None
+            config["logger"] = TensorBoardLogger(root, name="", default_hp_metric=False,
+                                                 **run_logger_kwargs(resume, root))
+        config["plugins"] = with_atomic_checkpoint_io(config.get("plugins"))
         given = list(config.get("callbacks") or []) + list(callbacks)
         if not any(isinstance(c, TokenThroughputMonitor) for c in given):
             config["callbacks"] = [TokenThroughputMonitor()] + list(config.get("callbacks") or [])
         if config.get("enable_progress_bar") is not False and not any(isinstance(c, ProgressBar) for c in given):
             callbacks.append(StepProgressBar())
         if not any(isinstance(c, ModelCheckpoint) for c in given):
-            callbacks.append(ModelCheckpoint(save_last=True, every_n_train_steps=100))
+            callbacks.append(RunCheckpoint(every_n_train_steps=100))
         # Grammar runs score the cfg tasks in-loop (eval/*); small subsets keep the default run within minutes.
         if not any(isinstance(c, LMEvalCallback) for c in given):
             default_eval = LMEvalCallback.for_grammar_run(self.datamodule)
@@ -128,7 +145,8 @@ def _root_cause(error: BaseException) -> BaseException:
     while error is not None:
         if isinstance(error, ValueError):
             found = error
-        error = error.__cause__ or error.__context__
+        # ``raise ... from None`` hides the context: the message raised is the one meant for the user.
+        error = error.__cause__ or (None if error.__suppress_context__ else error.__context__)
     return found
 
 
@@ -166,7 +184,8 @@ def main(args=None) -> None:
             args=given,
         )
     except USER_ERRORS as error:
-        # jsonargparse wraps a config error from our classes in union-type noise; show the user our message.
+        # jsonargparse wraps a config error from our classes in union-type noise; show the user our message. Bad
+        # input met while running (a file, a checkpoint, a field checked at setup) is an InputError that says it all.
         if os.environ.get("LIT_OVERTOK_TRACEBACK"):
             raise
-        _fail(_root_cause(error))
+        _fail(error if isinstance(error, InputError) else _root_cause(error))

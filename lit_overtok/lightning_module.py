@@ -20,6 +20,7 @@ import torch
 from torchmetrics import MeanMetric
 
 from lit_overtok.configuration import config_from
+from lit_overtok.errors import InputError
 from lit_overtok.evaluation.callback import log_by_tokens
 from lit_overtok.nn import hooks
 from lit_overtok.nn.config import ModelConfig
@@ -125,6 +126,13 @@ class OverTokLM(pl.LightningModule):
             self._flops_per_token[T] = flops_per_token(self.model_config, T)
         self.flops_per_batch = int(self._flops_per_token[T] * B * T)
 
+    def setup(self, stage: str) -> None:
+        # Checked before any step, so a mismatch is one line rather than a traceback from inside the model.
+        seq_len = (getattr(self.trainer.datamodule, "hparams", None) or {}).get("seq_len")
+        if seq_len is not None and seq_len > self.model_config.max_seq_len:
+            raise InputError(f"data.seq_len={seq_len} exceeds model_config.max_seq_len={self.model_config.max_seq_len}"
+                             "; raise model_config.max_seq_len or lower data.seq_len")
+
     def on_train_end(self) -> None:
         # The sparse tables' AdamW catches rows up when they are read or saved; bring every row current, so that
         # weights read after fit (exports walking parameters, copies) are what dense AdamW holds.
@@ -133,8 +141,12 @@ class OverTokLM(pl.LightningModule):
             flush()
 
     def configure_optimizers(self):
-        total_steps = self.trainer.max_steps if self.trainer.max_steps > 0 else int(self.trainer.estimated_stepping_batches)
-        optimizer, scheduler = build_optimizer(self.transformer, self.optimizer_config, total_steps)
+        total_steps = self.trainer.max_steps if self.trainer.max_steps > 0 else self.trainer.estimated_stepping_batches
+        if not 0 < total_steps < float("inf"):
+            raise InputError(f"trainer.max_steps={self.trainer.max_steps}: the learning-rate schedule needs a finite "
+                             "number of optimizer steps and our data streams are endless; set trainer.max_steps to a "
+                             "positive number")
+        optimizer, scheduler = build_optimizer(self.transformer, self.optimizer_config, int(total_steps))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:

@@ -34,6 +34,38 @@ def paper_data(tmp_path: Path) -> Path:
     return data_dir
 
 
+WORDS = ("the model reads every token of a sentence and learns which word comes next while the table of n-grams "
+         "grows with the vocabulary over time in each layer").split()
+
+
+def synthetic_documents(count: int, seed: int = 0, words: tuple[str, ...] = tuple(WORDS)) -> list[str]:
+    """Deterministic English-like documents (a few hundred characters each)."""
+    import random
+
+    rng = random.Random(seed)
+    return [" ".join(rng.choice(words) for _ in range(rng.randint(40, 90))) + "." for _ in range(count)]
+
+
+def prepare_corpus(root: Path, words: tuple[str, ...] = tuple(WORDS)) -> Path:
+    """Shards written by ``prepare``: a 300-entry byte-level BPE trained on the text, 7 train and 2 validation
+    shards."""
+    from lit_overtok.data.prepare import PrepareConfig, prepare
+
+    root.mkdir(parents=True, exist_ok=True)
+    for name, documents in (("train.jsonl", synthetic_documents(80, 0, words)),
+                            ("val.jsonl", synthetic_documents(20, 1, words))):
+        (root / name).write_text("".join(json.dumps({"text": d}) + "\n" for d in documents))
+    output = root / "shards"
+    prepare(PrepareConfig(output=output, train=[str(root / "train.jsonl")], validation=[str(root / "val.jsonl")],
+                          vocab_size=300, shard_tokens=2000, workers=1, progress=False, tokenizer_train_mb=1))
+    return output
+
+
+@pytest.fixture(scope="session")
+def text_corpus(tmp_path_factory) -> Path:
+    return prepare_corpus(tmp_path_factory.mktemp("text_corpus"))
+
+
 # A 2-step run of the real CLI per model family (tiny shapes, cfg3f), shared by the tests of the commands that read
 # checkpoints (generate, strip, export, lm-eval, evaluate).
 TINY_FIT = ["--trainer.max_steps=2", "--trainer.val_check_interval=2", "--trainer.limit_val_batches=1",

@@ -64,3 +64,24 @@ def test_scores_a_glob_of_grammar_checkpoints_with_the_tokenizer_the_run_used(tm
 def test_a_glob_that_matches_nothing_is_an_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="matches no file"):
         evaluate.main(["--checkpoint", str(tmp_path / "*.ckpt")])
+
+
+def test_a_damaged_checkpoint_among_several_is_reported_and_the_rest_are_scored(tmp_path, capsys):
+    folder = train(tmp_path, 3, max_seq_len=1024)
+    damaged = folder / "epoch=0-step=2.ckpt"
+    damaged.write_bytes(damaged.read_bytes()[:1000])  # what a full disk left behind before writes were atomic
+    (folder / "last.ckpt").symlink_to("epoch=0-step=3.ckpt")  # the same checkpoint as step 3: scored once
+    (folder / "removed.ckpt").symlink_to("epoch=0-step=0.ckpt")  # a link whose file was deleted
+    out = tmp_path / "out"
+    rows = evaluate.main(["--checkpoint", str(folder / "*.ckpt"), "--tasks", "cfg_next_token_validity",
+                          "--cfg-num-docs", "4", "--output-dir", str(out)])
+    assert [(row["name"], row.get("step")) for row in rows] == [
+        ("epoch=0-step=1", 1), ("epoch=0-step=2", None), ("epoch=0-step=3", 3), ("removed", None)]
+    assert rows[1]["error"].startswith(f"{damaged} is not a complete checkpoint")
+    assert rows[3]["error"] == f"checkpoint {folder / 'removed.ckpt'} does not exist (a link to a removed file)"
+    err = capsys.readouterr().err
+    assert f"skipping {damaged}: " in err and f"skipping {folder / 'removed.ckpt'}: " in err
+    summary = (out / "summary.md").read_text()
+    assert "| epoch=0-step=2 | skipped: " in summary and "| removed | skipped: " in summary
+    assert summary.count("\n") == 6
+    assert sorted(p.name for p in out.glob("*.json")) == ["epoch=0-step=1.json", "epoch=0-step=3.json"]

@@ -9,6 +9,7 @@ import pytest
 from torch.utils.tensorboard import SummaryWriter
 
 from evaluation import speedup
+from lit_overtok.evaluation.run_logs import event_folders
 
 TOKENS_PER_STEP = 1000
 STEPS = 200
@@ -157,7 +158,7 @@ def test_a_folder_with_several_runs_is_refused(tmp_path):
     write_run(tmp_path / "a", rate=1.0)
     write_run(tmp_path / "b", rate=1.0)
     with pytest.raises(ValueError, match="holds several runs"):
-        speedup.event_folder(str(tmp_path))
+        event_folders(str(tmp_path))
 
 
 def test_a_baseline_that_starts_at_its_final_value_is_flagged(tmp_path, capsys):

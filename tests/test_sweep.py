@@ -102,8 +102,10 @@ def test_a_killed_point_resumes_from_its_last_checkpoint(tmp_path, capsys):
     assert [a["returncode"] for a in attempts] == [-9, 0] and attempts[1]["ckpt_path"] == str(checkpoint)
     done = json.loads((point / "done.json").read_text())
     assert done["attempts"] == 2 and done["cpu_seconds"] == pytest.approx(sum(a["cpu_seconds"] for a in attempts))
-    resumed = speedup.read_scalars(str(point / "version_1"))
-    assert list(resumed["train/loss"][0]) == [3, 4, 5]  # logged at the optimizer step each completes: on from step 2
+    assert [v.name for v in sweep.version_folders(point)] == ["version_0"]  # the resumed run continued its folder
+    assert len(list((point / "version_0").glob("events.out.tfevents*"))) == 2
+    resumed = speedup.read_scalars(str(point / "version_0"))
+    assert list(resumed["train/loss"][0]) == [1, 2, 3, 4, 5]  # at the optimizer step each completes, each once
 
 
 def test_the_submitit_path_with_the_local_executor(tiny_sweep, tmp_path, capsys):

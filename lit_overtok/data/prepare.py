@@ -24,24 +24,22 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
 import os
 import shutil
 import sys
 import time
-from collections import deque
 from collections.abc import Iterable, Iterator
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
-from multiprocessing import get_context
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
-import numpy as np
 from tokenizers import Tokenizer
 from tqdm import tqdm
 
 from lit_overtok.data import shards
+from lit_overtok.data.encoding import ordered_map, vocabulary_size
+from lit_overtok.data.shard_writer import (PROGRESS_NAME, PrepareProgress, ShardWriter, SplitProgress,
+                                           write_json_atomically)
 from lit_overtok.data.text_inputs import TEXT_UNITS, PrepareError, expand_inputs, input_format, read_documents
 
 EOS_CANDIDATES = ("<|endoftext|>", "</s>", "<|end_of_text|>", "<eos>", "<|eos|>")
@@ -69,7 +67,11 @@ class PrepareConfig:
     eos_id: Optional[int] = None
     shard_tokens: int = 1 << 20
     workers: int = max(1, os.cpu_count() or 1)
+    encoding_errors: str = "strict"
+    """'strict': bytes that are not UTF-8 are an error naming the file; 'replace': they become U+FFFD."""
     overwrite: bool = False
+    resume: bool = False
+    """Continue an interrupted run in ``output``: keep its complete shards, write the rest."""
     progress: bool = True
 
     def __post_init__(self) -> None:
@@ -81,6 +83,10 @@ class PrepareConfig:
                 f"--vocab-size must exceed the 256 byte tokens (and fit in uint32), got {self.vocab_size}")
         if self.format not in (None, "text", "jsonl", "parquet"):
             raise PrepareError(f"--format must be text, jsonl or parquet, got {self.format!r}")
+        if self.encoding_errors not in ("strict", "replace"):
+            raise PrepareError(f"--encoding-errors must be strict or replace, got {self.encoding_errors!r}")
+        if self.overwrite and self.resume:
+            raise PrepareError("give at most one of --overwrite and --resume")
         if self.text_unit not in TEXT_UNITS:
             raise PrepareError(f"--text-unit must be one of {TEXT_UNITS}, got {self.text_unit!r}")
         if self.eos_token is not None and self.eos_id is not None:
@@ -94,20 +100,22 @@ class PrepareConfig:
             raise PrepareError("--train needs at least one input file")
 
 
-def iter_chunks(files: list[Path], config: PrepareConfig, progress, totals: dict) -> Iterator[list[str]]:
-    """All documents of the files, in order, grouped into work units for the tokenizer processes;
-    ``totals["chars"]`` counts the characters read."""
+def iter_chunks(files: list[Path], config: PrepareConfig, progress, totals: dict,
+                skip: int = 0) -> Iterator[list[str]]:
+    """All documents of the files after the first ``skip``, in order, grouped into work units for the tokenizer
+    processes; ``totals["chars"]`` counts the characters read."""
     chunk: list[str] = []
     chars = 0
-    for path in files:
-        for document in read_documents(path, input_format(path, config.format), config.field, config.text_unit,
-                                       progress):
-            chunk.append(document)
-            chars += len(document)
-            if chars >= CHUNK_CHARS or len(chunk) >= CHUNK_DOCUMENTS:
-                totals["chars"] += chars
-                yield chunk
-                chunk, chars = [], 0
+    documents = itertools.chain.from_iterable(
+        read_documents(path, input_format(path, config.format), config.field, config.text_unit, progress,
+                       config.encoding_errors) for path in files)
+    for document in itertools.islice(documents, skip, None):
+        chunk.append(document)
+        chars += len(document)
+        if chars >= CHUNK_CHARS or len(chunk) >= CHUNK_DOCUMENTS:
+            totals["chars"] += chars
+            yield chunk
+            chunk, chars = [], 0
     if chunk:
         totals["chars"] += chars
         yield chunk
@@ -141,11 +149,6 @@ def _first_megabytes(documents: Iterable[str], megabytes: float) -> Iterator[str
         budget -= len(document)
 
 
-def vocabulary_size(tokenizer: Tokenizer) -> int:
-    """One more than the largest id, counting added tokens (some files have ids beyond get_vocab_size())."""
-    return max(tokenizer.get_vocab(with_added_tokens=True).values()) + 1
-
-
 def resolve_eos(tokenizer: Tokenizer, source: str, eos_token: Optional[str], eos_id: Optional[int]) -> int:
     vocab_size = vocabulary_size(tokenizer)
     if eos_id is not None:
@@ -163,93 +166,45 @@ def resolve_eos(tokenizer: Tokenizer, source: str, eos_token: Optional[str], eos
     )
 
 
-# ------------------------------------------------------------------------------------------------- encoding
-_worker_state: dict = {}
-
-
-def _init_encoder(tokenizer_json: str, eos_id: int, dtype: str, single_threaded: bool) -> None:
-    if single_threaded:
-        # One process per core already; the tokenizer's own thread pool would only oversubscribe the cores.
-        os.environ["TOKENIZERS_PARALLELISM"] = "false"
-    _worker_state.update(tokenizer=Tokenizer.from_str(tokenizer_json), eos_id=eos_id, dtype=np.dtype(dtype))
-
-
-def _encode(texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
-    """(all tokens of the chunk, each document's length), every document followed by EOS."""
-    eos = _worker_state["eos_id"]
-    encodings = _worker_state["tokenizer"].encode_batch(texts, add_special_tokens=False)
-    lengths = np.fromiter((len(e.ids) + 1 for e in encodings), dtype=np.int64, count=len(encodings))
-    tokens = np.fromiter(itertools.chain.from_iterable(e.ids + [eos] for e in encodings),
-                         dtype=_worker_state["dtype"], count=int(lengths.sum()))
-    return tokens, lengths
-
-
-def _ordered_map(chunks: Iterator[list[str]], workers: int, initargs: tuple) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """``_encode`` over the chunks, results in input order, at most 2 × workers chunks in flight."""
-    if workers == 1:
-        _init_encoder(*initargs, single_threaded=False)
-        yield from map(_encode, chunks)
-        return
-    # spawn, not fork: the parent may have run the tokenizer's thread pool (BPE training), which fork would copy.
-    with ProcessPoolExecutor(workers, mp_context=get_context("spawn"), initializer=_init_encoder,
-                             initargs=(*initargs, True)) as pool:
-        pending: deque = deque()
-        for chunk in chunks:
-            pending.append(pool.submit(_encode, chunk))
-            if len(pending) >= 2 * workers:
-                yield pending.popleft().result()
-        while pending:
-            yield pending.popleft().result()
-
-
-class _ShardSink:
-    """Collects documents in order and closes a shard once it holds at least ``shard_tokens`` tokens."""
-
-    def __init__(self, output: Path, split: str, shard_tokens: int) -> None:
-        self.output, self.split, self.shard_tokens = output, split, shard_tokens
-        self.shards: list[shards.ShardInfo] = []
-        self.pending: list[np.ndarray] = []
-        self.pending_tokens = 0
-        self.documents = 0
-
-    def add(self, tokens: np.ndarray, lengths: np.ndarray) -> None:
-        for document in np.split(tokens, np.cumsum(lengths)[:-1]):
-            self.pending.append(document)
-            self.pending_tokens += len(document)
-            if self.pending_tokens >= self.shard_tokens:
-                self.flush()
-
-    def flush(self) -> None:
-        if not self.pending:
-            return
-        path = self.output / shards.shard_file_name(self.split, len(self.shards))
-        self.shards.append(shards.write_shard(path, self.pending, first_document=self.documents))
-        self.documents += len(self.pending)
-        self.pending, self.pending_tokens = [], 0
-
-
 # ---------------------------------------------------------------------------------------------------- driver
-def _prepare_output(output: Path, overwrite: bool) -> None:
-    ours = [output / shards.MANIFEST_NAME, output / shards.TOKENIZER_NAME, *output.glob("*.tar"),
-            *output.glob("*.partial")]
+def _options(config: PrepareConfig, inputs: dict[str, list[Path]]) -> dict[str, Any]:
+    """What the output depends on (not the number of workers): a resume must find the same."""
+    files = {split: [[str(p), p.stat().st_size, p.stat().st_mtime_ns] for p in paths] for split, paths in inputs.items()}
+    tokenizer = (["file", shards.file_sha256(config.tokenizer)] if config.tokenizer is not None
+                 and Path(config.tokenizer).is_file() else ["trained", config.vocab_size, config.tokenizer_train_mb])
+    return {"inputs": files, "tokenizer": tokenizer, "field": config.field, "format": config.format,
+            "text_unit": config.text_unit, "eos_token": config.eos_token, "eos_id": config.eos_id,
+            "shard_tokens": config.shard_tokens, "encoding_errors": config.encoding_errors}
+
+
+def _prepare_output(config: PrepareConfig, options: dict[str, Any]) -> PrepareProgress:
+    """The progress record to continue: a fresh one, or (``--resume``) the interrupted run's, intact shards only."""
+    output = config.output
+    if config.resume:
+        progress = PrepareProgress.load(output)
+        if progress is None:
+            finished = (output / shards.MANIFEST_NAME).is_file()
+            raise PrepareError(f"--resume: {output} holds " + ("a finished run (manifest.json), nothing to resume"
+                               if finished else "no interrupted run (no prepare.progress.json)"))
+        progress.check_options(options)
+        progress.keep_intact_shards()
+        return progress
+    ours = [output / shards.MANIFEST_NAME, output / shards.TOKENIZER_NAME, output / PROGRESS_NAME,
+            *output.glob("*.tar"), *output.glob("*.partial")]
     existing = [p for p in ours if p.exists()]
-    if existing and not overwrite:
-        raise PrepareError(f"{output} already holds prepared data ({existing[0].name}, ...); "
-                           "choose another --output or pass --overwrite")
+    if existing and not config.overwrite:
+        interrupted = (output / PROGRESS_NAME).exists()
+        raise PrepareError(f"{output} already holds " + ("an interrupted run: continue it with --resume, "
+                           if interrupted else f"prepared data ({existing[0].name}, ...); ")
+                           + "choose another --output, or pass --overwrite")
     for path in existing:
         path.unlink()
     output.mkdir(parents=True, exist_ok=True)
+    return PrepareProgress(output, options)
 
 
-def prepare(config: PrepareConfig) -> dict:
-    """Write shards, tokenizer and manifest to ``config.output``; returns the manifest plus timing statistics."""
-    inputs = {"train": expand_inputs(config.train, "--train"),
-              "validation": expand_inputs(config.validation, "--validation"),
-              "test": expand_inputs(config.test, "--test")}
-    for files in inputs.values():
-        for path in files:
-            input_format(path, config.format)  # fail on an unknown extension before any work
-    _prepare_output(config.output, config.overwrite)
+def _tokenizer(config: PrepareConfig, inputs: dict[str, list[Path]], progress: PrepareProgress) -> tuple[Tokenizer, str]:
+    """The tokenizer, copied (or trained and saved) into the output; on resume a trained one is read back."""
     tokenizer_path = config.output / shards.TOKENIZER_NAME
     if config.tokenizer is not None:
         source = Path(config.tokenizer)
@@ -261,34 +216,52 @@ def prepare(config: PrepareConfig) -> dict:
         except Exception as error:
             raise PrepareError(f"--tokenizer: {source} is not a tokenizers JSON file ({error})") from None
         shutil.copyfile(source, tokenizer_path)
-        tokenizer_source = str(source)
-    else:
-        train_files = inputs["train"]
-        documents = itertools.chain.from_iterable(
-            read_documents(p, input_format(p, config.format), config.field, config.text_unit) for p in train_files)
-        started = time.perf_counter()
-        tokenizer = train_bpe(_first_megabytes(documents, config.tokenizer_train_mb), config.vocab_size)
-        print(f"trained a {config.vocab_size}-entry byte-level BPE on the first {config.tokenizer_train_mb:g} MB "
-              f"of the training text in {time.perf_counter() - started:.1f} s", file=sys.stderr)
-        tokenizer.save(str(tokenizer_path))
-        tokenizer_source = f"byte-level BPE trained on the first {config.tokenizer_train_mb:g} MB of --train"
+        return tokenizer, str(source)
+    description = f"byte-level BPE trained on the first {config.tokenizer_train_mb:g} MB of --train"
+    trained = progress.options.get("trained_sha256")
+    if config.resume and tokenizer_path.is_file() and trained == shards.file_sha256(tokenizer_path):
+        return Tokenizer.from_file(str(tokenizer_path)), description
+    documents = itertools.chain.from_iterable(
+        read_documents(p, input_format(p, config.format), config.field, config.text_unit,
+                       encoding_errors=config.encoding_errors) for p in inputs["train"])
+    started = time.perf_counter()
+    tokenizer = train_bpe(_first_megabytes(documents, config.tokenizer_train_mb), config.vocab_size)
+    print(f"trained a {config.vocab_size}-entry byte-level BPE on the first {config.tokenizer_train_mb:g} MB "
+          f"of the training text in {time.perf_counter() - started:.1f} s", file=sys.stderr)
+    tokenizer.save(str(tokenizer_path))
+    progress.options["trained_sha256"] = shards.file_sha256(tokenizer_path)
+    return tokenizer, description
+
+
+def prepare(config: PrepareConfig) -> dict:
+    """Write shards, tokenizer and manifest to ``config.output``; returns the manifest plus timing statistics."""
+    inputs = {"train": expand_inputs(config.train, "--train"),
+              "validation": expand_inputs(config.validation, "--validation"),
+              "test": expand_inputs(config.test, "--test")}
+    for files in inputs.values():
+        for path in files:
+            input_format(path, config.format)  # fail on an unknown extension before any work
+    progress = _prepare_output(config, _options(config, inputs))
+    tokenizer, tokenizer_source = _tokenizer(config, inputs, progress)
     vocab_size = vocabulary_size(tokenizer)
     eos_id = resolve_eos(tokenizer, tokenizer_source, config.eos_token, config.eos_id)
     dtype = shards.token_dtype(vocab_size)
+    progress.save()
 
     total_bytes = sum(p.stat().st_size for files in inputs.values() for p in files)
     bar = tqdm(total=total_bytes, unit="B", unit_scale=True, desc="prepare", disable=not config.progress)
     started, totals = time.perf_counter(), {"chars": 0}
-    written: dict[str, list[shards.ShardInfo]] = {}
     for split, files in inputs.items():
-        if not files:
+        state = progress.splits.setdefault(split, SplitProgress())
+        if not files or state.done:
             continue
-        sink = _ShardSink(config.output, split, config.shard_tokens)
-        chunks = iter_chunks(files, config, bar.update, totals)
-        for tokens, lengths in _ordered_map(chunks, config.workers, (tokenizer.to_str(), eos_id, dtype.str)):
-            sink.add(tokens, lengths)
-        sink.flush()
-        written[split] = sink.shards
+        writer = ShardWriter(config.output, split, config.shard_tokens, state, on_shard=progress.save)
+        chunks = iter_chunks(files, config, bar.update, totals, skip=state.documents)
+        for tokens, lengths in ordered_map(chunks, config.workers, (tokenizer.to_str(), eos_id, dtype.str)):
+            writer.add(tokens, lengths)
+        writer.flush()
+        state.done = True
+        progress.save()
     bar.close()
     seconds = time.perf_counter() - started
     provenance = {
@@ -296,10 +269,11 @@ def prepare(config: PrepareConfig) -> dict:
         "field": config.field, "text_unit": config.text_unit, "tokenizer_source": tokenizer_source,
         "shard_tokens": config.shard_tokens,
     }
-    manifest = shards.manifest_dict(shards.file_sha256(tokenizer_path), vocab_size, eos_id, written, provenance)
-    temporary = config.output / (shards.MANIFEST_NAME + ".partial")
-    temporary.write_text(json.dumps(manifest, indent=1) + "\n")
-    temporary.replace(config.output / shards.MANIFEST_NAME)
+    written = {split: state.shards for split, state in progress.splits.items() if inputs[split]}
+    manifest = shards.manifest_dict(shards.file_sha256(config.output / shards.TOKENIZER_NAME), vocab_size, eos_id,
+                                    written, provenance)
+    write_json_atomically(config.output / shards.MANIFEST_NAME, manifest)
+    (config.output / PROGRESS_NAME).unlink()
     text_mb = totals["chars"] / 1e6
     stats = {"seconds": seconds, "text_mb": text_mb, "mb_per_s": text_mb / max(seconds, 1e-9)}
     return {"manifest": manifest, "stats": stats}
@@ -328,7 +302,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--shard-tokens", type=int, default=1 << 20,
                         help="a shard closes once it holds this many tokens (documents are never split)")
     parser.add_argument("--workers", type=int, default=max(1, os.cpu_count() or 1), help="tokenizer processes")
+    parser.add_argument("--encoding-errors", choices=("strict", "replace"), default="strict",
+                        help="bytes that are not UTF-8: an error naming the file (strict) or U+FFFD (replace)")
     parser.add_argument("--overwrite", action="store_true", help="replace prepared data already in --output")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue an interrupted run in --output (the same command): keep its complete shards")
     parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     return parser
 
@@ -339,6 +317,10 @@ def main(argv: Optional[list[str]] = None) -> None:
         result = prepare(PrepareConfig(**vars(args)))
     except (PrepareError, OSError) as error:  # bad input, or an output folder that cannot be written
         sys.exit(f"lit-overtok-prepare: error: {error}")
+    except KeyboardInterrupt:
+        print(f"lit-overtok-prepare: interrupted; the complete shards in {args.output} are kept: rerun the same "
+              "command with --resume to continue", file=sys.stderr)
+        sys.exit(130)
     manifest, stats = result["manifest"], result["stats"]
     for split, entry in manifest["splits"].items():
         print(f"{split}: {entry['documents']} documents, {entry['tokens']} tokens in {len(entry['shards'])} shards")

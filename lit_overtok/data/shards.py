@@ -4,7 +4,8 @@ A prepared directory holds
 
 * ``manifest.json``: what the shards are: format version, the tokenizer's file name and sha256, the vocabulary
   size, the EOS id, the token dtype, and per split (``train``, ``validation``) every shard's file name, document
-  count, token count, byte size and sha256;
+  count, token count, byte size, sha256 and largest token id (checked against the vocabulary when the manifest
+  is loaded, and again in the tokens when a shard is read);
 * ``tokenizer.json``: the tokenizer that produced the tokens (a copy of the given file, or the trained BPE);
 * ``<split>-NNNNNN.tar``: WebDataset shards. Plain ustar tar files, one member per document, named
   ``<10-digit document index>.bin``, holding the document's token ids followed by EOS as raw little-endian
@@ -25,9 +26,11 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import numpy as np
+
+from lit_overtok.errors import InputError
 
 FORMAT = "lit_overtok.token_shards/1"
 MANIFEST_NAME = "manifest.json"
@@ -44,7 +47,7 @@ class CorruptShardError(RuntimeError):
         self.shard, self.reason = shard, reason
 
 
-class ManifestError(ValueError):
+class ManifestError(InputError):
     """A manifest that is missing, malformed, or does not fit the shards or the configuration."""
 
 
@@ -69,6 +72,8 @@ class ShardInfo:
     tokens: int
     bytes: int
     sha256: str
+    max_id: Optional[int] = None
+    """The largest token id in the shard (None in manifests written before it was recorded)."""
 
 
 @dataclass(frozen=True)
@@ -113,9 +118,10 @@ class Manifest:
                 "`python -m lit_overtok.data.prepare`, or give data.manifest explicitly"
             )
         try:
-            raw = json.loads(path.read_text())
-        except json.JSONDecodeError as error:
-            raise ManifestError(f"{path} is not valid JSON: {error}") from None
+            raw = json.loads(path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as error:
+            raise ManifestError(f"{path} is not valid JSON ({error}); write it again with "
+                                "`python -m lit_overtok.data.prepare`") from None
         if not isinstance(raw, dict) or raw.get("format") != FORMAT:
             found = raw.get("format") if isinstance(raw, dict) else type(raw).__name__
             raise ManifestError(f"{path}: format is {found!r}, expected {FORMAT!r} (written by lit_overtok's prepare)")
@@ -134,6 +140,11 @@ class Manifest:
                 f"{path}: eos_id {eos_id} / dtype {dtype} do not fit vocab_size {vocab_size} "
                 f"(eos_id must be in [0, vocab_size), dtype {token_dtype(vocab_size)})"
             )
+        for info in (info for infos in splits.values() for info in infos):
+            if info.max_id is not None and info.max_id >= vocab_size:
+                raise ManifestError(
+                    f"{path}: shard {info.file} holds token id {info.max_id}, outside vocab_size {vocab_size}; "
+                    "the manifest does not belong to these shards (prepare them again)")
         return manifest
 
 
@@ -174,19 +185,25 @@ def write_shard(path: Path, documents: list[np.ndarray], first_document: int) ->
             writer.write({"__key__": f"{first_document + offset:010d}", MEMBER_SUFFIX[1:]: tokens.tobytes()})
     data = buffer.getvalue()
     temporary = path.with_name(path.name + ".partial")
-    temporary.write_bytes(data)
-    temporary.replace(path)
+    try:
+        temporary.write_bytes(data)
+        temporary.replace(path)
+    except OSError:
+        temporary.unlink(missing_ok=True)
+        raise
     return ShardInfo(
         file=path.name,
         documents=len(documents),
         tokens=int(sum(len(d) for d in documents)),
         bytes=len(data),
         sha256=hashlib.sha256(data).hexdigest(),
+        max_id=max((int(d.max()) for d in documents if len(d)), default=0),
     )
 
 
-def read_shard(url: str, info: ShardInfo, dtype: np.dtype) -> list[np.ndarray]:
-    """Every document of a shard, as read-only token arrays; CorruptShardError if it does not match ``info``.
+def read_shard(url: str, info: ShardInfo, dtype: np.dtype, vocab_size: Optional[int] = None) -> list[np.ndarray]:
+    """Every document of a shard, as read-only token arrays; CorruptShardError if it does not match ``info``, and
+    ManifestError if a token id is outside ``vocab_size``.
 
     ``url`` is anything ``webdataset.gopen`` opens: a local path, ``pipe:cmd``, ``http(s)://``.
     """
@@ -217,6 +234,13 @@ def read_shard(url: str, info: ShardInfo, dtype: np.dtype) -> list[np.ndarray]:
         raise CorruptShardError(
             url, f"{len(documents)} documents / {tokens} tokens, the manifest says {info.documents} / {info.tokens}"
         )
+    if vocab_size is not None:
+        # One pass of max over the tokens, far cheaper than the sha256 above; an id past the vocabulary would
+        # otherwise fail deep inside the embedding lookup.
+        top = max((int(d.max()) for d in documents if len(d)), default=0)
+        if top >= vocab_size:
+            raise ManifestError(f"{url} holds token id {top}, outside the manifest's vocab_size {vocab_size}; the "
+                                "manifest does not belong to these shards (prepare them again)")
     return documents
 
 

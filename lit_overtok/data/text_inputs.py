@@ -1,7 +1,8 @@
 """Reading text inputs for ``prepare``: plain text, JSON lines and Parquet, optionally gzip/xz/zstd compressed.
 
 Every reader yields a file's non-empty documents in file order and reports progress in bytes of the file consumed;
-a missing file, an unknown format, a missing field or a file without documents is a PrepareError naming the file.
+a missing file, an unknown format, a missing field, text that is not UTF-8 or a file without documents is a
+PrepareError naming the file.
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ from typing import Optional
 
 import zstandard
 
+from lit_overtok.errors import InputError
+
 DECOMPRESSORS = {
     ".gz": lambda raw: gzip.GzipFile(fileobj=raw),
     ".xz": lambda raw: lzma.LZMAFile(raw),
@@ -28,7 +31,7 @@ FORMATS = {".txt": "text", ".text": "text", ".jsonl": "jsonl", ".json": "jsonl",
 TEXT_UNITS = ("file", "line", "paragraph")
 
 
-class PrepareError(ValueError):
+class PrepareError(InputError):
     """Bad input or options; the message names the file or option and what would be valid."""
 
 
@@ -67,28 +70,34 @@ def input_format(path: Path, forced: Optional[str]) -> str:
 
 
 def read_documents(path: Path, fmt: str, text_field: str, text_unit: str,
-                   progress: Callable[[int], None] = lambda n: None) -> Iterator[str]:
+                   progress: Callable[[int], None] = lambda n: None, encoding_errors: str = "strict") -> Iterator[str]:
     """The non-empty documents of one input file, in file order; ``progress`` gets bytes of the file consumed.
 
-    Raises PrepareError for a missing field, a non-text value, or a file with no documents.
+    Raises PrepareError for a missing field, a non-text value, bytes that are not UTF-8 (unless ``encoding_errors``
+    is ``replace``: then they become U+FFFD), or a file with no documents.
     """
     count = 0
     if fmt == "parquet":
         documents = _parquet_documents(path, text_field, progress)
     else:
-        documents = _stream_documents(path, fmt, text_field, text_unit, progress)
+        documents = _stream_documents(path, fmt, text_field, text_unit, progress, encoding_errors)
     try:
         for document in documents:
             if document:
                 count += 1
                 yield document
-    except (OSError, EOFError, UnicodeDecodeError, lzma.LZMAError, zstandard.ZstdError) as error:
+    except UnicodeDecodeError as error:
+        raise PrepareError(
+            f"{path} is not UTF-8 text ({error.reason}: byte {error.object[error.start:error.start + 1]!r} after "
+            f"{count} documents); convert it (e.g. iconv -f latin1 -t utf-8) or pass --encoding-errors replace"
+        ) from None
+    except (OSError, EOFError, lzma.LZMAError, zstandard.ZstdError) as error:
         raise PrepareError(f"input {path} cannot be read as {fmt} ({type(error).__name__}: {error})") from None
     if count == 0:
         raise PrepareError(f"input {path} contains no documents (it is empty or every document is empty)")
 
 
-def _stream_documents(path, fmt, text_field, text_unit, progress) -> Iterator[str]:
+def _stream_documents(path, fmt, text_field, text_unit, progress, encoding_errors) -> Iterator[str]:
     with open(path, "rb") as raw:
         position = 0
 
@@ -99,7 +108,7 @@ def _stream_documents(path, fmt, text_field, text_unit, progress) -> Iterator[st
             position = now
 
         decompress = DECOMPRESSORS.get(path.suffix)
-        with io.TextIOWrapper(decompress(raw) if decompress else raw, encoding="utf-8") as text:
+        with io.TextIOWrapper(decompress(raw) if decompress else raw, encoding="utf-8", errors=encoding_errors) as text:
             if fmt == "jsonl":
                 for number, line in enumerate(text, start=1):
                     if line.strip():

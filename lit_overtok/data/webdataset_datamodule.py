@@ -51,8 +51,10 @@ import braceexpand
 import lightning.pytorch as pl
 import numpy as np
 import torch
+from tokenizers import Tokenizer
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from lit_overtok.data.encoding import vocabulary_size
 from lit_overtok.data.shards import (
     MANIFEST_NAME,
     CorruptShardError,
@@ -248,7 +250,7 @@ class TrainStream(IterableDataset):
             if urls[index] in corrupt.skipped:
                 continue
             try:
-                documents = read_shard(urls[index], infos[index], dtype)
+                documents = read_shard(urls[index], infos[index], dtype, self.shards.manifest.vocab_size)
             except CorruptShardError as error:
                 corrupt.handle(error)
                 if len(corrupt.skipped) == len(urls):
@@ -273,6 +275,7 @@ class WebDatasetDataModule(pl.LightningDataModule):
         tokenizer: Optional[str] = None,
         manifest: Optional[str] = None,
         on_corrupt: Literal["skip", "error"] = "skip",
+        allow_tokenizer_change: bool = False,
         test_shards: Optional[str] = None,
     ) -> None:
         """
@@ -290,6 +293,8 @@ class WebDatasetDataModule(pl.LightningDataModule):
             tokenizer: path of the tokenizer the run uses; refused unless its sha256 matches the manifest's.
             manifest: the manifest, when it is not ``manifest.json`` beside the shards.
             on_corrupt: ``skip`` a corrupt shard with a warning and a count in TensorBoard, or stop with an ``error``.
+            allow_tokenizer_change: resume a checkpoint trained on data of another tokenizer (with a warning)
+                instead of stopping; the model's token ids then mean other strings.
             test_shards: the held-out set of ``train.py test`` (``prepare --test``), given like ``val_shards``; None:
                 the test split of the ``train_shards`` directory. Every complete batch is scored.
         """
@@ -324,6 +329,7 @@ class WebDatasetDataModule(pl.LightningDataModule):
                     f"with (sha256 {first.tokenizer_sha256[:12]}…, {first.directory / first.tokenizer_file}); "
                     "use that file or prepare the shards again with this tokenizer"
                 )
+        check_tokenizer_size(first)
         self.vocab_size = first.vocab_size
         self.eos_id = first.eos_id
         self.rank, self.world_size = 0, 1
@@ -386,10 +392,27 @@ class WebDatasetDataModule(pl.LightningDataModule):
         """Logged by the LightningModule as ``train/<key>``, summed over ranks."""
         return {"data/corrupt_shards": float(sum(self._lane_corrupt.values()) + self._val_corrupt)}
 
+    def tokenizer_record(self) -> dict[str, Any]:
+        """The data's tokenizer, saved in checkpoints: its sha256 and, when it sits beside the manifest, its file."""
+        manifest = self.train_set.manifest
+        file = manifest.directory / manifest.tokenizer_file
+        return {"sha256": manifest.tokenizer_sha256, "file": str(file.resolve()) if file.is_file() else None,
+                "manifest": str(manifest.path.resolve()), "vocab_size": manifest.vocab_size}
+
     def state_dict(self) -> dict[str, Any]:
-        return {"train_batches": self._train_batches, "layout": asdict(self.layout())}
+        return {"train_batches": self._train_batches, "layout": asdict(self.layout()),
+                "tokenizer": self.tokenizer_record()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        saved_tokenizer, ours = state.get("tokenizer"), self.tokenizer_record()
+        if saved_tokenizer is not None and saved_tokenizer["sha256"] != ours["sha256"]:
+            message = (f"the checkpoint was trained on data tokenized by {saved_tokenizer['file'] or 'a tokenizer'} "
+                       f"(sha256 {saved_tokenizer['sha256'][:12]}…), but {self.train_set.manifest.path} was made with "
+                       f"{ours['file'] or 'another'} (sha256 {ours['sha256'][:12]}…)")
+            if not self.hparams.allow_tokenizer_change:
+                raise ManifestError(f"{message}; resume on data of the same tokenizer, or set "
+                                    "data.allow_tokenizer_change: true to continue anyway")
+            warnings.warn(f"{message}; continuing (data.allow_tokenizer_change)")
         saved = StreamLayout(**state["layout"])
         if replace(saved, restart=None) == self.layout():
             self._restart, self._train_batches = saved.restart, state["train_batches"]
@@ -432,7 +455,7 @@ class WebDatasetDataModule(pl.LightningDataModule):
             if wanted is not None and held >= wanted:
                 break
             try:
-                documents = read_shard(url, info, shard_set.manifest.dtype)
+                documents = read_shard(url, info, shard_set.manifest.dtype, shard_set.manifest.vocab_size)
             except CorruptShardError as error:
                 corrupt.handle(error)
                 continue
@@ -452,6 +475,22 @@ class WebDatasetDataModule(pl.LightningDataModule):
         flat = np.concatenate(pieces)[: per_rank * group * window]
         batches = [as_batch(tokens, h.batch_size) for tokens in np.split(flat, per_rank * self.world_size)]
         return batches[self.rank :: self.world_size], len(corrupt.skipped)
+
+
+def check_tokenizer_size(manifest: Manifest) -> None:
+    """The manifest's vocab_size must be its tokenizer's (one more than the largest id): a larger one would silently
+    train a bigger model, a smaller one fail inside the embedding."""
+    path = manifest.directory / manifest.tokenizer_file
+    if not path.is_file():
+        return  # shards copied without their tokenizer: the token ids are still checked against vocab_size
+    try:
+        size = vocabulary_size(Tokenizer.from_file(str(path)))
+    except Exception as error:
+        raise ManifestError(f"{path} (the manifest's tokenizer) cannot be read ({error})") from None
+    if size != manifest.vocab_size:
+        raise ManifestError(f"{manifest.path}: vocab_size {manifest.vocab_size} is not the size of its tokenizer "
+                            f"{path} ({size} ids); the manifest was edited or belongs to other shards (prepare them "
+                            "again)")
 
 
 class _FixedBatches(IterableDataset):

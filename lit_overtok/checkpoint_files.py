@@ -1,0 +1,320 @@
+"""Checkpoint files that are whole or refused, and found again: the file-level half of resuming a run.
+
+* **Integrity.** A checkpoint is torch's zip archive, whose every member carries the CRC-32 of its bytes
+  (``torch.save`` writes them; we force it on). ``verify_checkpoint`` re-reads every member against its CRC, so a
+  flipped bit, a truncated or empty file, or a file that is not a checkpoint is a ``CheckpointError`` naming the
+  file, never a model that trains or scores on damaged weights. ``load_verified`` is the one way to open a
+  checkpoint: Lightning's resume (through ``AtomicCheckpointIO``), ``evaluation/evaluate.py`` and, through
+  ``checkpoints.read_checkpoint``, export, generate, strip and the lm-eval model all call it.
+* **Atomic writes.** ``AtomicCheckpointIO`` writes to a temporary file beside the target, fsyncs it and renames it
+  into place: a crash or a full disk leaves the previous checkpoints and never a partial one under a real name.
+  ``link_atomically`` points ``last.ckpt`` at a step file the same way (a symlink; a hard link or a copy where the
+  filesystem has no symlinks).
+* **Finding the checkpoint to resume from** (``--ckpt_path auto`` or a run folder): ``find_resume_checkpoint``.
+
+The training-loop half (when to save, saving on Ctrl-C / SIGTERM / SLURM's requeue signal) is ``run_checkpoint``;
+what is inside a checkpoint (the network, the small inference checkpoint) is ``checkpoints``.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import sys
+import warnings
+import zipfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import torch
+from lightning.fabric.plugins import CheckpointIO
+from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+from lightning.fabric.utilities.cloud_io import _is_local_file_protocol
+
+from lit_overtok.data.shards import MANIFEST_NAME, TOKENIZER_NAME, Manifest, file_sha256
+from lit_overtok.errors import InputError
+
+PathLike = Union[str, os.PathLike]
+LAST_NAME = "last.ckpt"
+_STEP = re.compile(r"step=(\d+)")
+
+
+class CheckpointError(InputError):
+    """A checkpoint that is missing, damaged or cannot be written; the message names the file."""
+
+
+# ------------------------------------------------------------------------------------------------- integrity
+def verify_checkpoint(path: PathLike) -> None:
+    """Check every byte of the checkpoint at ``path`` against the CRC-32 recorded when it was written.
+
+    A directory (a sharded checkpoint of a distributed strategy) is left to its own format's checks.
+    """
+    path = Path(path)
+    if path.is_dir():
+        return
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist" + (" (a link to a removed file)" if path.is_symlink() else ""))
+    try:
+        with zipfile.ZipFile(path) as archive:
+            if not any(name.endswith("/data.pkl") for name in archive.namelist()):
+                raise CheckpointError(f"{path} is not a torch checkpoint (a zip file without data.pkl)")
+            damaged = archive.testzip()
+    except zipfile.BadZipFile as error:
+        size = path.stat().st_size
+        raise CheckpointError(f"{path} is not a complete checkpoint ({size} bytes: {'empty' if size == 0 else error}; "
+                              "truncated by a crash or a full disk, or not a checkpoint at all)") from None
+    except (OSError, EOFError, RuntimeError, ValueError) as error:  # zipfile reports damaged headers several ways
+        if isinstance(error, CheckpointError):
+            raise
+        raise CheckpointError(f"{path} is damaged ({type(error).__name__}: {error})") from None
+    if damaged is not None:
+        raise CheckpointError(f"{path} is damaged: the bytes of {damaged!r} do not match the CRC-32 stored when it "
+                              "was written (changed on disk after saving); use an earlier checkpoint")
+
+
+def load_verified(path: PathLike, map_location: Any = "cpu", weights_only: Optional[bool] = False,
+                  mmap: bool = False) -> dict[str, Any]:
+    """The checkpoint at ``path`` after ``verify_checkpoint``; any failure is one ``CheckpointError`` naming it."""
+    verify_checkpoint(path)
+    try:
+        checkpoint = torch.load(path, map_location=map_location, weights_only=weights_only, mmap=mmap)
+    except Exception as error:  # the bytes are as written, so this is a checkpoint of another kind
+        raise CheckpointError(f"{path} cannot be loaded ({type(error).__name__}: {error})") from None
+    if not isinstance(checkpoint, dict):
+        raise CheckpointError(f"{path} holds a {type(checkpoint).__name__}, not a checkpoint dictionary")
+    return checkpoint
+
+
+def tokenizer_record(checkpoint: dict[str, Any]) -> Optional[dict[str, Any]]:
+    """The data's tokenizer as recorded by the data module (``{"sha256", "file"}``), or None if none was."""
+    for value in checkpoint.values():
+        record = value.get("tokenizer") if isinstance(value, dict) else None
+        if isinstance(record, dict) and "sha256" in record:
+            return record
+    return None
+
+
+# ---------------------------------------------------------------------------------------------------- writing
+def _fsync_directory(directory: Path) -> None:
+    # The rename is durable only once the directory entry is on disk.
+    descriptor = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
+@contextmanager
+def _temporary_beside(path: Path, kind: str):
+    """A temporary name in ``path``'s folder (same filesystem, so the rename is atomic), removed on failure."""
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.{kind}")
+    try:
+        yield temporary
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
+
+
+def remove_stale_temporaries(folder: PathLike) -> None:
+    """Delete temporary files that a process killed mid-write left in ``folder`` (its pid is in their name)."""
+    for path in Path(folder).glob(".*"):
+        *_, pid, kind = path.name.rsplit(".", 2)
+        if kind in ("partial", "link") and pid.isdigit() and not _process_alive(int(pid)):
+            path.unlink(missing_ok=True)
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def save_atomically(checkpoint: dict[str, Any], path: PathLike) -> None:
+    """``torch.save`` to a temporary file, fsync, rename: ``path`` is the old file or the complete new one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    crc32 = torch.serialization.get_crc32_options()
+    torch.serialization.set_crc32_options(True)  # the CRCs are what verify_checkpoint checks
+    try:
+        with _temporary_beside(path, "partial") as temporary:
+            with open(temporary, "wb") as stream:
+                torch.save(checkpoint, stream)
+                stream.flush()
+                os.fsync(stream.fileno())
+            os.replace(temporary, path)
+    except (OSError, RuntimeError) as error:  # torch reports a failed write as RuntimeError
+        reason = error.strerror if isinstance(error, OSError) and error.strerror else str(error).splitlines()[0]
+        raise CheckpointError(f"could not write checkpoint {path} ({reason}); nothing was written under that name, "
+                              "and the checkpoints written before are intact") from error
+    finally:
+        torch.serialization.set_crc32_options(crc32)
+    _fsync_directory(path.parent)
+
+
+def link_atomically(target: PathLike, link: PathLike) -> str:
+    """Make ``link`` name ``target``'s checkpoint in one rename: a relative symlink, else a hard link, else a copy.
+
+    Returns which of the three it made.
+    """
+    target, link = Path(target), Path(link)
+    with _temporary_beside(link, "link") as temporary:
+        temporary.unlink(missing_ok=True)
+        try:
+            os.symlink(os.path.relpath(target, link.parent), temporary)
+            kind = "symlink"
+        except OSError:
+            try:
+                os.link(target, temporary)
+                kind = "hardlink"
+            except OSError:
+                shutil.copyfile(target, temporary)
+                kind = "copy"
+        os.replace(temporary, link)
+    _fsync_directory(link.parent)
+    return kind
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Lightning's checkpoint I/O with atomic local writes and verified loads (remote URLs: Lightning's own)."""
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: PathLike, storage_options: Optional[Any] = None) -> None:
+        if storage_options is not None or not _is_local_file_protocol(path):
+            return super().save_checkpoint(checkpoint, path, storage_options)
+        save_atomically(checkpoint, path)
+
+    def load_checkpoint(self, path: PathLike, map_location: Optional[Any] = None,
+                        weights_only: Optional[bool] = None) -> dict[str, Any]:
+        if _is_local_file_protocol(path):
+            verify_checkpoint(path)
+        location = {} if map_location is None else {"map_location": map_location}
+        return super().load_checkpoint(path, weights_only=weights_only, **location)
+
+
+# ------------------------------------------------------------------------------------------------- resuming
+def checkpoint_step(path: PathLike) -> int:
+    """The optimizer step a checkpoint was saved at (from its name ``...step=N...``, else from its contents)."""
+    path = Path(path)
+    match = _STEP.search(path.resolve().name)
+    if match:
+        return int(match.group(1))
+    return int(load_verified(path, mmap=True).get("global_step", 0))
+
+
+def _version_number(folder: Path) -> int:
+    suffix = folder.name.removeprefix("version_")
+    return int(suffix) if suffix.isdigit() else -1
+
+
+def find_resume_checkpoint(folder: PathLike) -> Optional[Path]:
+    """The newest sound checkpoint of the latest run under ``folder`` (a run root with ``version_*`` folders, or one
+    version folder); None when there is none. Damaged checkpoints are skipped with a warning naming them."""
+    folder = Path(folder)
+    versions = sorted((p for p in folder.glob("version_*") if p.is_dir()), key=_version_number, reverse=True)
+    for run in versions or [folder]:
+        candidates = [p for p in (run / "checkpoints").glob("*.ckpt") if p.name != LAST_NAME or not p.is_symlink()]
+        named = sorted(candidates, key=lambda p: (checkpoint_step_or_none(p), p.name == LAST_NAME), reverse=True)
+        for path in named:
+            try:
+                verify_checkpoint(path)
+            except CheckpointError as error:
+                warnings.warn(f"skipping it for resume: {error}")
+                continue
+            return path
+    return None
+
+
+def checkpoint_step_or_none(path: Path) -> int:
+    """``checkpoint_step`` for ordering candidates: -1 for a file that cannot be read (it sorts last)."""
+    try:
+        return checkpoint_step(path)
+    except CheckpointError:
+        return -1
+
+
+def run_version(checkpoint: PathLike, root: PathLike) -> Optional[int]:
+    """N when ``checkpoint`` lies in ``<root>/version_N/checkpoints/``: the log folder its run writes to."""
+    checkpoint, root = Path(checkpoint).absolute(), Path(root).absolute()
+    run = checkpoint.parent.parent
+    if checkpoint.parent.name == "checkpoints" and run.parent == root and _version_number(run) >= 0:
+        return _version_number(run)
+    return None
+
+
+def resolve_ckpt_path(spec: Optional[str], root: PathLike) -> Optional[str]:
+    """``--ckpt_path`` as the CLI passes it to Lightning: ``auto`` is the newest sound checkpoint of the latest run
+    under ``root`` (None, a fresh run, when there is none yet: the first start of a requeued job); a folder is the
+    same search inside it (an error when it holds none); anything else is left to Lightning."""
+    if spec is None or spec in ("last", "best", "hpc", "registry") or not (spec == "auto" or Path(spec).is_dir()):
+        return spec
+    folder = Path(root) if spec == "auto" else Path(spec)
+    found = find_resume_checkpoint(folder)
+    if found is None and spec != "auto":
+        raise CheckpointError(f"--ckpt_path {spec}: no checkpoint (checkpoints/*.ckpt) in any run under it")
+    print(f"--ckpt_path {spec}: " + (f"resuming from {found}" if found else f"no checkpoint under {folder} yet; "
+                                      "starting a new run"), file=sys.stderr)
+    return None if found is None else str(found)
+
+
+def run_logger_kwargs(resume: Optional[str], root: PathLike) -> dict[str, Any]:
+    """TensorBoardLogger arguments that continue a resumed run in its own version folder.
+
+    Events the interrupted run logged after the checkpoint's step are purged (TensorBoard's ``purge_step``), so every
+    reader of the folder sees one run, each step once.
+    """
+    if resume is None or not Path(resume).is_file():
+        return {}
+    version = run_version(resume, root)
+    if version is None:
+        return {}
+    return {"version": version, "purge_step": checkpoint_step(resume) + 1}
+
+
+def with_atomic_checkpoint_io(plugins: Any) -> list[Any]:
+    """The Trainer's ``plugins`` plus ``AtomicCheckpointIO``, unless a checkpoint I/O plugin is given already."""
+    plugins = [] if plugins is None else list(plugins) if isinstance(plugins, (list, tuple)) else [plugins]
+    if not any(isinstance(p, CheckpointIO) for p in plugins):
+        plugins.append(AtomicCheckpointIO())
+    return plugins
+
+
+# ------------------------------------------------------------------------------------------------ tokenizers
+def checkpoint_tokenizer(checkpoint: dict[str, Any]) -> Optional[dict[str, Any]]:
+    """The tokenizer of the data a checkpoint was trained on (``{"sha256", "file"}``): recorded in the checkpoint,
+    else (checkpoints from before the record) read from the manifest its data module names; None if neither."""
+    record = tokenizer_record(checkpoint)
+    if record is not None:
+        return record
+    data = checkpoint.get("datamodule_hyper_parameters") or {}
+    manifest = data.get("manifest") or (Path(data["train_shards"]) / MANIFEST_NAME
+                                        if data.get("train_shards") and Path(data["train_shards"]).is_dir() else None)
+    if manifest is None or not Path(manifest).is_file():
+        return None
+    loaded = Manifest.load(manifest)
+    file = loaded.directory / loaded.tokenizer_file
+    return {"sha256": loaded.tokenizer_sha256, "file": str(file) if file.is_file() else None}
+
+
+def tokenizer_file_for(record: dict[str, Any], given: Optional[str], checkpoint: PathLike) -> str:
+    """The tokenizer file to score ``checkpoint`` with: ``given`` (or the recorded file) once its sha256 is the
+    recorded one; a CheckpointError naming both files otherwise."""
+    candidate = given if given is not None else record.get("file")
+    if candidate is None:
+        raise CheckpointError(f"{checkpoint}: the tokenizer file it was trained with is unknown (sha256 "
+                              f"{record['sha256'][:12]}…); pass --tokenizer with that file")
+    path = Path(candidate) / TOKENIZER_NAME if Path(candidate).is_dir() else Path(candidate)
+    if not path.is_file():
+        raise CheckpointError(f"{checkpoint}: its tokenizer {path} does not exist any more; pass --tokenizer with the "
+                              f"file whose sha256 is {record['sha256'][:12]}…")
+    digest = file_sha256(path)
+    if digest != record["sha256"]:
+        origin = "--tokenizer" if given is not None else "the recorded tokenizer"
+        raise CheckpointError(f"{origin} {path} (sha256 {digest[:12]}…) is not the tokenizer {checkpoint} was "
+                              f"trained with (sha256 {record['sha256'][:12]}…, {record.get('file')}); scoring with it "
+                              "would read the model's ids as other strings")
+    return str(path)
