@@ -23,8 +23,8 @@ byte-identical for the same inputs and options whatever the number of processes.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import itertools
-import json
 import os
 import shutil
 import sys
@@ -42,6 +42,7 @@ from tokenizers import Tokenizer
 from tqdm import tqdm
 
 from lit_overtok.data import shards
+from lit_overtok.data.job_split import check_job, job_dir, job_inputs
 from lit_overtok.data.text_inputs import TEXT_UNITS, PrepareError, expand_inputs, input_format, read_documents
 
 EOS_CANDIDATES = ("<|endoftext|>", "</s>", "<|end_of_text|>", "<eos>", "<|eos|>")
@@ -70,6 +71,9 @@ class PrepareConfig:
     workers: int = max(1, os.cpu_count() or 1)
     overwrite: bool = False
     progress: bool = True
+    job_index: int = 0
+    job_count: int = 1
+    """This run is job ``job_index`` of ``job_count`` over the inputs (``prepare_jobs``); 1: all of them."""
 
     def __post_init__(self) -> None:
         self.output = Path(self.output)
@@ -91,6 +95,7 @@ class PrepareConfig:
             raise PrepareError(f"--tokenizer-train-mb must be positive, got {self.tokenizer_train_mb}")
         if not self.train:
             raise PrepareError("--train needs at least one input file")
+        check_job(self.job_index, self.job_count)
 
 
 def iter_chunks(files: list[Path], config: PrepareConfig, progress, totals: dict) -> Iterator[list[str]]:
@@ -247,6 +252,10 @@ def prepare(config: PrepareConfig) -> dict:
     for files in inputs.values():
         for path in files:
             input_format(path, config.format)  # fail on an unknown extension before any work
+    all_inputs = inputs
+    if config.job_count > 1:  # this job's share, into its own folder (merged by prepare_jobs.merge)
+        inputs = job_inputs(all_inputs, config.job_index, config.job_count)
+        config = dataclasses.replace(config, output=job_dir(config.output, config.job_index, config.job_count))
     _prepare_output(config.output, config.overwrite)
     tokenizer_path = config.output / shards.TOKENIZER_NAME
     if config.tokenizer is not None:
@@ -261,7 +270,7 @@ def prepare(config: PrepareConfig) -> dict:
         shutil.copyfile(source, tokenizer_path)
         tokenizer_source = str(source)
     else:
-        train_files = inputs["train"]
+        train_files = all_inputs["train"]  # every job trains the same BPE as a single job would
         documents = itertools.chain.from_iterable(
             read_documents(p, input_format(p, config.format), config.field, config.text_unit) for p in train_files)
         started = time.perf_counter()
@@ -294,13 +303,14 @@ def prepare(config: PrepareConfig) -> dict:
         "field": config.field, "text_unit": config.text_unit, "tokenizer_source": tokenizer_source,
         "shard_tokens": config.shard_tokens,
     }
+    if config.job_count > 1:
+        provenance["job"] = {"index": config.job_index, "count": config.job_count, "all_inputs": {
+            split: [str(p) for p in files] for split, files in all_inputs.items() if files}}
     manifest = shards.manifest_dict(shards.file_sha256(tokenizer_path), vocab_size, eos_id, written, provenance)
-    temporary = config.output / (shards.MANIFEST_NAME + ".partial")
-    temporary.write_text(json.dumps(manifest, indent=1) + "\n")
-    temporary.replace(config.output / shards.MANIFEST_NAME)
+    shards.write_manifest(config.output, manifest)
     text_mb = totals["chars"] / 1e6
     stats = {"seconds": seconds, "text_mb": text_mb, "mb_per_s": text_mb / max(seconds, 1e-9)}
-    return {"manifest": manifest, "stats": stats}
+    return {"manifest": manifest, "stats": stats, "output": config.output}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -325,6 +335,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--shard-tokens", type=int, default=1 << 20,
                         help="a shard closes once it holds this many tokens (documents are never split)")
     parser.add_argument("--workers", type=int, default=max(1, os.cpu_count() or 1), help="tokenizer processes")
+    parser.add_argument("--job-index", type=int, default=0,
+                        help="run as job INDEX of --job-count over the inputs (e.g. $SLURM_ARRAY_TASK_ID); then "
+                             "python -m lit_overtok.data.prepare_jobs merge --output OUTPUT")
+    parser.add_argument("--job-count", type=int, default=1, help="number of jobs the inputs are split over")
     parser.add_argument("--overwrite", action="store_true", help="replace prepared data already in --output")
     parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     return parser
@@ -341,7 +355,7 @@ def main(argv: Optional[list[str]] = None) -> None:
         print(f"{split}: {entry['documents']} documents, {entry['tokens']} tokens in {len(entry['shards'])} shards")
     print(f"vocab_size {manifest['vocab_size']}, eos_id {manifest['eos_id']}, dtype {manifest['dtype']}; "
           f"{stats['text_mb']:.1f} MB of text in {stats['seconds']:.1f} s = {stats['mb_per_s']:.2f} MB/s "
-          f"-> {args.output}/{shards.MANIFEST_NAME}")
+          f"-> {result['output']}/{shards.MANIFEST_NAME}")
 
 
 if __name__ == "__main__":

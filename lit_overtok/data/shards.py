@@ -159,6 +159,13 @@ def manifest_dict(
     }
 
 
+def write_manifest(directory: Path, manifest: dict[str, Any]) -> None:
+    """``manifest.json`` in ``directory``, atomically (a reader never sees a half-written manifest)."""
+    temporary = Path(directory) / (MANIFEST_NAME + ".partial")
+    temporary.write_text(json.dumps(manifest, indent=1) + "\n")
+    temporary.replace(Path(directory) / MANIFEST_NAME)
+
+
 def shard_file_name(split: str, index: int) -> str:
     return f"{split}-{index:06d}.tar"
 
