@@ -4,6 +4,9 @@
         --tokenizer ../shared/data/tokenizers/gpt2/tokenizer.json --limit 100
     python evaluation/evaluate.py --checkpoint runs/default/version_0/checkpoints/last.ckpt --tasks grammar
 
+A checkpoint is a ``.ckpt`` file or the folder a sharded run (row-sharded Over-Encoding tables, FSDP2) saves at any
+world size; it is evaluated here in one process.
+
 Tasks: lm-eval names or groups (``hellaswag``, ``arc_easy``, ``arc_challenge``, ``piqa``, ``mmlu_continuation``,
 ``mmlu_var``, ``cfg_generation``, ``cfg_next_token_validity``) or the sets ``paper`` (the five downstream tasks)
 and ``grammar``. Offline they read ``<data-dir>/<task>/*.jsonl``; ``--online`` uses lm-eval's own task files.
@@ -28,6 +31,7 @@ from typing import Any, Optional
 import torch
 from tqdm import tqdm
 
+from lit_overtok.checkpoints import is_sharded_checkpoint, read_checkpoint
 from lit_overtok.evaluation.runner import downstream_score, PRIMARY_METRICS, task_scores, TaskSuite
 from lit_overtok.evaluation.tokenizers import load_tokenizer
 from lit_overtok.lightning_module import OverTokLM
@@ -64,18 +68,20 @@ def find_checkpoints(patterns: list[str]) -> list[Path]:
         if not matches:
             raise FileNotFoundError(f"--checkpoint {pattern!r} matches no file")
         for match in matches:
-            if not Path(match).is_file():
-                raise FileNotFoundError(f"checkpoint {match} does not exist")
+            if not (Path(match).is_file() or is_sharded_checkpoint(match)):
+                raise FileNotFoundError(f"checkpoint {match} does not exist (a .ckpt file or a sharded checkpoint folder)")
             paths.append(Path(match))
     return list(dict.fromkeys(paths))
 
 
 def load_checkpoint(path: Path, device: str) -> tuple[OverTokLM, dict[str, Any]]:
-    """The LightningModule and the checkpoint's metadata (step, tokens, the data module's hyperparameters)."""
-    checkpoint = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+    """The LightningModule and the checkpoint's metadata (step, tokens, the data module's hyperparameters).
+    A sharded run's checkpoint folder, saved at any world size, loads here at world size 1."""
+    checkpoint = read_checkpoint(path)
     if "hyper_parameters" not in checkpoint or "state_dict" not in checkpoint:
         raise ValueError(f"{path} is not a lit_overtok Lightning checkpoint (no hyper_parameters/state_dict)")
     module = OverTokLM(**checkpoint["hyper_parameters"])
+    module.configure_model()  # materializes sharded tables, whole (world size 1)
     module.load_state_dict(checkpoint["state_dict"])
     module.on_load_checkpoint(checkpoint)
     meta = {

@@ -140,6 +140,10 @@ class RowShardedEmbedding(nn.Module):
         self.register_state_dict_post_hook(_blocks_as_dtensors)
         self.register_load_state_dict_pre_hook(_blocks_from_any_layout)
 
+    def _apply(self, fn, recurse: bool = True):
+        # A meta placeholder stays one through .to()/.cpu()/.float(): moving it would allocate the whole table.
+        return self if self.weight.is_meta else super()._apply(fn, recurse)
+
     # ------------------------------------------------------------------------------------------------ tools
     def reset_parameters(self, std: float = 0.02, seed: int = 0) -> None:
         """``trunc_normal_rows_`` on this block: every world size (1 included) gets the same global table."""
