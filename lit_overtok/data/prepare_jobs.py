@@ -9,7 +9,7 @@ documents in job order into the final shards and manifest: exactly the documents
 single job's (the test checks every file). The merge only re-packs tokens (no tokenizer): it runs at disk speed, and
 removes the job folders when done (``--keep-parts`` keeps them).
 
-    # SLURM: launch/prepare_array.sbatch runs the array and then the merge; by hand:
+    # SLURM: configs/slurm/prepare_array.sbatch is one array task (its header shows the array + merge); by hand:
     python -m lit_overtok.data.prepare --output data/corpus --tokenizer tok.json --train 'raw/*.jsonl.zst' \\
         --job-index $SLURM_ARRAY_TASK_ID --job-count $SLURM_ARRAY_TASK_COUNT
     python -m lit_overtok.data.prepare_jobs merge --output data/corpus
