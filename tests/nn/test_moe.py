@@ -359,9 +359,6 @@ def test_moe_experiment_configs_build_with_the_published_counts(path):
     with open(path) as f:
         config = yaml.safe_load(f)
     model_args = config["model"]["init_args"]["model_config"]
-    unknown = set(model_args) - {f.name for f in dataclasses.fields(ModelConfig)}
-    if unknown:
-        pytest.skip(f"{path} needs fields of another branch: {sorted(unknown)}")
     vocab = 50_280 if "olmoe" in path else 5  # the OLMoE tokenizer; cfg3f
     cfg = ModelConfig(**model_args, vocab_size=vocab)
     assert cfg.moe is not None

@@ -76,7 +76,6 @@ def test_mtp_ds_feeds_the_next_tokens_input_embedding():
 def test_ot_gradients_reach_the_over_encoding_tables_through_mtp_ds():
     """OT: the next token's embedding is the Over-Encoding vector (its n-gram context), so the OE tables learn
     from the future-token loss too."""
-    pytest.importorskip("lit_overtok.over_encoding")
     torch.manual_seed(0)
     cfg = ModelConfig(preset="tiny", vocab_size=V, over_encoding={"m": 101, "n": 3, "k": 2},
                       multi_token=MultiTokenConfig(mode="mtp_ds"))

@@ -56,8 +56,6 @@ def scalars(run: Path) -> dict[str, list[float]]:
 
 @pytest.mark.parametrize("name", sorted(RUNS))
 def test_output_modes_train_from_configs_and_log_per_head_losses(name, run_dir):
-    if name == "cfg3f_small_ot":
-        pytest.importorskip("lit_overtok.nn.over_encoding")
     logged = scalars(run_dir(name))
     assert {f"train/{part}" for part in RUNS[name]} <= set(logged)
     assert len(logged["train/loss_next2"]) == 2 and "eval/cfg_next_token_validity/acc" in logged
@@ -93,14 +91,9 @@ def test_a_checkpoint_trained_with_od_serves_plain_next_token_inference(run_dir)
     assert torch.equal(*outputs)
 
 
-@pytest.mark.parametrize("path,needs", [
-    ("cfg/cfg3f_large_od3.yaml", ()),
-    ("cfg/cfg3f_large_od3_product.yaml", ()),
-    ("olmoe/olmoe_1.3b_ot12.8m.yaml", ("lit_overtok.nn.over_encoding", "lit_overtok.nn.moe")),
-])
-def test_gpu_sized_configs_build_with_the_expected_heads(path, needs):
-    for module in needs:
-        pytest.importorskip(module)
+@pytest.mark.parametrize("path", ["cfg/cfg3f_large_od3.yaml", "cfg/cfg3f_large_od3_product.yaml",
+                                  "olmoe/olmoe_1.3b_ot12.8m.yaml"])
+def test_gpu_sized_configs_build_with_the_expected_heads(path):
     model_args = yaml.safe_load((CONFIGS / path).read_text())["model"]["init_args"]["model_config"]
     vocab = 7 if path.startswith("cfg/") else 50_280
     cfg = ModelConfig(vocab_size=vocab, **model_args)
