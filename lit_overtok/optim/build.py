@@ -11,7 +11,7 @@ from lit_overtok.nn.sharded_table import RowShardedEmbedding
 from lit_overtok.optim.config import OptimizerConfig
 from lit_overtok.optim.groups import parameter_groups
 from lit_overtok.optim.schedule import warmup_cosine
-from lit_overtok.optim.sharded_state import register_sharded_state_hooks
+from lit_overtok.optim.sharded_state import register_sharded_catch_up, register_sharded_state_hooks
 from lit_overtok.optim.sparse_adamw import RowSparseAdamW
 
 
@@ -21,7 +21,9 @@ def build_optimizer(model: nn.Module, cfg: OptimizerConfig, total_steps: int):
     optimizer_class = RowSparseAdamW if has_sparse else torch.optim.AdamW
     optimizer = optimizer_class(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps)
     # Row-sharded tables: their moments go into checkpoints as the blocks of whole-table tensors.
-    register_sharded_state_hooks(optimizer, [m for m in model.modules() if isinstance(m, RowShardedEmbedding)])
+    sharded = [m for m in model.modules() if isinstance(m, RowShardedEmbedding)]
+    register_sharded_state_hooks(optimizer, sharded)
+    register_sharded_catch_up(optimizer, sharded)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: warmup_cosine(step, cfg.warmup_steps, total_steps, cfg.min_lr_ratio)
     )

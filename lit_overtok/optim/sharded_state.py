@@ -5,6 +5,7 @@ block's shape. ``register_sharded_state_hooks`` makes ``optimizer.state_dict()``
 a sharded table as a ``Shard(0)`` DTensor of the whole table's shape (a view, no copy), and ``load_state_dict`` take
 those back, or full-table tensors (a replicated run's optimizer state): then torch.distributed.checkpoint saves
 each rank's rows and reshards them on load at any world size, as it does for FSDP2's parameters.
+``register_sharded_catch_up`` gives the sharded tables RowSparseAdamW's row catch-up.
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ from collections.abc import Sequence
 import torch
 
 from lit_overtok.nn.sharded_table import RowShardedEmbedding
+
+PER_ROW_STATE = ("row_step",)  # RowSparseAdamW's step each row is current to
 
 
 def register_sharded_state_hooks(optimizer: torch.optim.Optimizer, tables: Sequence[RowShardedEmbedding]) -> None:
@@ -33,10 +36,30 @@ def register_sharded_state_hooks(optimizer: torch.optim.Optimizer, tables: Seque
             # A copy: Optimizer.state_dict() hands out the optimizer's own per-parameter dicts.
             state = state_dict["state"][key] = dict(state_dict["state"][key])
             for name, value in state.items():
-                if torch.is_tensor(value) and value.dim() > 0 and (
-                        value.shape[0] in (table.num_rows, table.row_end - table.row_start)):
+                if _is_per_row(name, value, table):
                     state[name] = table.as_global(value) if to_global else table.as_block(value)
         return state_dict
 
     optimizer.register_state_dict_post_hook(lambda opt, state_dict: convert(opt, state_dict, True))
     optimizer.register_load_state_dict_pre_hook(lambda opt, state_dict: convert(opt, state_dict, False))
+
+
+def _is_per_row(name: str, value, table: RowShardedEmbedding) -> bool:
+    """A state tensor with one entry per table row: the moments (the weight's shape) and RowSparseAdamW's per-row
+    step; not the per-step scalars, whose length may happen to equal the block's row count."""
+    if not torch.is_tensor(value) or value.dim() == 0 or value.shape[0] not in (table.num_rows, table.weight.shape[0]):
+        return False
+    return value.shape[1:] == table.weight.shape[1:] or name in PER_ROW_STATE
+
+
+def register_sharded_catch_up(optimizer: torch.optim.Optimizer, tables: Sequence[RowShardedEmbedding]) -> None:
+    """RowSparseAdamW's row catch-up for sharded tables (its ``register_catch_up_hooks`` hooks whole
+    ``nn.Embedding`` tables, whose lookups read global rows): the owner catches up the rows it is about to serve,
+    and a table's state dict flushes its block first. A no-op for optimizers without ``catch_up`` (dense AdamW,
+    or the lazy rule)."""
+    catch_up, flush = getattr(optimizer, "catch_up", None), getattr(optimizer, "flush", None)
+    if catch_up is None or flush is None:
+        return
+    for table in tables:
+        table.before_serving.append(catch_up)
+        table.register_state_dict_pre_hook(lambda module, prefix, keep_vars: flush(module.weight))
