@@ -104,6 +104,10 @@ class Recorder(pl.Callback):
                            if p.grad is not None})
 
     def on_train_end(self, trainer, pl_module) -> None:
+        # RowSparseAdamW catches rows up when they are read or saved: compare the weights all caught up.
+        flush = getattr(trainer.optimizers[0], "flush", None)
+        if flush is not None:
+            flush()
         params = {name: full_tensor(p, p) for name, p in pl_module.transformer.named_parameters()}
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith(("train/oe/", "train/moe/"))}
         pl_module.eval()
