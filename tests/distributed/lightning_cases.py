@@ -23,6 +23,9 @@ OE = {"m": 301, "n": 3, "k": 1, "sharded": True}
 MODELS = {
     # OT: Over-Encoding + MTP-DS on the dense backbone; sparse tables (RowSparseAdamW).
     "dense_ot": {"preset": "tiny", "over_encoding": {**OE, "sparse": True}, "multi_token": {"mode": "mtp_ds", "n": 2}},
+    # The same with today's replicated tables: DDP all-reduces their sparse gradients; trains as the sharded one.
+    "dense_ot_replicated": {"preset": "tiny", "over_encoding": {**OE, "sparse": True, "sharded": False},
+                            "multi_token": {"mode": "mtp_ds", "n": 2}},
     # MoE + Over-Encoding with dense table gradients (AdamW). The load-balancing loss is a product of per-batch
     # statistics, computed per rank's micro-batch (as OLMoE trains), so it cannot equal one process's on the
     # concatenated batch; it is off here, and the z-loss (a mean over tokens) on.
@@ -143,8 +146,10 @@ def fit(model: str, strategy, out: str, steps: int = 4, devices: int = 1, num_no
 
 def fit_on_rank(rank: int, world: int, cases: list[dict]) -> None:
     """The forked ranks' entry: several fits in turn, all ranks together (the environment names the ranks)."""
+    from lightning.pytorch.strategies import DDPStrategy
+
     from lit_overtok.strategies import FSDP2Strategy, ShardedDDPStrategy
 
     for case in cases:
-        strategy = {"ddp": ShardedDDPStrategy, "fsdp2": FSDP2Strategy}[case.pop("strategy")]()
+        strategy = {"ddp": ShardedDDPStrategy, "fsdp2": FSDP2Strategy, "plain_ddp": DDPStrategy}[case.pop("strategy")]()
         fit(devices=world, strategy=strategy, **case)

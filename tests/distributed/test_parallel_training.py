@@ -7,7 +7,8 @@ dense table gradients). Sharded checkpoints saved at 2 ranks resume at 2 and 3 a
 Runs, kept few because each costs seconds (forked ranks share the test process's imports):
 - two torchrun launches with node ranks 0 and 1, one process each, of ``train.py fit`` (DDP, OT model), saving
   sharded checkpoints at steps 2 and 4;
-- 2 forked ranks: resume that run from step 2 (DDP), and the MoE model under FSDP2 (with a checkpoint at step 4);
+- 2 forked ranks: resume that run from step 2 (DDP), the MoE model under FSDP2 (with a checkpoint at step 4), and
+  the OT model with replicated tables under Lightning's plain DDPStrategy;
 - 3 forked ranks: the MoE model under DDP, the OT model under FSDP2, and the step-2 checkpoint resumed at 3.
 """
 
@@ -112,6 +113,7 @@ def two_ranks(two_nodes) -> Path:
              ckpt_path=str(runs / "checkpoints" / "step=2.ckpt")),
         dict(model="moe_oe", strategy="fsdp2", out=str(runs / "fsdp2_moe_at_2"), steps=STEPS,
              checkpoint_dir=str(runs / "fsdp2_checkpoints")),
+        dict(model="dense_ot_replicated", strategy="plain_ddp", out=str(runs / "replicated_at_2"), steps=STEPS),
     ], init_process_group=False)
     return runs
 
@@ -139,6 +141,11 @@ def test_two_nodes_under_ddp_train_the_ot_model_as_one_process(two_nodes, refere
 
 def test_fsdp2_at_two_ranks_trains_the_moe_model_as_one_process(two_ranks, reference):
     assert_matches_one_process(_record(two_ranks / "fsdp2_moe_at_2"), reference("moe_oe"))
+
+
+def test_replicated_tables_under_plain_ddp_train_as_the_sharded_ones(two_ranks, reference):
+    # Same initial table either way, sparse gradients all-reduced by DDP, coverage the OR (MAX) over ranks.
+    assert_matches_one_process(_record(two_ranks / "replicated_at_2"), reference("dense_ot"))
 
 
 def test_ddp_at_three_ranks_trains_the_moe_model_as_one_process(three_ranks, reference):
