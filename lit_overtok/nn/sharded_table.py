@@ -56,14 +56,15 @@ def trunc_normal_rows_(block: torch.Tensor, row_start: int, num_rows: int, std: 
                        chunk_rows: int = INIT_CHUNK_ROWS) -> None:
     """Fill ``block`` = rows ``[row_start, row_start + len(block))`` of a (num_rows, W) table with truncated
     normal(0, std) values cut at 3 std, drawn per chunk of ``chunk_rows`` global rows from a generator seeded by
-    (seed, chunk): the whole table is the same whichever blocks it is cut into (replicated or sharded, any world)."""
+    (seed, chunk): the whole table is the same whichever blocks it is cut into (replicated or sharded, any world).
+    Drawn on the CPU and copied, so a block placed on a GPU gets the values a CPU-built table has."""
     row_end = row_start + block.shape[0]
     if row_end <= row_start:
         return
     for chunk in range(row_start // chunk_rows, (row_end - 1) // chunk_rows + 1):
         lo, hi = chunk * chunk_rows, min(num_rows, (chunk + 1) * chunk_rows)
-        generator = torch.Generator(device=block.device).manual_seed(seed + zlib.crc32(f"rows{chunk}".encode()))
-        values = torch.empty(hi - lo, *block.shape[1:], device=block.device, dtype=block.dtype)
+        generator = torch.Generator().manual_seed(seed + zlib.crc32(f"rows{chunk}".encode()))
+        values = torch.empty(hi - lo, *block.shape[1:], dtype=block.dtype)
         nn.init.trunc_normal_(values, 0.0, std, -3 * std, 3 * std, generator=generator)
         a, b = max(lo, row_start), min(hi, row_end)
         block[a - row_start: b - row_start] = values[a - lo: b - lo]
