@@ -35,7 +35,7 @@ def configure_parallelism(module: pl.LightningModule, transformer: Transformer, 
         if mesh["tensor_parallel"].size() != 1:
             raise ValueError(
                 f"trainer.strategy: ModelParallelStrategy with tensor_parallel_size={mesh['tensor_parallel'].size()}; "
-                "these models implement data parallelism only: use lit_overtok.strategies.FSDP2Strategy (or "
+                "these models implement data parallelism only: use trainer.strategy fsdp2 (or "
                 "tensor_parallel_size: 1 and data_parallel_size: the number of devices)")
         data_parallel = mesh["data_parallel"]
         place_sharded_tables(transformer, data_parallel.get_group() if data_parallel.size() > 1 else None)
@@ -79,4 +79,4 @@ def check_strategy(model_config: ModelConfig, strategy: Optional[Strategy]) -> N
         raise ValueError(
             f"model_config.over_encoding.sharded: {type(strategy).__name__} writes checkpoints from rank 0 only, "
             "which would hold rank 0's rows of every table and lose the others'; use trainer.strategy "
-            "lit_overtok.strategies.ShardedDDPStrategy (DDP) or lit_overtok.strategies.FSDP2Strategy (FSDP2)")
+            "ddp_sharded_checkpoints (lit_overtok.strategies.ShardedDDPStrategy) or fsdp2 (FSDP2Strategy)")

@@ -12,7 +12,8 @@ Both are Lightning's own strategies with one thing added each; nothing else chan
   tensor parallelism inside each node, which these models do not implement).
 
 Either way, a checkpoint folder loads at world size 1 without a process group (``lit_overtok.checkpoints``), e.g.
-for ``evaluation/evaluate.py``.
+for ``evaluation/evaluate.py``. Both are registered with Lightning by name, so ``--trainer.strategy
+ddp_sharded_checkpoints`` / ``fsdp2`` work as ``ddp`` does (a YAML ``class_path`` works too).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from typing import Any, Optional
 
 import torch
 from lightning.pytorch.core.optimizer import LightningOptimizer
-from lightning.pytorch.strategies import DDPStrategy, ModelParallelStrategy
+from lightning.pytorch.strategies import DDPStrategy, ModelParallelStrategy, StrategyRegistry
 
 from lit_overtok.checkpoints import is_sharded_checkpoint, METADATA_NAME
 
@@ -108,3 +109,8 @@ class FSDP2Strategy(ModelParallelStrategy):
     def setup_environment(self) -> None:
         self._data_parallel_size = self.num_nodes * self.num_processes
         super().setup_environment()
+
+
+for _strategy in (ShardedDDPStrategy, FSDP2Strategy):
+    if _strategy.strategy_name not in StrategyRegistry:
+        StrategyRegistry.register(_strategy.strategy_name, _strategy, description=_strategy.__doc__.split(":")[0])
