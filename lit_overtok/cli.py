@@ -21,6 +21,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from lit_overtok.callbacks import TokenThroughputMonitor
 from lit_overtok.data.cfg_datamodule import CFGDataModule
 from lit_overtok.evaluation.callback import LMEvalCallback
+from lit_overtok.global_batch import GlobalBatch, GlobalBatchError, apply_global_batch
 from lit_overtok.lightning_module import OverTokLM
 
 DEFAULT_TRAINER = {
@@ -43,6 +44,9 @@ class OverTokCLI(LightningCLI):
             "data": {"class_path": f"{CFGDataModule.__module__}.{CFGDataModule.__qualname__}"},
         })
         parser.link_arguments("data.vocab_size", "model.init_args.vocab_size", apply_on="instantiate")
+        parser.add_argument("--global_batch", type=Optional[GlobalBatch], default=None,
+                            help="Sequences or tokens per optimizer step over all ranks; trainer.accumulate_grad_batches "
+                                 "is derived from it at start (lit_overtok/global_batch.py)")
 
     def _instantiate_trainer(self, config, callbacks):
         # Our defaults unless the config gives its own: TensorBoard without the placeholder hp_metric, throughput
@@ -58,7 +62,11 @@ class OverTokCLI(LightningCLI):
         if not any(isinstance(c, LMEvalCallback) for c in given):
             default_eval = LMEvalCallback.for_grammar_run(self.datamodule)
             callbacks += [default_eval] if default_eval is not None else []
-        return super()._instantiate_trainer(config, callbacks)
+        trainer = super()._instantiate_trainer(config, callbacks)
+        global_batch = self._get(self.config_init, "global_batch")
+        if global_batch is not None:
+            apply_global_batch(trainer, self.datamodule, global_batch, config.get("accumulate_grad_batches", 1))
+        return trainer
 
 
 def _root_cause(error: BaseException) -> BaseException:
@@ -111,7 +119,7 @@ def main(args=None) -> None:
     except ValueError as error:
         # jsonargparse wraps a config error from our classes in union-type noise; show the user our message.
         root = _root_cause(error)
-        if root is error:
+        if root is error and not isinstance(error, GlobalBatchError):
             raise
         sys.stderr.write(f"error: {root}\n")
         raise SystemExit(2) from error

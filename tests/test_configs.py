@@ -37,6 +37,6 @@ def test_config_parses_and_prints_back(path, capsys):
     assert exit_info.value.code in (0, None)
     printed = yaml.safe_load(capsys.readouterr().out)
     given = yaml.safe_load(path.read_text())
-    for section in ("model", "trainer", "data"):
+    for section in ("model", "trainer", "data", "global_batch"):
         if section in given:
             assert_contains(printed[section], given[section], section)

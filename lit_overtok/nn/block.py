@@ -1,6 +1,17 @@
-"""The transformer block of OLMo2 (PAPER.md §3.2): reordered norm, the norm applied to each sublayer's output
-before the residual add, ``h = x + norm(attn(x))``, ``out = h + norm(ffn(h))``. Its feed-forward is the dense SwiGLU
-or a mixture of experts (``feed_forward``)."""
+"""The transformer block, in the two norm placements of the paper's backbones (PAPER.md §3.2, §3.3), chosen by
+``ModelConfig.block`` (presets fill it):
+
+- ``reordered_norm`` (OLMo2, the dense presets): the norm is applied to each sublayer's *output* before the residual
+  add, ``h = x + norm(attn(x))``, ``out = h + norm(ffn(h))`` (Hugging Face ``Olmo2DecoderLayer``; with experts this
+  is ``FlexOlmoDecoderLayer``);
+- ``pre_norm`` (OLMoE-1B-7B, the MoE presets): the norm is applied to each sublayer's *input*,
+  ``h = x + attn(norm(x))``, ``out = h + ffn(norm(h))`` (``OlmoeDecoderLayer``; the published OLMoE config sets no
+  ``norm_after``).
+
+Both keep the parameter names ``attention_norm`` and ``feed_forward_norm`` (the norm beside attention and beside the
+feed-forward), so checkpoints and export mappings name the same tensors whichever placement a model uses. The
+feed-forward is the dense SwiGLU or a mixture of experts (``feed_forward``).
+"""
 
 from __future__ import annotations
 
@@ -16,10 +27,11 @@ from lit_overtok.nn.norms import RMSNorm
 
 
 class Block(nn.Module):
-    """OLMo2 reordered-norm block."""
+    """Attention and feed-forward sublayers with residual adds, normed as ``cfg.block`` says."""
 
     def __init__(self, cfg: ModelConfig, layer_idx: int) -> None:
         super().__init__()
+        self.pre_norm = cfg.block == "pre_norm"
         self.attention = Attention(cfg.d_model, cfg.n_head, cfg.norm_eps)
         self.attention_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.feed_forward = build_feed_forward(cfg, layer_idx)
@@ -27,5 +39,8 @@ class Block(nn.Module):
 
     def forward(self, x_BTD: torch.Tensor, cos_TC: torch.Tensor, sin_TC: torch.Tensor,
                 cache: Optional[KVCache] = None) -> torch.Tensor:
+        if self.pre_norm:
+            h_BTD = x_BTD + self.attention(self.attention_norm(x_BTD), cos_TC, sin_TC, cache)
+            return h_BTD + self.feed_forward(self.feed_forward_norm(h_BTD))
         h_BTD = x_BTD + self.attention_norm(self.attention(x_BTD, cos_TC, sin_TC, cache))
         return h_BTD + self.feed_forward_norm(self.feed_forward(h_BTD))

@@ -16,12 +16,15 @@ from lit_overtok.configuration import config_from
 from lit_overtok.nn.heads import MultiTokenConfig
 from lit_overtok.nn.moe import MoEConfig, resolve_moe_config
 from lit_overtok.nn.over_encoding import OverEncodingConfig
-from lit_overtok.nn.presets import PRESET_FIELDS, PRESETS
+from lit_overtok.nn.presets import OLMO2, PRESET_FIELDS, PRESETS
+
+BLOCKS = ("reordered_norm", "pre_norm")
 
 
 @dataclass
 class ModelConfig:
-    """A decoder-only transformer in the OLMo2 recipe, with pluggable input embedding and output heads."""
+    """A decoder-only transformer in the OLMo2 (dense) or OLMoE (MoE) recipe, with pluggable input embedding and
+    output heads."""
 
     preset: Optional[str] = "cfg-small"
     """Named shape to start from (see ``lit_overtok.nn.presets``); explicit fields override it. None: give every
@@ -39,8 +42,13 @@ class ModelConfig:
     """Share the 1-gram input table with the output head."""
     vocab_pad_multiple: Optional[int] = None
     """Round the embedding/head rows up to this multiple (GPU efficiency); the extra rows are never targets."""
-    rope_theta: float = 500_000.0
-    norm_eps: float = 1e-6
+    block: Optional[str] = None
+    """Norm placement in each block (``nn.block``): 'reordered_norm' (OLMo2: ``h = x + norm(attn(x))``; the dense
+    presets) or 'pre_norm' (OLMoE: ``h = x + attn(norm(x))``; the MoE presets). None: the preset's, else OLMo2's."""
+    rope_theta: Optional[float] = None
+    """RoPE base: 500,000 in OLMo2, 10,000 in OLMoE. None: the preset's, else OLMo2's."""
+    norm_eps: Optional[float] = None
+    """RMSNorm epsilon, QK-norm included: 1e-6 in OLMo2, 1e-5 in OLMoE. None: the preset's, else OLMo2's."""
     init_std: float = 0.02
     over_encoding: Optional[OverEncodingConfig] = None
     """Hashed n-gram input embeddings (Over-Encoding, paper §3.2); None = the plain 1-gram table."""
@@ -63,6 +71,9 @@ class ModelConfig:
             for name, value in PRESETS[self.preset].items():
                 if getattr(self, name) is None:
                     setattr(self, name, value)
+        for name, value in OLMO2.items():  # a config without a preset gets the OLMo2 backbone unless it says otherwise
+            if getattr(self, name) is None:
+                setattr(self, name, value)
         self.moe = resolve_moe_config(self.moe, PRESETS[self.preset].get("moe") if self.preset is not None else None)
         missing = [name for name in PRESET_FIELDS if getattr(self, name) is None]
         if missing:
@@ -70,6 +81,8 @@ class ModelConfig:
         for name in ("n_layer", "d_model", "n_head", "d_ff", "max_seq_len", "vocab_pad_multiple"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"model_config.{name} must be a positive integer, got {getattr(self, name)}")
+        if self.block not in BLOCKS:
+            raise ValueError(f"model_config.block: unknown block {self.block!r}; valid blocks are {list(BLOCKS)}")
         if self.vocab_size is not None and self.vocab_size <= 0:
             raise ValueError(f"model_config.vocab_size must be a positive integer, got {self.vocab_size}")
         if self.d_model % self.n_head != 0:

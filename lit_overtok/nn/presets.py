@@ -14,9 +14,15 @@ does not depend on the vocabulary, which Over-Encoding changes by orders of magn
 | cfg-large   | 12     | 768     | 12    | 2048  | 84.9M  (paper: 85M)  |
 | tiny        | 2      | 32      | 2     | 64    | tests only           |
 
-Every OLMo2 preset uses d_ff = 4·d_model (as OLMo2-1B does), so a layer holds 16·d² weights.
+Every OLMo2 preset uses d_ff = 4·d_model (as OLMo2-1B does), so a layer holds 16·d² weights. All of them (the cfg
+presets too) are OLMo2 blocks: reordered norm (``block: reordered_norm``), RoPE theta 500,000, RMSNorm eps 1e-6.
 
-Mixture-of-experts presets (OLMoE recipe, PAPER.md §3.3; the preset's ``moe`` fills ``ModelConfig.moe``). Counts are
+Mixture-of-experts presets (OLMoE recipe, PAPER.md §3.3; the preset's ``moe`` fills ``ModelConfig.moe``). All of them
+are OLMoE blocks as published: pre-norm (``block: pre_norm``), QK-norm, RoPE theta 10,000, RMSNorm eps 1e-5. The
+reordered-norm MoE (OLMo2 blocks with OLMoE experts, Hugging Face's FlexOlmo) stays available: give
+``block: reordered_norm`` (with ``rope_theta: 500000`` and ``norm_eps: 1e-6`` for OLMo2's values). MoE checkpoints
+saved before the MoE presets became OLMoE blocks store theta and eps but no ``block``: load them with
+``block: reordered_norm`` added to their ``model_config``. Counts are
 with the OLMoE vocabulary, 50,280 padded to 50,304, and two untied tables, as OLMoE's "1.3B active / 6.9B total":
 
 | preset      | layers | d_model | heads | experts | top-k | expert d_ff | active / total params                 |
@@ -42,34 +48,43 @@ A ``ModelConfig`` field left ``None`` takes its preset's value; a field given ex
 
 from __future__ import annotations
 
-# Shape fields a preset fills. ``None`` in a ModelConfig means "take it from the preset".
+# The two backbones of the paper (PAPER.md §3.2, §3.3), as published: OLMo2's reordered norm with RoPE theta 500,000
+# and RMSNorm eps 1e-6 (OLMo-2 configs, e.g. allenai/OLMo configs/official-0425/OLMo2-1B-stage1.yaml), and OLMoE's
+# pre-norm with theta 10,000 and eps 1e-5 (allenai/OLMoE configs/OLMoE-1B-7B-0924.yml: no norm_after, OLMo's
+# defaults for rope_theta and layer_norm_eps; Hugging Face OlmoeConfig / OLMoE-1B-7B-0924 config.json agree).
+OLMO2 = dict(block="reordered_norm", rope_theta=500_000.0, norm_eps=1e-6)
+OLMOE = dict(block="pre_norm", rope_theta=10_000.0, norm_eps=1e-5)
+
+# Fields a preset fills. ``None`` in a ModelConfig means "take it from the preset".
 PRESETS: dict[str, dict] = {
     "olmo2-151m": dict(n_layer=16, d_model=768, n_head=12, d_ff=3072, max_seq_len=4096,
-                       tie_embeddings=False, vocab_pad_multiple=128),
+                       tie_embeddings=False, vocab_pad_multiple=128, **OLMO2),
     "olmo2-400m": dict(n_layer=24, d_model=1024, n_head=16, d_ff=4096, max_seq_len=4096,
-                       tie_embeddings=False, vocab_pad_multiple=128),
+                       tie_embeddings=False, vocab_pad_multiple=128, **OLMO2),
     "olmo2-1b": dict(n_layer=16, d_model=2048, n_head=16, d_ff=8192, max_seq_len=4096,
-                     tie_embeddings=False, vocab_pad_multiple=128),
-    # GPT-2-like: tied embeddings, SwiGLU width 8d/3 so the MLP matches GPT-2's 8d² weights.
+                     tie_embeddings=False, vocab_pad_multiple=128, **OLMO2),
+    # GPT-2-like: tied embeddings, SwiGLU width 8d/3 so the MLP matches GPT-2's 8d² weights; the OLMo2 backbone.
     "cfg-small": dict(n_layer=12, d_model=128, n_head=2, d_ff=344, max_seq_len=1024,
-                      tie_embeddings=True, vocab_pad_multiple=1),
+                      tie_embeddings=True, vocab_pad_multiple=1, **OLMO2),
     "cfg-large": dict(n_layer=12, d_model=768, n_head=12, d_ff=2048, max_seq_len=1024,
-                      tie_embeddings=True, vocab_pad_multiple=1),
+                      tie_embeddings=True, vocab_pad_multiple=1, **OLMO2),
     "tiny": dict(n_layer=2, d_model=32, n_head=2, d_ff=64, max_seq_len=256,
-                 tie_embeddings=False, vocab_pad_multiple=1),
+                 tie_embeddings=False, vocab_pad_multiple=1, **OLMO2),
     # Mixture of experts (OLMoE recipe; see the second table above): ``moe`` fills ModelConfig.moe.
     "olmoe-1b-7b": dict(n_layer=16, d_model=2048, n_head=16, d_ff=8192, max_seq_len=4096,
-                        tie_embeddings=False, vocab_pad_multiple=128,
+                        tie_embeddings=False, vocab_pad_multiple=128, **OLMOE,
                         moe=dict(num_experts=64, top_k=8, expert_d_ff=1024)),
     "olmoe-1.3b": dict(n_layer=15, d_model=1024, n_head=16, d_ff=2048, max_seq_len=4096,
-                       tie_embeddings=False, vocab_pad_multiple=128,
+                       tie_embeddings=False, vocab_pad_multiple=128, **OLMOE,
                        moe=dict(num_experts=96, top_k=8, expert_d_ff=256)),
     "moe-small": dict(n_layer=12, d_model=128, n_head=2, d_ff=352, max_seq_len=1024,
-                      tie_embeddings=True, vocab_pad_multiple=1,
+                      tie_embeddings=True, vocab_pad_multiple=1, **OLMOE,
                       moe=dict(num_experts=8, top_k=2, expert_d_ff=176)),
     "moe-tiny": dict(n_layer=2, d_model=32, n_head=2, d_ff=32, max_seq_len=256,
-                     tie_embeddings=False, vocab_pad_multiple=1,
+                     tie_embeddings=False, vocab_pad_multiple=1, **OLMOE,
                      moe=dict(num_experts=4, top_k=2, expert_d_ff=16)),
 }
 
 PRESET_FIELDS = ("n_layer", "d_model", "n_head", "d_ff", "max_seq_len", "tie_embeddings", "vocab_pad_multiple")
+"""Shape fields every model needs: from the preset or given. The backbone fields (``OLMO2``'s keys) that neither
+gives take OLMo2's values."""

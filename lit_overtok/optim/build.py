@@ -24,7 +24,6 @@ def build_optimizer(model: nn.Module, cfg: OptimizerConfig, total_steps: int):
     sharded = [m for m in model.modules() if isinstance(m, RowShardedEmbedding)]
     register_sharded_state_hooks(optimizer, sharded)
     register_sharded_catch_up(optimizer, sharded)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: warmup_cosine(step, cfg.warmup_steps, total_steps, cfg.min_lr_ratio)
-    )
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: warmup_cosine(
+        step, cfg.warmup_steps, total_steps, cfg.min_lr_ratio, cfg.warmup_start_ratio))
     return optimizer, scheduler

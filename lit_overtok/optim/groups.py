@@ -1,7 +1,12 @@
-"""AdamW parameter groups (OLMo2 recipe, REFERENCES.md §1.4): matrices decay; lookup tables (``nn.Embedding``), norm
-weights and biases do not. A module can claim its parameters for a named group (``nn.hooks.optimizer_group``;
-Over-Encoding's tables do), whose ``lr_multiplier`` and ``weight_decay`` come from ``OptimizerConfig.groups``.
-Every trainable parameter lands in exactly one group, which is asserted, so none silently goes untrained.
+"""AdamW parameter groups: which parameters weight decay reaches, and named groups with their own settings.
+
+Matrices (linear layers, experts, output tables) always decay. Input lookup tables (``nn.Embedding``) decay when
+``OptimizerConfig.decay_embeddings`` is set, norm weights and biases when ``decay_norms_and_biases`` is: OLMo's
+trainer has the same two switches (``decay_embeddings``, ``decay_norm_and_bias``; OLMo2 sets false / true, OLMoE
+true / true). A module can claim its parameters for a named group (``nn.hooks.optimizer_group``; Over-Encoding's
+tables do), whose ``lr_multiplier`` and ``weight_decay`` come from ``OptimizerConfig.groups``; a group without its own
+``weight_decay`` decays as its parameters would outside it. Every trainable parameter lands in exactly one group,
+which is asserted, so none silently goes untrained.
 """
 
 from __future__ import annotations
@@ -12,14 +17,13 @@ from lit_overtok.nn import hooks
 from lit_overtok.optim.config import GroupSettings, OptimizerConfig
 
 
-def _group_of(module: nn.Module, name: str, param: nn.Parameter, claimed: dict[int, str]) -> str:
-    if id(param) in claimed:
-        return claimed[id(param)]
+def _decays(module: nn.Module, name: str, param: nn.Parameter, cfg: OptimizerConfig) -> bool:
+    """Whether weight decay reaches ``param`` by the general rules (a named group may say otherwise)."""
     if isinstance(module, nn.Embedding):
-        return "no_decay"
+        return cfg.decay_embeddings
     if param.ndim < 2 or name.endswith("bias"):
-        return "no_decay"
-    return "decay"
+        return cfg.decay_norms_and_biases
+    return True
 
 
 def parameter_groups(model: nn.Module, cfg: OptimizerConfig) -> list[dict]:
@@ -31,23 +35,28 @@ def parameter_groups(model: nn.Module, cfg: OptimizerConfig) -> list[dict]:
             for param in module.parameters():
                 claimed.setdefault(id(param), group)
     buckets: dict[str, list[nn.Parameter]] = {}
+    rules: dict[str, set[bool]] = {}
     seen: set[int] = set()
     for module in model.modules():
         for name, param in module.named_parameters(recurse=False):
             if id(param) in seen or not param.requires_grad:
                 continue
             seen.add(id(param))
-            buckets.setdefault(_group_of(module, name, param, claimed), []).append(param)
+            decays = _decays(module, name, param, cfg)
+            group = claimed.get(id(param), "decay" if decays else "no_decay")
+            buckets.setdefault(group, []).append(param)
+            rules.setdefault(group, set()).add(decays)
     trainable = {id(p) for p in model.parameters() if p.requires_grad}
     assert seen == trainable, "parameter grouping missed some trainable parameters"
     groups = []
     for name, params in buckets.items():
-        if name == "decay":
-            settings = GroupSettings(1.0, cfg.weight_decay)
-        elif name == "no_decay":
-            settings = GroupSettings(1.0, 0.0)
-        else:
-            settings = cfg.groups.get(name, GroupSettings(1.0, 0.0))
-        groups.append({"name": name, "params": params, "weight_decay": settings.weight_decay,
+        settings = cfg.groups.get(name, GroupSettings())
+        weight_decay = settings.weight_decay
+        if weight_decay is None:
+            if len(rules[name]) > 1:
+                raise ValueError(f"optimizer.groups.{name}.weight_decay: the group holds parameters the general rules "
+                                 "decay and parameters they do not; give the group's weight_decay")
+            weight_decay = cfg.weight_decay if rules[name] == {True} else 0.0
+        groups.append({"name": name, "params": params, "weight_decay": weight_decay,
                        "lr_multiplier": settings.lr_multiplier, "lr": cfg.lr * settings.lr_multiplier})
     return groups
