@@ -31,7 +31,10 @@ MODELS = {
     # concatenated batch; it is off here, and the z-loss (a mean over tokens) on.
     "moe_oe": {"preset": "moe-tiny", "over_encoding": {**OE, "sparse": False}, "moe": {"lb_loss_weight": 0.0}},
 }
-OPTIMIZER = {"lr": 0.01, "warmup_steps": 0, "weight_decay": 0.1}
+# eps 1e-6 rather than 1e-8: Adam's step g/(|g| + eps) turns the float rounding of a gradient near eps into a
+# change of up to lr (a table row whose gradient is 7e-9 in one process and 7.4e-9 summed over 3 ranks moved 1e-4
+# apart); with a larger eps such gradients move their weights by ~lr·g/eps, so rounding stays rounding.
+OPTIMIZER = {"lr": 0.01, "warmup_steps": 0, "weight_decay": 0.1, "eps": 1e-6}
 CLIP = 0.5  # small enough to bind, so the global-norm clipping across ranks is exercised
 
 
