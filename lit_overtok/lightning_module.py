@@ -124,6 +124,13 @@ class OverTokLM(pl.LightningModule):
             self._flops_per_token[T] = flops_per_token(self.model_config, T)
         self.flops_per_batch = int(self._flops_per_token[T] * B * T)
 
+    def on_train_end(self) -> None:
+        # The sparse tables' AdamW catches rows up when they are read or saved; bring every row current, so that
+        # weights read after fit (exports walking parameters, copies) are what dense AdamW holds.
+        flush = getattr(self.optimizers(use_pl_optimizer=False), "flush", None)
+        if flush is not None:
+            flush()
+
     # ------------------------------------------------------------------------------------------- parallelism
     def setup(self, stage: str) -> None:
         strategy = self.trainer.strategy

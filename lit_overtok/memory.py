@@ -7,8 +7,8 @@ the declared devices, before hours of queueing end in an out-of-memory at the fi
   dtype (fp32 unless the precision is ``*-true`` half precision); FSDP2 divides all three by the world size; DDP
   adds its gradient buckets (one more gradient-sized buffer);
 - OE tables: this rank's rows (all of them when replicated, 1/world when sharded or FSDP-sharded) times weight and
-  two moments, a dense gradient unless ``sparse`` (the sparse one holds only a batch's rows), and a coverage byte
-  per row.
+  two moments, a dense gradient unless ``sparse`` (the sparse one holds only a batch's rows; RowSparseAdamW keeps
+  an int32 step per row instead), and a coverage byte per row.
 
 Not counted: activations (they grow with batch × sequence and can be cut by activation checkpointing), FSDP's
 transient all-gathered blocks, the CUDA context and allocator slack. A run whose static state alone exceeds the
@@ -70,6 +70,8 @@ def estimate_per_rank(cfg: ModelConfig, world: int, fsdp: bool = False, ddp: boo
         split = oe.sharded or (fsdp and not oe.sparse)
         rows_here = math.ceil(table_rows / world) if split else table_rows
         per_row = table_width * param_bytes * (3 if oe.sparse else 4) + 1  # weight, 2 moments (+ grad), coverage
+        if oe.sparse:
+            per_row += 4  # RowSparseAdamW's int32 step each row is current to (its default "adamw" row rule)
         if ddp and world > 1 and not oe.sharded and not oe.sparse:
             per_row += table_width * param_bytes  # DDP's bucket for the replicated table's gradient
         tables = rows_here * per_row

@@ -23,9 +23,10 @@ def test_estimate_counts_weights_gradients_moments_and_this_ranks_table_rows():
     rows = sum(cfg.over_encoding.row_counts())  # 4 tables of ~12.8M rows, width 256: 13.1B parameters
     one = estimate_per_rank(cfg, world=1)
     eight = estimate_per_rank(cfg, world=8, fsdp=True)
-    # Sparse tables: weight and two moments (fp32) plus a coverage byte per row, 1/world of the rows per rank.
-    assert one.tables == rows * (256 * 12 + 1)
-    assert eight.tables == -(-rows // 8) * (256 * 12 + 1)
+    # Sparse tables: weight and two moments (fp32), RowSparseAdamW's int32 row step and a coverage byte per row,
+    # 1/world of the rows per rank.
+    assert one.tables == rows * (256 * 12 + 4 + 1)
+    assert eight.tables == -(-rows // 8) * (256 * 12 + 4 + 1)
     assert one.optimizer_state == 2 * one.weights and one.gradients == one.weights
     assert eight.weights == -(-one.weights // 4 // 8) * 4  # FSDP2 shards the backbone too
     assert one.total / GIB > 140 and eight.total / GIB < 20

@@ -60,6 +60,74 @@ def test_known_speedups_without_smoothing_and_a_treatment_that_never_gets_there(
     assert "not reached" in (tmp_path / "t.md").read_text()
 
 
+def write_logged_curve(folder: Path, tag: str, curve, every: int, noise: float, seed: int, steps: int = 20_000,
+                       tokens_per_step: int = TOKENS_PER_STEP) -> None:
+    """``curve(tokens)`` plus Gaussian noise, logged with the tokens every ``every`` optimizer steps (as Lightning's
+    ``log_every_n_steps`` writes the value of that step)."""
+    logged = np.arange(every, steps + 1, every)
+    values = curve(logged * tokens_per_step) + noise * np.random.default_rng(seed).standard_normal(len(logged))
+    writer = SummaryWriter(str(folder / "version_0"))
+    for step, value in zip(logged.tolist(), values.tolist()):
+        writer.add_scalar("train/tokens_seen", step * tokens_per_step, step)
+        writer.add_scalar(tag, value, step)
+    writer.close()
+
+
+def loss_curve(tokens):
+    return 2.0 + 3.0 / (1.0 + tokens / 2e6)
+
+
+def accuracy_curve(tokens):
+    return 0.25 + 0.4 * tokens / (tokens + 2e7)
+
+
+def measured(tmp_path: Path, tag: str, curve, speed: float, every: tuple[int, int], noise: float, *args) -> float:
+    """The speedup read for a treatment that follows ``curve`` ``speed`` x faster in tokens (known answer: speed)."""
+    base, treat = tmp_path / f"base_{every[0]}", tmp_path / f"treat_{every[1]}_{speed}"
+    write_logged_curve(base, tag, curve, every[0], noise, seed=1)
+    write_logged_curve(treat, tag, lambda tokens: curve(speed * tokens), every[1], noise, seed=2)
+    results = speedup.main(["--baseline", str(base), "--treatment", str(treat), "--metrics", tag, *args,
+                            "--output", str(tmp_path / "s.md"), "--plot", str(tmp_path / "s.png")])
+    return results[0].ratio
+
+
+@pytest.mark.parametrize("noise", [0.0, 0.005])
+@pytest.mark.parametrize("every", [(10, 10), (50, 50), (100, 100), (10, 50), (50, 10)])
+def test_the_loss_speedup_does_not_depend_on_how_often_the_runs_logged(tmp_path, every, noise):
+    # 20,000 steps; the treatment reaches every loss value with 5.7x fewer tokens. A 0.99 EMA over *logged points*
+    # spanned 100 points (1,000 steps at every 10, 5,000 at every 50) and read 4.3x, 3.4x, 2.5x for the same runs.
+    ratio = measured(tmp_path, "train/loss_next1", loss_curve, 5.7, every, noise)
+    assert ratio == pytest.approx(5.7, rel=0.02)
+
+
+@pytest.mark.parametrize("noise", [0.0, 0.005])
+@pytest.mark.parametrize("every", [(100, 100), (100, 500)])
+def test_a_noisy_accuracy_curve_reads_its_true_speedup(tmp_path, every, noise):
+    # Evaluations every 100 (or 500) steps, the 0.9 EMA per baseline evaluation point; true speedup 3.0. The
+    # baseline's tokens are its tokens at its last point, not where its noisy smoothed curve first touches its final
+    # value, and the smoothing's lag is taken out on both curves.
+    ratio = measured(tmp_path, "eval/piqa/acc_norm", accuracy_curve, 3.0, every, noise)
+    assert ratio == pytest.approx(3.0, rel=0.02)
+
+
+def test_a_fixed_evaluation_ema_unit_makes_the_evaluation_interval_irrelevant(tmp_path):
+    ratios = [measured(tmp_path, "eval/piqa/acc_norm", accuracy_curve, 3.0, every, 0.0, "--eval-ema-steps", "100")
+              for every in ((100, 100), (500, 200), (200, 500))]
+    assert ratios == pytest.approx([ratios[0]] * 3, rel=1e-3) and ratios[0] == pytest.approx(3.0, rel=0.02)
+
+
+def test_ema_on_the_step_axis_equals_a_per_step_ema_of_the_linearly_interpolated_curve():
+    rng = np.random.default_rng(0)
+    steps = np.cumsum(rng.integers(1, 40, size=60)).astype(float) + 7
+    values = rng.standard_normal(60).cumsum()
+    every_step = np.arange(steps[0], steps[-1] + 1)
+    dense = speedup.ema(np.interp(every_step, steps, values), 0.97)  # every step logged: TensorBoard's own EMA
+    np.testing.assert_allclose(speedup.ema(values, 0.97, steps), dense[(steps - steps[0]).astype(int)], rtol=1e-10)
+    np.testing.assert_array_equal(speedup.ema(values, 0.0, steps), values)
+    with pytest.raises(ValueError, match="steps must increase"):
+        speedup.ema(values[:3], 0.9, np.array([1.0, 3.0, 3.0]))
+
+
 def test_ema_is_tensorboards_debiased_average():
     values = np.array([1.0, 3.0, 2.0, 5.0])
     reference, last = [], 0.0
@@ -98,5 +166,4 @@ def test_a_baseline_that_starts_at_its_final_value_is_flagged(tmp_path, capsys):
     results = speedup.main(["--baseline", str(tmp_path / "flat"), "--treatment", str(tmp_path / "oe"),
                             "--metrics", "eval/piqa/acc_norm", "--output", str(tmp_path / "s.md"),
                             "--plot", str(tmp_path / "s.png")])
-    assert results[0].ratio == pytest.approx(1.0)
     assert "starts at or beyond its final value" in capsys.readouterr().err

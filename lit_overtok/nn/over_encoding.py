@@ -19,9 +19,10 @@ How it is made fast (same result, see the parity tests):
 
 Options beyond the paper: ``reset_at_eos`` (the paper is silent on packed documents, so off by default) zeroes the
 n-gram history that reaches back across an EOS, as at a sequence start; ``sparse`` produces sparse row gradients
-for the tables, which ``lit_overtok.optim.sparse_adamw.RowSparseAdamW`` updates lazily (see there for the semantics);
-``sharded`` splits the tables' rows over the data-parallel ranks with all-to-all lookups (the paper's "tensor
-parallelism for the OE layer", PAPER.md §6; ``nn.sharded_table``).
+for the tables, which ``lit_overtok.optim.sparse_adamw.RowSparseAdamW`` updates at the touched rows only, catching a
+row up on the steps it missed when it is next read (AdamW's semantics; see there); ``sharded`` splits the tables'
+rows over the data-parallel ranks with all-to-all lookups (the paper's "tensor parallelism for the OE layer",
+PAPER.md §6; ``nn.sharded_table``).
 
 Initialisation: the tables are drawn chunk by chunk of rows (``sharded_table.trunc_normal_rows_``), so a replicated
 and a sharded run of the same seed start from the same global table at every world size.
@@ -60,8 +61,9 @@ class OverEncodingConfig:
     eos_id: Optional[int] = None
     """The document separator, required with reset_at_eos."""
     sparse: bool = False
-    """Sparse row gradients for the tables and a lazy (touched-rows-only) AdamW for them; per-step cost then does
-    not grow with m. Dense gradients and plain AdamW (the paper's presumed setup) when False."""
+    """Sparse row gradients for the tables and a touched-rows-only AdamW for them, so per-step cost does not grow
+    with m; it trains like dense AdamW (``optimizer.sparse_row_semantics``). Dense gradients and plain AdamW (the
+    paper's presumed setup) when False."""
     sharded: bool = False
     """Split the tables' rows over the data-parallel ranks (each rank holds 1/world of every table and of its
     optimizer state; lookups move by all-to-all), for tables too large for one device (OE-12.8M). Needs the
@@ -156,9 +158,10 @@ def ngram_table_indices(input_ids_BT: torch.Tensor, coef_IR: torch.Tensor, modul
         documents_BT = is_eos_BT.cumsum(1) - is_eos_BT  # EOS strictly before t: same value = same document
     index_BTI = torch.zeros(B, T, coef_IR.shape[0], dtype=torch.long, device=ids_BT.device)
     for r in range(coef_IR.shape[1]):
-        lagged_BT = F.pad(ids_BT[:, : T - r], (r, 0))  # x_{t-r}, 0 before the start
+        # x_{t-r}, 0 before the start. Pad first, then cut: ``ids[:, :T-r]`` would count from the end when r > T.
+        lagged_BT = F.pad(ids_BT, (r, 0))[:, :T]
         if eos_id is not None and r > 0:
-            same_document_BT = F.pad(documents_BT[:, : T - r], (r, 0)) == documents_BT
+            same_document_BT = F.pad(documents_BT, (r, 0))[:, :T] == documents_BT
             lagged_BT = lagged_BT * same_document_BT
         index_BTI = (index_BTI + lagged_BT[..., None] * coef_IR[:, r]) % moduli_I
     return index_BTI
@@ -211,6 +214,7 @@ class OverEncoding(nn.Module):
         if self.training and not self.sharded:
             with torch.no_grad():
                 self.rows_touched[rows_BTI.flatten()] = True
+        # A module call, not F.embedding: the sparse optimizer's forward pre-hook catches up exactly these rows.
         slices_BTIW = self.tables(rows_BTI)
         oe_BTD = self.proj(slices_BTIW.flatten(2))
         # Algorithm 1 averages the 1 + k(n-1) contributions.

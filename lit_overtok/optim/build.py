@@ -1,6 +1,7 @@
 """The optimizer and schedule of a run: AdamW over ``groups``, or ``RowSparseAdamW`` when a table has sparse row
-gradients (Over-Encoding's sparse path; it is AdamW for every dense gradient), with ``warmup_cosine`` per step.
-Row-sharded tables' moments are checkpointed as blocks of whole-table tensors (``sharded_state``)."""
+gradients (Over-Encoding's sparse path; it is AdamW for every dense gradient and, by default, for the tables' rows
+too), with ``warmup_cosine`` per step. Row-sharded tables' moments are checkpointed as blocks of whole-table tensors
+(``sharded_state``)."""
 
 from __future__ import annotations
 
@@ -18,9 +19,17 @@ from lit_overtok.optim.sparse_adamw import RowSparseAdamW
 def build_optimizer(model: nn.Module, cfg: OptimizerConfig, total_steps: int):
     groups = parameter_groups(model, cfg)
     has_sparse = any(isinstance(m, (nn.Embedding, RowShardedEmbedding)) and m.sparse for m in model.modules())
-    optimizer_class = RowSparseAdamW if has_sparse else torch.optim.AdamW
-    optimizer = optimizer_class(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps)
-    # Row-sharded tables: their moments go into checkpoints as the blocks of whole-table tensors.
+    if has_sparse:
+        if cfg.sparse_row_semantics == "adamw" and not cfg.betas[0] < cfg.betas[1]:
+            raise ValueError(f"optimizer.betas={list(cfg.betas)}: sparse_row_semantics 'adamw' needs beta1 < beta2 "
+                             "(its catch-up sums converge only then); use sparse_row_semantics 'lazy' or dense tables")
+        optimizer = RowSparseAdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, row_semantics=cfg.sparse_row_semantics)
+        # Rows a step skipped are caught up right before a lookup reads them and flushed when a state dict is taken.
+        optimizer.register_catch_up_hooks(model)
+    else:
+        optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps)
+    # Row-sharded tables: their moments go into checkpoints as the blocks of whole-table tensors, and the owner of a
+    # block catches up the rows it serves (``register_catch_up_hooks`` hooks whole nn.Embedding tables only).
     sharded = [m for m in model.modules() if isinstance(m, RowShardedEmbedding)]
     register_sharded_state_hooks(optimizer, sharded)
     register_sharded_catch_up(optimizer, sharded)

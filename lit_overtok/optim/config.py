@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from lit_overtok.configuration import config_from
+from lit_overtok.optim.sparse_adamw import ROW_SEMANTICS
 
 
 @dataclass
@@ -43,6 +44,10 @@ class OptimizerConfig:
     """The cosine decays to lr·min_lr_ratio at the last step (OLMo's alpha_f)."""
     groups: dict[str, GroupSettings] = field(default_factory=dict)
     """Settings of named groups claimed by modules via ``optimizer_group`` (``nn.hooks``; e.g. 'over_encoding')."""
+    sparse_row_semantics: str = "adamw"
+    """Tables with sparse row gradients (``over_encoding.sparse: true``): "adamw" trains every row as dense AdamW
+    does, rows a step skips caught up when next read (the default; runs compare with dense-table runs); "lazy"
+    freezes rows and moments a step skips (``torch.optim.SparseAdam``'s rule, cheaper, not AdamW)."""
 
     def __post_init__(self) -> None:
         if self.lr <= 0:
@@ -54,6 +59,9 @@ class OptimizerConfig:
                 raise ValueError(f"optimizer.{name} must lie in [0, 1], got {getattr(self, name)}")
         if self.weight_decay < 0:
             raise ValueError(f"optimizer.weight_decay must be >= 0, got {self.weight_decay}")
+        if self.sparse_row_semantics not in ROW_SEMANTICS:
+            raise ValueError(f"optimizer.sparse_row_semantics must be one of {list(ROW_SEMANTICS)}, "
+                             f"got {self.sparse_row_semantics!r}")
         self.groups = {name: config_from(GroupSettings, s, f"optimizer.groups.{name}") for name, s in self.groups.items()}
         for name, settings in self.groups.items():
             if settings.weight_decay is not None and settings.weight_decay < 0:

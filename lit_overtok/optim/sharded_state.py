@@ -17,6 +17,8 @@ import torch
 from lit_overtok.nn.sharded_table import RowShardedEmbedding
 
 PER_ROW_STATE = ("row_step",)  # RowSparseAdamW's step each row is current to
+# RowSparseAdamW's per-step scalar history (the same on every rank), whatever its length happens to be.
+PER_STEP_STATE = ("row_history", "row_blocks", "row_meta")
 
 
 def register_sharded_state_hooks(optimizer: torch.optim.Optimizer, tables: Sequence[RowShardedEmbedding]) -> None:
@@ -47,7 +49,8 @@ def register_sharded_state_hooks(optimizer: torch.optim.Optimizer, tables: Seque
 def _is_per_row(name: str, value, table: RowShardedEmbedding) -> bool:
     """A state tensor with one entry per table row: the moments (the weight's shape) and RowSparseAdamW's per-row
     step; not the per-step scalars, whose length may happen to equal the block's row count."""
-    if not torch.is_tensor(value) or value.dim() == 0 or value.shape[0] not in (table.num_rows, table.weight.shape[0]):
+    if name in PER_STEP_STATE or not torch.is_tensor(value) or value.dim() == 0 or \
+            value.shape[0] not in (table.num_rows, table.weight.shape[0]):
         return False
     return value.shape[1:] == table.weight.shape[1:] or name in PER_ROW_STATE
 

@@ -20,6 +20,7 @@ from lit_overtok.evaluation.runner import task_scores, TaskSuite
 from lit_overtok.evaluation.benchmark_tasks import DEFAULT_DATA_DIR
 from lit_overtok.evaluation.tokenizers import GrammarTokenizer, TextTokenizer
 from lit_overtok.evaluation.adapter import OverTokEvalLM
+from lit_overtok.evaluation.grammar_tasks import cfg_generation_dataset
 from lit_overtok.nn.transformer import Transformer
 
 GPT2 = DEFAULT_DATA_DIR / "tokenizers" / "gpt2" / "tokenizer.json"
@@ -96,11 +97,15 @@ def test_loglikelihood_rolling_scores_every_token_once_over_disjoint_windows():
     assert windowed.loglikelihood_rolling([instance("loglikelihood_rolling", (text,))])[0] == pytest.approx(expected, abs=1e-4)
 
 
-def test_generate_until_greedy_matches_an_uncached_argmax_loop_and_cuts_at_stops():
-    model = tiny_model()
+@pytest.mark.parametrize("over_encoding", [None, {"m": 41, "n": 3, "k": 2}])
+def test_generate_until_greedy_matches_an_uncached_argmax_loop_and_cuts_at_stops(over_encoding):
+    model = tiny_model(over_encoding=over_encoding)
     tokenizer = GrammarTokenizer("cfg3f")
     lm = OverTokEvalLM(model, tokenizer, batch_size=2, progress=False)
-    contexts = ["^31", "^1", "^2212", "^33"]
+    # cfg_generation's prompt is BOS alone: one token, shorter than an Over-Encoding model's n-gram order.
+    prompt = cfg_generation_dataset(cfg_num_docs=1)["validation"][0]["prompt"]
+    assert len(lm.tok_encode(prompt)) == 1
+    contexts = [prompt, "^31", "^1", "^2212", "^33"]
     texts = lm.generate_until([instance("generate_until", (c, {"until": [], "max_gen_toks": 12})) for c in contexts])
     for context, text in zip(contexts, texts):
         ids = tokenizer.encode(context)

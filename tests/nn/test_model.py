@@ -1,4 +1,4 @@
-"""The OLMo2-style backbone: shapes, causality, the recipe's details, presets, errors, KV-cached generation."""
+"""The OLMo2-style backbone: shapes, causality, the recipe's details, presets, errors (generation: test_generation)."""
 
 import math
 
@@ -8,7 +8,6 @@ import torch.nn.functional as F
 
 from lit_overtok.nn.config import ModelConfig
 from lit_overtok.nn.counts import parameter_counts
-from lit_overtok.nn.generation import generate
 from lit_overtok.nn.norms import RMSNorm
 from lit_overtok.nn.transformer import Transformer
 
@@ -141,17 +140,6 @@ def test_too_long_sequence_is_a_clear_error():
     model = Transformer(tiny(max_seq_len=8))
     with pytest.raises(ValueError, match="max_seq_len"):
         model(torch.zeros(1, 9, dtype=torch.long))
-
-
-def test_kv_cached_greedy_generation_equals_full_recompute():
-    torch.manual_seed(0)
-    model = Transformer(tiny())
-    prompt_BT = torch.randint(0, 13, (2, 3))
-    cached = generate(model, prompt_BT, 12, temperature=0)
-    ids_BT = prompt_BT
-    for _ in range(12):
-        ids_BT = torch.cat([ids_BT, model(ids_BT)[:, -1].argmax(-1, keepdim=True)], dim=1)
-    assert torch.equal(cached, ids_BT)
 
 
 def test_init_does_not_depend_on_other_modules():

@@ -14,7 +14,6 @@ from torch import nn
 
 from lit_overtok.nn.config import ModelConfig
 from lit_overtok.nn.counts import parameter_counts, flops_per_token
-from lit_overtok.nn.generation import generate
 from lit_overtok.nn.transformer import Transformer
 from lit_overtok.optim.config import OptimizerConfig
 from lit_overtok.optim.groups import parameter_groups
@@ -40,19 +39,21 @@ class ReferenceOverEncoding(nn.Module):
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         x = self.wte(ids)
-        gram = ids.clone()
         for i in range(2, self.n + 1):
-            shifted = torch.cat([torch.zeros_like(ids[:, : i - 1]), ids[:, : ids.shape[1] - (i - 1)]], dim=1)
-            gram = gram + shifted * self.V ** (i - 1)  # small V and n here: the plain formula cannot overflow
+            # h_i(t) = x_t + x_{t-1}·V + ... + x_{t-i+1}·V^(i-1), one position at a time, ids before the start 0
+            # (small V and n here: the plain formula cannot overflow).
+            gram = torch.stack([sum(ids[:, t - r] * self.V**r for r in range(i) if t - r >= 0)
+                                for t in range(ids.shape[1])], dim=1)
             for j in range(self.k):
                 idx = (i - 2) * self.k + j
                 x = x + self.oe_projs[idx](self.oe_embedders[idx](gram % (self.m + 2 * idx)))
         return x / (1 + self.k * (self.n - 1))
 
 
-def fast_and_reference(m, n, k, sparse=False):
+def fast_and_reference(m, n, k, sparse=False, d_model=32):
     torch.manual_seed(0)
-    cfg = ModelConfig(preset="tiny", vocab_size=V, over_encoding=OverEncodingConfig(m=m, n=n, k=k, sparse=sparse))
+    cfg = ModelConfig(preset="tiny", vocab_size=V, d_model=d_model,
+                      over_encoding=OverEncodingConfig(m=m, n=n, k=k, sparse=sparse))
     fast = OverEncoding(cfg.over_encoding, cfg.vocab_size, cfg.padded_vocab_size, cfg.d_model).double()
     ref = ReferenceOverEncoding(V, cfg.d_model, m, n, k).double()
     width = cfg.d_model // (k * (n - 1))
@@ -84,6 +85,23 @@ def test_fast_module_equals_algorithm_1_forward_and_backward(m, n, k, sparse):
         torch.testing.assert_close(fast.proj.weight.grad[:, i * width: (i + 1) * width], proj.weight.grad)
         torch.testing.assert_close(fast.proj.bias.grad, proj.bias.grad)  # the summed bias feeds every slice
     assert table_grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("n,T", [(n, T) for n in range(2, 6) for T in range(1, n + 2)])
+def test_sequences_shorter_than_n_equal_algorithm_1(n, T):
+    # A sequence shorter than the n-gram order (a 1-token prompt in generation) has only zeros before its start;
+    # slicing ids[:, :T - r] with r > T once counted from the end and returned extra positions or raised.
+    fast, ref, _ = fast_and_reference(23, n, 1, d_model=48)  # 48: divisible by k(n-1) for every n here
+    ids_BT = torch.randint(1, V, (2, T), generator=torch.Generator().manual_seed(n * 10 + T))
+    target_BTD = torch.randn(2, T, 48, dtype=torch.float64)
+    out_fast, out_ref = fast(ids_BT), ref(ids_BT)
+    assert out_fast.shape == (2, T, 48)
+    torch.testing.assert_close(out_fast, out_ref, rtol=1e-12, atol=1e-12)
+    (out_fast * target_BTD).sum().backward()
+    (out_ref * target_BTD).sum().backward()
+    for i, table in enumerate(ref.oe_embedders):
+        rows = slice(fast.offsets[i], fast.offsets[i] + table.num_embeddings)
+        torch.testing.assert_close(fast.tables.weight.grad[rows], table.weight.grad, rtol=1e-12, atol=1e-12)
 
 
 def test_indices_by_hand():
@@ -282,14 +300,3 @@ def test_experiment_configs_build_with_the_papers_table_sizes(path):
             assert oe.slice_width(cfg.d_model) == (384 if cfg.d_model == 768 else 256)
         else:
             assert oe.m >= vocab**oe.n  # exact n-gram encoding
-
-
-def test_kv_cached_generation_sees_the_ngram_history():
-    torch.manual_seed(0)
-    model = Transformer(oe_config(reset_at_eos=True, eos_id=3)).eval()
-    prompt_BT = torch.randint(0, V, (2, 4))
-    cached = generate(model, prompt_BT, 8, temperature=0)
-    ids_BT = prompt_BT
-    for _ in range(8):
-        ids_BT = torch.cat([ids_BT, model(ids_BT)[:, -1].argmax(-1, keepdim=True)], dim=1)
-    assert torch.equal(cached, ids_BT)

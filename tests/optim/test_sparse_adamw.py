@@ -1,13 +1,18 @@
-"""The sparse-update path of Over-Encoding: lazy row AdamW against dense-gradient computations, clipping, Lightning."""
+"""The sparse-update path of Over-Encoding as a run builds it: AdamW semantics against dense tables (the default),
+the lazy rule as an option, clipping, checkpoints, Lightning. The optimizer's own exactness: test_row_catch_up.py."""
 
 import glob
 import io
 import sys
 
+import lightning.pytorch as pl
+import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from lit_overtok.cli import main
+from lit_overtok.data.cfg_datamodule import CFGDataModule
+from lit_overtok.lightning_module import OverTokLM
 from lit_overtok.nn.config import ModelConfig
 from lit_overtok.nn.transformer import Transformer
 from lit_overtok.optim.build import build_optimizer
@@ -19,9 +24,13 @@ V = 13
 OPTIMIZER = OptimizerConfig(lr=1e-2, warmup_steps=0, groups={"over_encoding": {"weight_decay": 0.1, "lr_multiplier": 2.0}})
 
 
-def model(sparse: bool, seed: int = 0) -> Transformer:
+def model(sparse: bool, seed: int = 0, m: int = 40) -> Transformer:
     torch.manual_seed(seed)
-    return Transformer(ModelConfig(preset="tiny", vocab_size=V, over_encoding=OverEncodingConfig(m=40, n=3, k=2, sparse=sparse)))
+    return Transformer(ModelConfig(preset="tiny", vocab_size=V, over_encoding=OverEncodingConfig(m=m, n=3, k=2, sparse=sparse)))
+
+
+def lazy(cfg: OptimizerConfig) -> OptimizerConfig:
+    return OptimizerConfig(**{**cfg.__dict__, "sparse_row_semantics": "lazy"})
 
 
 def batch(seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -36,11 +45,42 @@ def train_steps(net: Transformer, optimizer, batches) -> None:
         optimizer.step()
 
 
-def test_repeated_rows_match_dense_adamw_and_untouched_rows_stay():
-    sparse, dense = model(True), model(False)
-    sparse_opt, _ = build_optimizer(sparse, OPTIMIZER, 10)
-    dense_opt, _ = build_optimizer(dense, OPTIMIZER, 10)
+def test_sparse_tables_train_like_dense_tables_with_the_default_semantics():
+    # m = 1009 rows per table, 18 lookups per step: most rows are read once in a while, and skipped in between.
+    sparse, dense = model(True, m=1009), model(False, m=1009)
+    sparse_opt, sparse_schedule = build_optimizer(sparse, OPTIMIZER, 30)
+    dense_opt, dense_schedule = build_optimizer(dense, OPTIMIZER, 30)
     assert isinstance(sparse_opt, RowSparseAdamW) and type(dense_opt) is torch.optim.AdamW
+    initial = sparse.embed.tables.weight.detach().clone()
+    losses = {}
+    for net, optimizer, schedule in ((sparse, sparse_opt, sparse_schedule), (dense, dense_opt, dense_schedule)):
+        losses[net] = []
+        for step in range(30):
+            optimizer.zero_grad()
+            loss = net.loss(*batch(step))[0]
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+            losses[net].append(loss.item())
+    assert losses[sparse] == pytest.approx(losses[dense], rel=1e-5)
+    sparse_opt.flush()
+    tables_sparse, tables_dense = sparse.embed.tables.weight.detach(), dense.embed.tables.weight.detach()
+    # Entries whose gradients are ~eps are where the catch-up's one approximation acts (at most 0.8% of a catch-up,
+    # betas 0.9/0.95) and where Adam's g/(|g| + eps) magnifies the float32 rounding of the gradient itself: measured
+    # 3.1e-4 on one entry (of 32,384), whose only gradient in 30 steps was -4.9e-8, on a movement of 1.9e-2 (with
+    # the tables' chunk-drawn initial values). The lazy rule misses by 0.1.
+    torch.testing.assert_close(tables_sparse, tables_dense, rtol=0, atol=5e-4)
+    assert (tables_dense - initial).abs().amax() > 1e-2
+    for (name, p_sparse), p_dense in zip(sparse.named_parameters(), dense.parameters()):
+        if name != "embed.tables.weight":
+            torch.testing.assert_close(p_sparse, p_dense, rtol=1e-4, atol=2e-5, msg=name)
+
+
+def test_the_lazy_rule_leaves_untouched_rows_and_dense_adamw_does_not():
+    sparse, dense = model(True), model(False)
+    sparse_opt, _ = build_optimizer(sparse, lazy(OPTIMIZER), 10)
+    dense_opt, _ = build_optimizer(dense, OPTIMIZER, 10)
+    assert sparse_opt.row_semantics == "lazy"
     initial = sparse.embed.tables.weight.detach().clone()
     ids_BT, labels_BT = batch(0)
     # The same batch every step: the same rows get a gradient every step, where lazy and dense AdamW agree.
@@ -54,14 +94,11 @@ def test_repeated_rows_match_dense_adamw_and_untouched_rows_stay():
     assert torch.equal(tables_sparse[~touched], initial[~touched])
     # Dense AdamW decays the untouched rows (weight decay 0.1 in this group); the lazy update leaves them.
     assert not torch.allclose(tables_dense[~touched], initial[~touched])
-    for (name, p_sparse), p_dense in zip(sparse.named_parameters(), dense.parameters()):
-        if name != "embed.tables.weight":
-            torch.testing.assert_close(p_sparse, p_dense, rtol=1e-5, atol=1e-6)
 
 
 def test_updated_rows_match_a_dense_gradient_lazy_adamw_over_varied_batches():
     sparse, dense_twin = model(True), model(False)
-    optimizer, _ = build_optimizer(sparse, OPTIMIZER, 10)
+    optimizer, _ = build_optimizer(sparse, lazy(OPTIMIZER), 10)
     group = next(g for g in optimizer.param_groups if g["name"] == "over_encoding")
     lr, wd, eps, (beta1, beta2) = group["lr"], group["weight_decay"], group["eps"], group["betas"]
     weight_ref = sparse.embed.tables.weight.detach().clone()
@@ -107,10 +144,53 @@ def test_optimizer_state_survives_a_checkpoint_round_trip():
     torch.save(opt_first.state_dict(), buffer)
     buffer.seek(0)
     opt_second.load_state_dict(torch.load(buffer))
-    train_steps(first, opt_first, [batch(3)])
-    train_steps(second, opt_second, [batch(3)])
+    train_steps(first, opt_first, [batch(3), batch(4)])
+    train_steps(second, opt_second, [batch(3), batch(4)])
+    opt_first.flush()
+    opt_second.flush()
     for p_first, p_second in zip(first.parameters(), second.parameters()):
         assert torch.equal(p_first, p_second)
+    assert opt_second.state[second.embed.tables.weight]["row_step"].dtype == torch.int32
+
+
+def test_the_row_semantics_option_is_checked():
+    with pytest.raises(ValueError, match="optimizer.sparse_row_semantics must be one of"):
+        OptimizerConfig(sparse_row_semantics="dense")
+    with pytest.raises(ValueError, match=r"optimizer.betas=\[0.95, 0.9\]: sparse_row_semantics 'adamw' needs beta1 < beta2"):
+        build_optimizer(model(True), OptimizerConfig(betas=(0.95, 0.9)), 10)
+    build_optimizer(model(True), lazy(OptimizerConfig(betas=(0.95, 0.9))), 10)  # the lazy rule takes any betas
+
+
+def test_a_second_optimizer_takes_over_the_tables_hooks():
+    net = model(True, m=1009)
+    old, _ = build_optimizer(net, OPTIMIZER, 10)
+    train_steps(net, old, [batch(1), batch(2)])
+    new, _ = build_optimizer(net, OPTIMIZER, 10)  # e.g. a second fit on the same module
+    assert len(net.embed.tables._forward_pre_hooks) == 1 and len(net.embed.tables._state_dict_pre_hooks) == 1
+    before = net.embed.tables.weight.detach().clone()
+    net.loss(*batch(7))  # the old optimizer's row state must not move the weights any more
+    assert torch.equal(net.embed.tables.weight.detach(), before)
+    del old
+
+
+def test_lightning_fit_trains_sparse_tables_like_dense_ones_and_leaves_every_row_current(tmp_path):
+    results = {}
+    for sparse in (True, False):
+        pl.seed_everything(5)
+        data = CFGDataModule(seq_len=32, batch_size=2, val_sentences=2)
+        module = OverTokLM(model_config={"preset": "tiny", "over_encoding": {"m": 1009, "n": 3, "k": 2, "sparse": sparse}},
+                           optimizer={"lr": 1e-2, "warmup_steps": 2,
+                                      "groups": {"over_encoding": {"weight_decay": 0.1, "lr_multiplier": 2.0}}},
+                           vocab_size=data.vocab_size)
+        trainer = pl.Trainer(max_steps=8, accumulate_grad_batches=2, gradient_clip_val=0.5, logger=False,
+                             enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                             limit_val_batches=0, default_root_dir=tmp_path)
+        trainer.fit(module, data)
+        results[sparse] = module.transformer.embed.tables.weight.detach().clone()  # read directly, no state_dict
+        if sparse:
+            state = trainer.optimizers[0].state[module.transformer.embed.tables.weight]
+            assert torch.all(state["row_step"] == 8)  # on_train_end flushed: no row is behind
+    torch.testing.assert_close(results[True], results[False], rtol=0, atol=1e-4)
 
 
 def test_lightning_fit_with_sparse_tables_clips_and_logs_coverage(tmp_path, monkeypatch):
