@@ -2,8 +2,8 @@
 
 The package, read top down (imports flow one way: Lightning pieces -> ``evaluation`` / ``data`` -> ``nn``):
 
-- ``cli``, ``lightning_module``, ``callbacks``, ``optim/``: the Lightning pieces (entry point, training objective and
-  metrics, throughput, AdamW groups / schedule / the sparse row optimizer);
+- ``cli``, ``lightning_module``, ``callbacks``, ``run_summary``, ``optim/``: the Lightning pieces (entry point, training
+  objective and metrics, throughput, the end-of-run summary, AdamW groups / schedule / the sparse row optimizer);
 - ``evaluation/``: lm-evaluation-harness adapter, task files (package data) and their hooks, runner, callback;
 - ``data/``: synthetic grammars, text preparation into WebDataset shards, the data modules;
 - ``nn/``: the network, one module per concept of the paper (``over_encoding``, ``over_decoding``, ``mtp``,

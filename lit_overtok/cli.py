@@ -1,13 +1,15 @@
 """The LightningCLI used by ``train.py``: subclass mode for model and data, the vocabulary linked from the data.
 
 With no arguments, ``fit`` runs the embedded default (DEFAULT_TRAINER plus the defaults of ``OverTokLM`` and
-``CFGDataModule``): a small model on the cfg3f grammar that finishes in a few minutes on 2 CPU cores.
+``CFGDataModule``): a small model on the cfg3f grammar that finishes within 5 minutes on 2 idle CPU cores, then
+prints what happened and what to try next (``run_summary``).
 """
 
 from __future__ import annotations
 
 import re
 import sys
+import time
 from pathlib import Path
 from typing import Optional
 
@@ -23,10 +25,12 @@ from lit_overtok.data.cfg_datamodule import CFGDataModule
 from lit_overtok.evaluation.callback import LMEvalCallback
 from lit_overtok.global_batch import GlobalBatch, GlobalBatchError, apply_global_batch
 from lit_overtok.lightning_module import OverTokLM
+from lit_overtok.run_summary import run_summary
 
+# The default run ends within 5 minutes on an idle 2-core CPU, evaluations included (BENCHMARKS.md: the default run).
 DEFAULT_TRAINER = {
-    "max_steps": 300,
-    "val_check_interval": 100,
+    "max_steps": 250,
+    "val_check_interval": 50,
     "check_val_every_n_epoch": None,
     "limit_val_batches": 4,
     "log_every_n_steps": 10,
@@ -67,6 +71,16 @@ class OverTokCLI(LightningCLI):
         if global_batch is not None:
             apply_global_batch(trainer, self.datamodule, global_batch, config.get("accumulate_grad_batches", 1))
         return trainer
+
+    def before_fit(self) -> None:
+        self._fit_started = time.perf_counter()
+
+    def after_fit(self) -> None:
+        # What happened and what to try next, on rank 0 (``run_summary``).
+        if self.trainer.is_global_zero:
+            log_dir = self.trainer.log_dir
+            config = str(Path(log_dir) / "config.yaml") if log_dir is not None else None
+            print(run_summary(self.trainer, time.perf_counter() - self._fit_started, config), flush=True)
 
 
 def _root_cause(error: BaseException) -> BaseException:

@@ -32,3 +32,15 @@ def paper_data(tmp_path: Path) -> Path:
     copy("mmlu", "validation", 1)
     copy("mmlu", "dev", 5, keep=lambda row: row["subject"] == "abstract_algebra")
     return data_dir
+
+
+@pytest.fixture(scope="session")
+def tiny_sweep(tmp_path_factory) -> Path:
+    """The grid file of a finished 2-point sweep (baseline and exact 3-gram OE, seed 1), run one point at a time."""
+    from evaluation import sweep
+    from tests.sweep_grids import TINY_ARMS, write_grid
+
+    folder = tmp_path_factory.mktemp("tiny_sweep")
+    grid = write_grid(folder / "grid.yaml", TINY_ARMS, folder / "out")
+    assert sweep.main([str(grid), "--jobs", "1", "--threads-per-job", "1"]) == 0
+    return grid

@@ -97,7 +97,7 @@ def test_data_vocabulary_must_agree_with_the_model():
         OverTokLM(model_config=ModelConfig(preset="tiny", vocab_size=50), vocab_size=7)
 
 
-def test_cli_smoke_run_writes_tensorboard_config_and_checkpoint(tmp_path):
+def test_cli_smoke_run_writes_tensorboard_config_and_checkpoint(tmp_path, capsys):
     root = tmp_path / "run"
     args = [
         "fit", f"--trainer.default_root_dir={root}", "--trainer.max_steps=4", "--trainer.val_check_interval=4",
@@ -106,6 +106,7 @@ def test_cli_smoke_run_writes_tensorboard_config_and_checkpoint(tmp_path):
         "--data.init_args.seq_len=32", "--data.init_args.batch_size=2", "--data.init_args.val_sentences=2",
     ]
     cli_main(args)
+    first_output = capsys.readouterr().out
     cli_main(args)  # reruns into the same root are allowed (a new version directory)
     runs = sorted(p for p in root.iterdir() if p.name.startswith("version_"))
     assert len(runs) == 2
@@ -122,6 +123,19 @@ def test_cli_smoke_run_writes_tensorboard_config_and_checkpoint(tmp_path):
     assert 0.0 <= acc <= 1.0
     # One generation-accuracy metric: lm-eval's eval/cfg_generation/acc (skipped here: tiny's context is too short).
     assert not any(tag.startswith("val/cfg") for tag in tags)
+
+    # The run ends by telling a newcomer what happened and what to do next, with the values in its dashboards.
+    summary = first_output[first_output.index("Training finished: 4 optimizer steps, 0.00M training tokens"):]
+    for tag in ("train/loss_next1", "val/loss", "eval/cfg_next_token_validity/acc"):
+        assert f"{tag} {events.Scalars(tag)[-1].value:.3f}" in summary, tag
+    assert f"a uniform guess over 7 tokens scores {math.log(7):.3f}" in summary
+    checkpoint = run / "checkpoints" / "last.ckpt"
+    assert torch.load(checkpoint, weights_only=False)["global_step"] == 4  # the last step, not the last interval
+    for line in (f"tensorboard --logdir {root}   (this run: {run})", f"Config:      {run / 'config.yaml'}",
+                 f"Checkpoint:  {checkpoint}", f"evaluate.py --checkpoint {checkpoint} --tasks grammar",
+                 f"--model.init_args.model_config.over_encoding.m 343 --trainer.default_root_dir {root}_oe",
+                 f"speedup.py --baseline {run} --treatment {root}_oe/version_0"):
+        assert line in summary, (line, summary)
 
 
 def test_cli_rejects_unknown_preset(tmp_path, capsys):

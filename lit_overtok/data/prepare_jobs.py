@@ -84,7 +84,10 @@ def merge(output: Path, count: Optional[int] = None, keep_parts: bool = False) -
 def submit(prepare_args: list[str], jobs: int, folder: Path, cluster: Optional[str], partition: Optional[str],
            timeout_min: int, cpus_per_job: int, keep_parts: bool) -> dict:
     """Run ``prepare`` as a job array through submitit (SLURM, or ``cluster="local"``), wait, then merge."""
-    import submitit
+    try:
+        import submitit
+    except ImportError:
+        raise SystemExit("error: prepare_jobs submit needs submitit: pip install 'lit_overtok[cluster]'") from None
 
     output = Path(prepare_parser().parse_args(prepare_args).output)
     executor = submitit.AutoExecutor(folder=str(folder), cluster=cluster)

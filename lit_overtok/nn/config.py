@@ -95,7 +95,7 @@ class ModelConfig:
         if self.init_std <= 0 or self.norm_eps <= 0 or self.rope_theta <= 0:
             raise ValueError("model_config.init_std, model_config.norm_eps and model_config.rope_theta must be positive")
         if self.over_encoding is not None:
-            self.over_encoding.validate(self.d_model, self.vocab_size)
+            self.over_encoding.validate(self.d_model, self.vocab_size, self.tie_embeddings)
         if self.multi_token is not None:
             self.multi_token.check_model(self.d_model, self.vocab_size, self.tie_embeddings)
 

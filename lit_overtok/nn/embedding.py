@@ -2,7 +2,8 @@
 
 Every input embedding maps ids (B, T) to vectors (B, T, D) and exposes its 1-gram table as ``wte`` so the output
 head can tie to it (the paper keeps the 1-gram table "consistent with the original Transformer to align with the
-tied weight design").
+tied weight design"). Over-Encoding's ``single`` form, the CFG study's one table over n-gram ids, has none
+(``wte`` is None) and its configs untie the head.
 """
 
 from __future__ import annotations

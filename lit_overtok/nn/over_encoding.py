@@ -17,6 +17,18 @@ How it is made fast (same result, see the parity tests):
   vocabulary overflows (it only needs V·M < 2^62); no Python ``hash`` anywhere, so indices are the same in every
   process and on every machine.
 
+Two input forms (``form``), the two of the paper's synthetic-grammar study (§3.1, App. B.2; PAPER.md §5):
+
+- ``hierarchical`` (default): Algorithm 1 above, the 1-gram table plus hashed 2..n-gram tables. It is exact (every
+  g-gram its own row) when m >= V^n; ``configs/cfg/cfg3f_*_oe.yaml`` use m = 343 = 7^3 for cfg3f.
+- ``single``: the paper's "n-gram encoding" model, ONE table of m rows and width D looked up at ``h_n(t) mod m``,
+  nothing else: no 1-gram table, no projection, no average (exact n-gram ids when m >= V^n, which its study uses;
+  a smaller m hashes them). Ids before the sequence start are 0, as in Algorithm 1, so both forms see the same
+  n-gram ids and differ only in their parameterisation (App. B.2 (a): the hierarchy wins). Without a 1-gram table
+  there is nothing to tie the output head to, so this form needs ``tie_embeddings: false``: the head gets its own
+  V-row table. [UNCONFIRMED] The paper's GPT-2 ties its embeddings, and the paper does not say how its n-gram
+  encoding model's 1-gram output table was set up; an untied 1-gram head is the only way to keep the output 1-gram.
+
 Options beyond the paper: ``reset_at_eos`` (the paper is silent on packed documents, so off by default) zeroes the
 n-gram history that reaches back across an EOS, as at a sequence start; ``sparse`` produces sparse row gradients
 for the tables, which ``lit_overtok.optim.sparse_adamw.RowSparseAdamW`` updates at the touched rows only, catching a
@@ -33,7 +45,7 @@ from __future__ import annotations
 import math
 import warnings
 from dataclasses import dataclass
-from typing import Optional
+from typing import Literal, Optional
 
 import torch
 import torch.distributed as dist
@@ -44,6 +56,7 @@ from lit_overtok.nn.collectives import all_reduce_, group_rank_and_size
 from lit_overtok.nn.sharded_table import RowShardedEmbedding, trunc_normal_rows_
 
 _INDEX_BOUND = 2**62  # keeps x·(V^r mod M) + a < 2^63 with room to spare
+INPUT_FORMS = ("hierarchical", "single")
 
 
 @dataclass
@@ -51,11 +64,18 @@ class OverEncodingConfig:
     """Shape and options of the Over-Encoding input embedding ("OE-m" in the paper)."""
 
     m: int
-    """Rows of the first hashed table; table i has m + 2i rows. OE-m holds about m × d_model table parameters."""
+    """Rows of the first hashed table; table i has m + 2i rows. OE-m holds about m × d_model table parameters.
+    ``single`` form: the rows of its one table (exact n-gram ids when m >= V^n)."""
     n: int = 3
-    """Largest n-gram order; orders 2..n each get k tables (the paper's default is 3)."""
+    """Largest n-gram order; orders 2..n each get k tables (the paper's default is 3). ``single``: the order of
+    its one table."""
     k: int = 1
-    """Slices per order: the slice width is d_model / (k(n-1)); the paper picks k so that it is 256."""
+    """Slices per order: the slice width is d_model / (k(n-1)); the paper picks k so that it is 256. Must be 1 in
+    the ``single`` form."""
+    form: Literal["hierarchical", "single"] = "hierarchical"
+    """``hierarchical``: Algorithm 1 (1-gram table + hashed 2..n-gram tables, projected and averaged).
+    ``single``: the CFG study's n-gram encoding model, one m-row table of width d_model over n-gram ids and no
+    1-gram table (needs ``tie_embeddings: false``)."""
     reset_at_eos: bool = False
     """Zero the n-gram history that crosses an EOS (packed documents). The paper is silent; off reproduces it."""
     eos_id: Optional[int] = None
@@ -72,10 +92,12 @@ class OverEncodingConfig:
 
     @property
     def n_tables(self) -> int:
-        return self.k * (self.n - 1)
+        return 1 if self.form == "single" else self.k * (self.n - 1)
 
     def table_orders(self) -> list[int]:
-        """The n-gram order g of each table, in table order i = (g-2)·k + j."""
+        """The n-gram order g of each table, in table order i = (g-2)·k + j (``single``: [n])."""
+        if self.form == "single":
+            return [self.n]
         return [2 + i // self.k for i in range(self.n_tables)]
 
     def row_counts(self) -> list[int]:
@@ -85,7 +107,7 @@ class OverEncodingConfig:
     def slice_width(self, d_model: int) -> int:
         return d_model // self.n_tables
 
-    def validate(self, d_model: int, vocab_size: Optional[int]) -> None:
+    def validate(self, d_model: int, vocab_size: Optional[int], tie_embeddings: bool = False) -> None:
         """Raise ValueError naming the field for impossible settings; warn about structured hash collisions.
 
         Checks needing the vocabulary are skipped while it is unknown (it is linked from the data module later).
@@ -96,6 +118,14 @@ class OverEncodingConfig:
                 raise ValueError(f"model_config.over_encoding.{name} must be a positive integer, got {value!r}")
         if self.n < 2:
             raise ValueError(f"model_config.over_encoding.n must be >= 2 (n-grams of order 2..n), got {self.n}")
+        if self.form not in INPUT_FORMS:
+            raise ValueError(f"model_config.over_encoding.form: unknown form {self.form!r}; valid forms are {list(INPUT_FORMS)}")
+        if self.form == "single" and self.k != 1:
+            raise ValueError(f"model_config.over_encoding.k must be 1 with form 'single' (one table of width d_model), "
+                             f"got {self.k}")
+        if self.form == "single" and tie_embeddings:
+            raise ValueError("model_config.over_encoding.form='single' has no 1-gram input table for the output head to "
+                             "share; set model_config.tie_embeddings: false (the head then has its own V-row table)")
         if d_model % self.n_tables != 0:
             raise ValueError(
                 f"model_config.over_encoding: d_model={d_model} is not divisible by k·(n-1)={self.k}·{self.n - 1}="
@@ -168,7 +198,10 @@ def ngram_table_indices(input_ids_BT: torch.Tensor, coef_IR: torch.Tensor, modul
 
 
 class OverEncoding(nn.Module):
-    """The OE input embedding; ``wte`` is the ordinary 1-gram table (tied to the output head when configured)."""
+    """The OE input embedding; ``wte`` is the ordinary 1-gram table (tied to the output head when configured).
+
+    In the ``single`` form ``wte`` and ``proj`` are None: the one n-gram table's row is the embedding.
+    """
 
     def __init__(self, oe: OverEncodingConfig, vocab_size: int, padded_vocab_size: int, d_model: int) -> None:
         super().__init__()
@@ -176,7 +209,8 @@ class OverEncoding(nn.Module):
         self.orders, self.moduli = oe.table_orders(), oe.row_counts()
         self.k = oe.k
         self.eos_id = oe.eos_id if oe.reset_at_eos else None
-        self.wte = nn.Embedding(padded_vocab_size, d_model)
+        hierarchical = oe.form == "hierarchical"
+        self.wte = nn.Embedding(padded_vocab_size, d_model) if hierarchical else None
         # All hashed tables in one weight (one gather); table i starts at row offsets[i].
         self.offsets = [sum(self.moduli[:i]) for i in range(len(self.moduli))]
         self.sparse, self.sharded = oe.sparse, oe.sharded
@@ -193,7 +227,7 @@ class OverEncoding(nn.Module):
         # Tables get their own optimizer group (``hooks.optimizer_group``) and count as embedding parameters.
         self.tables.optimizer_group = "over_encoding"
         # The k(n-1) slice projections of Algorithm 1 as one matmul: (D, D) weight, bias = sum of their biases.
-        self.proj = nn.Linear(oe.n_tables * self.width, d_model, bias=True)
+        self.proj = nn.Linear(oe.n_tables * self.width, d_model, bias=True) if hierarchical else None
         self._table_init = (0.02, 0)  # (std, seed) given by init_own_parameters, reused when the tables are placed
         # A checkpoint of the other mode names the coverage buffer differently: take either.
         self.register_load_state_dict_pre_hook(_coverage_key_of_this_mode)
@@ -216,6 +250,8 @@ class OverEncoding(nn.Module):
                 self.rows_touched[rows_BTI.flatten()] = True
         # A module call, not F.embedding: the sparse optimizer's forward pre-hook catches up exactly these rows.
         slices_BTIW = self.tables(rows_BTI)
+        if self.proj is None:  # single form: the n-gram's own row, nothing to combine
+            return slices_BTIW[:, :, 0]
         oe_BTD = self.proj(slices_BTIW.flatten(2))
         # Algorithm 1 averages the 1 + k(n-1) contributions.
         return (self.wte(input_ids_BT) + oe_BTD) / (1 + len(self.moduli))
@@ -263,7 +299,7 @@ class OverEncoding(nn.Module):
     def parameter_metrics(self) -> dict[str, int]:
         """OE's own parameter counts (whole tables, also when sharded), logged once beside the backbone's."""
         return {"over_encoding_tables": sum(self.moduli) * self.width,
-                "over_encoding_projection": sum(p.numel() for p in self.proj.parameters())}
+                "over_encoding_projection": 0 if self.proj is None else sum(p.numel() for p in self.proj.parameters())}
 
 
 def _coverage_key_of_this_mode(module: OverEncoding, state_dict: dict, prefix: str, *args) -> None:

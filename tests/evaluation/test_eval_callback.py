@@ -50,6 +50,17 @@ def test_grammar_tasks_are_logged_against_steps_and_tokens_every_n_steps_and_at_
     assert "eval/downstream" not in logged
 
 
+def test_final_tasks_are_scored_at_the_end_of_fit_only(tmp_path):
+    # The default run's split: cheap next-token validity every N steps, whole generations once at the end.
+    callback = LMEvalCallback(tasks=["cfg_next_token_validity"], final_tasks=["cfg_generation"], every_n_steps=2,
+                              limit=4)
+    logged = fit(tmp_path, callback, max_steps=4, max_seq_len=1024)
+    assert [step for step, _ in logged["eval/cfg_next_token_validity/acc"]] == [2, 4]
+    assert [step for step, _ in logged["eval/cfg_generation/acc"]] == [4]
+    assert [step for step, _ in logged["eval/wall_time_s"]] == [2, 4]  # one evaluation per step, both suites at 4
+    assert set(callback.last_metrics) >= {"eval/cfg_generation/acc", "eval/cfg_next_token_validity/acc"}
+
+
 def test_paper_tasks_log_acc_acc_norm_and_the_downstream_mean(tmp_path, paper_data, gpt2_tokenizer):
     callback = LMEvalCallback(tasks=["paper"], every_n_steps=1, data_dir=str(paper_data), tokenizer=str(gpt2_tokenizer))
     logged = fit(tmp_path / "logs", callback, max_steps=1, vocab_size=50257)
@@ -79,4 +90,4 @@ def test_the_cli_adds_the_grammar_callback_to_grammar_runs(tmp_path, max_seq_len
     assert {tag.split("/")[1] for tag in logged if tag.endswith("/acc")} == tasks
     assert "eval/cfg_next_token_validity/valid_mass" in logged
     for task in tasks:
-        assert [step for step, _ in logged[f"eval/{task}/acc"]] == [2]  # at the end of fit (every 100 steps)
+        assert [step for step, _ in logged[f"eval/{task}/acc"]] == [2]  # at the end of fit (every 50 steps)

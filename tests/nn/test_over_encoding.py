@@ -250,6 +250,8 @@ def test_coverage_counts_rows_touched_in_training_only():
     (dict(reset_at_eos=True), r"model_config\.over_encoding\.eos_id"),
     (dict(eos_id=99), r"model_config\.over_encoding\.eos_id"),
     (dict(m=2**60), r"int64"),
+    (dict(form="flat"), r"model_config\.over_encoding\.form"),
+    (dict(form="single", k=2), r"model_config\.over_encoding\.k must be 1"),
 ])
 def test_bad_settings_are_clear_errors(changes, message):
     with pytest.raises(ValueError, match=message):
@@ -293,6 +295,8 @@ def test_experiment_configs_build_with_the_papers_table_sizes(path):
         if oe is None:
             continue
         tables = parameter_counts(cfg).embedding - parameter_counts(cfg.replace(over_encoding=None)).embedding
+        if oe.form == "single":
+            tables += cfg.padded_vocab_size * cfg.d_model  # it replaces the 1-gram input table
         assert tables == sum(oe.row_counts()) * oe.slice_width(cfg.d_model)
         if "olmo2" in path:
             assert abs(tables - oe.m * cfg.d_model) / (oe.m * cfg.d_model) < 1e-4  # OE-m = m x d_model
@@ -300,3 +304,63 @@ def test_experiment_configs_build_with_the_papers_table_sizes(path):
             assert oe.slice_width(cfg.d_model) == (384 if cfg.d_model == 768 else 256)
         else:
             assert oe.m >= vocab**oe.n  # exact n-gram encoding
+
+
+# ------------------------------------------------------------------------- the single form (n-gram encoding)
+def single_config(vocab=7, m=7**3, n=3, **options) -> ModelConfig:
+    return ModelConfig(preset="tiny", vocab_size=vocab, tie_embeddings=False,
+                       over_encoding=OverEncodingConfig(m=m, n=n, k=1, form="single", **options))
+
+
+def test_single_form_is_one_table_over_the_exact_ngram_ids():
+    # The CFG study's n-gram encoding model with cfg3f's 7 ids: position t reads row x_t + 7·x_(t-1) + 49·x_(t-2)
+    # of ONE 343-row table of width d_model, ids before the start being 0 (Algorithm 1); nothing else.
+    torch.manual_seed(0)
+    cfg = single_config()
+    embed = OverEncoding(cfg.over_encoding, cfg.vocab_size, cfg.padded_vocab_size, cfg.d_model).double()
+    assert embed.wte is None and embed.proj is None
+    assert [p.shape for p in embed.parameters()] == [(343, cfg.d_model)]
+    ids_BT = torch.tensor([[2, 4, 0, 6, 1, 3, 5], [0, 0, 1, 2, 3, 1, 1]])
+    padded_BT = torch.cat([torch.zeros(2, 2, dtype=torch.long), ids_BT], dim=1)
+    for b, t in itertools.product(range(2), range(7)):
+        row = padded_BT[b, t + 2] + 7 * padded_BT[b, t + 1] + 49 * padded_BT[b, t]
+        assert torch.equal(embed(ids_BT)[b, t], embed.tables.weight[row]), (b, t)
+    # Exact: the 343 3-grams get 343 different rows.
+    grams = torch.tensor(list(itertools.product(range(7), repeat=3)))
+    assert embed.lookup_rows(grams)[:, -1, 0].unique().numel() == 343
+    target_BTD = torch.randn(2, 7, cfg.d_model, dtype=torch.float64)
+    (embed(ids_BT) * target_BTD).sum().backward()
+    touched = embed.tables.weight.grad.abs().sum(1).nonzero().flatten()
+    assert touched.tolist() == sorted(set(embed.lookup_rows(ids_BT).flatten().tolist()))
+
+
+def test_single_form_refuses_a_tied_head():
+    # cfg-small ties its embeddings; the single form has no 1-gram table to tie to.
+    with pytest.raises(ValueError, match=r"model_config\.tie_embeddings: false"):
+        ModelConfig(preset="cfg-small", vocab_size=7, over_encoding=OverEncodingConfig(m=343, form="single"))
+
+
+def test_single_form_model_trains_with_an_untied_head_and_counts_its_table():
+    cfg = single_config()
+    model = Transformer(cfg)
+    assert model.lm_head.proj.weight is not model.embed.tables.weight
+    counts, untied = parameter_counts(cfg), parameter_counts(cfg.replace(over_encoding=None))
+    assert counts.embedding - untied.embedding == (343 - 7) * cfg.d_model  # the n-gram table replaces the 1-gram one
+    assert counts.non_embedding == untied.non_embedding
+    assert flops_per_token(cfg, 16) == flops_per_token(cfg.replace(over_encoding=None), 16)  # lookups are free
+    assert model.embed.parameter_metrics() == {"over_encoding_tables": 343 * cfg.d_model, "over_encoding_projection": 0}
+    ids_BT = torch.randint(0, 7, (2, 12))
+    loss, _ = model.loss(ids_BT[:, :-1], ids_BT[:, 1:])
+    loss.backward()
+    assert model.embed.tables.weight.grad.abs().sum() > 0
+    assert set(model.embed.training_metrics()) == {"oe/coverage_3gram_0"}
+    groups = {g["name"]: g for g in parameter_groups(model, OptimizerConfig())}
+    assert [p is model.embed.tables.weight for p in groups["over_encoding"]["params"]] == [True]
+
+
+def test_single_form_hashes_when_m_is_smaller_than_v_to_the_n():
+    cfg = single_config(vocab=V, m=101, n=2)
+    embed = OverEncoding(cfg.over_encoding, cfg.vocab_size, cfg.padded_vocab_size, cfg.d_model)
+    ids_BT = torch.tensor([[5, 7, 2]])
+    assert embed.lookup_rows(ids_BT)[0, :, 0].tolist() == [5, (7 + 5 * V) % 101, (2 + 7 * V) % 101]
+
