@@ -102,6 +102,7 @@ def two_nodes(runs) -> Path:
     for launch, output in zip(launches, outputs):
         assert launch.returncode == 0, output[-5000:]
     assert "memory per rank" in outputs[0]  # the estimate, printed at the start
+    assert "Training finished: 4 optimizer steps" in outputs[0]  # and the summary at the end (rank 0 only)
     return runs
 
 
