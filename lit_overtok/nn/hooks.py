@@ -16,7 +16,7 @@ hook reaches it only through the functions here, so this file lists every extens
 - an optimizer's ``clip_grad_norm_(max_norm)`` / ``clip_grad_value_(value)``: it clips its own gradients (sparse
   row gradients, which torch's clipping cannot take), and the Trainer's ``gradient_clip_val`` is routed to it;
 - ``init_own_parameters(std, seed) -> [parameters]``: the module initialises these parameters itself (Over-Encoding's
-  tables, drawn chunk by chunk of rows so that a row-sharded block gets the rows of the whole table), from a seed the
+  row-sharded tables, drawn chunk by chunk of rows so that a block gets the rows of the whole table), from a seed the
   model derives from its global seed and the module's name;
 - a parameter's ``global_shape`` (a row-sharded table's block, ``nn.sharded_table``): it holds only some rows of a
   table of that shape on this rank; counts use the whole table, and data parallelism must leave it alone (its

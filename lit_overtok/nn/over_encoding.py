@@ -36,8 +36,11 @@ row up on the steps it missed when it is next read (AdamW's semantics; see there
 rows over the data-parallel ranks with all-to-all lookups (the paper's "tensor parallelism for the OE layer",
 PAPER.md §6; ``nn.sharded_table``).
 
-Initialisation: the tables are drawn chunk by chunk of rows (``sharded_table.trunc_normal_rows_``), so a replicated
-and a sharded run of the same seed start from the same global table at every world size.
+Initialisation differs by mode. Replicated tables (the default) are drawn as every other parameter is
+(``Transformer.init_weights``: one generator seeded by the parameter's name), the historical draw, so runs published
+with earlier code reproduce bit for bit. Sharded tables are drawn chunk by chunk of rows
+(``sharded_table.trunc_normal_rows_``), so every world size, 1 included, starts from the same global table; a
+replicated and a sharded run of one seed therefore start from different tables (equal in distribution).
 """
 
 from __future__ import annotations
@@ -88,7 +91,8 @@ class OverEncodingConfig:
     """Split the tables' rows over the data-parallel ranks (each rank holds 1/world of every table and of its
     optimizer state; lookups move by all-to-all), for tables too large for one device (OE-12.8M). Needs the
     ShardedDDPStrategy or FSDP2Strategy of ``lit_overtok.strategies`` at world size > 1 (sharded checkpoints).
-    Off: every rank holds the whole tables. Same training either way, to float rounding."""
+    Off: every rank holds the whole tables. From the same initial table the two train alike to float rounding,
+    but each mode draws that table its own way (see the module docstring)."""
 
     @property
     def n_tables(self) -> int:
@@ -257,14 +261,14 @@ class OverEncoding(nn.Module):
         return (self.wte(input_ids_BT) + oe_BTD) / (1 + len(self.moduli))
 
     def init_own_parameters(self, std: float, seed: int) -> list[nn.Parameter]:
-        """The tables, drawn chunk by chunk of rows (the same global table replicated or sharded, at any world)."""
+        """Sharded: this rank's rows of the tables, drawn chunk by chunk of rows (the same global table at any world
+        size). Replicated: none, the model draws the tables as any other parameter (the historical values)."""
+        if not self.sharded:
+            return []
         self._table_init = (std, seed)
         if not self.tables.weight.is_meta:
-            trunc_normal_rows_(self.tables.weight.data, self.tables_row_start(), sum(self.moduli), std, seed)
+            trunc_normal_rows_(self.tables.weight.data, self.tables.row_start, sum(self.moduli), std, seed)
         return [self.tables.weight]
-
-    def tables_row_start(self) -> int:
-        return self.tables.row_start if self.sharded else 0
 
     def place_tables(self, group: Optional[dist.ProcessGroup]) -> None:
         """Sharded mode: replace the tables by this rank's block over ``group`` (None: the default group, or the

@@ -23,7 +23,8 @@ OE = {"m": 301, "n": 3, "k": 1, "sharded": True}
 MODELS = {
     # OT: Over-Encoding + MTP-DS on the dense backbone; sparse tables (RowSparseAdamW).
     "dense_ot": {"preset": "tiny", "over_encoding": {**OE, "sparse": True}, "multi_token": {"mode": "mtp_ds", "n": 2}},
-    # The same with today's replicated tables: DDP all-reduces their sparse gradients; trains as the sharded one.
+    # The same with replicated tables: DDP all-reduces their sparse gradients; from the sharded model's initial table
+    # (``fit`` copies it in: each mode draws its own, see ``nn.over_encoding``) it trains as the sharded one.
     "dense_ot_replicated": {"preset": "tiny", "over_encoding": {**OE, "sparse": True, "sharded": False},
                             "multi_token": {"mode": "mtp_ds", "n": 2}},
     # MoE + Over-Encoding with dense table gradients (AdamW). The load-balancing loss is a product of per-batch
@@ -125,6 +126,22 @@ class Recorder(pl.Callback):
                         "logits": logits, "world": trainer.world_size}, self.out / "record.pt")
 
 
+@torch.no_grad()
+def start_from_the_sharded_table(module, model_config: dict) -> None:
+    """Give ``module``'s replicated tables the initial values its sharded twin of the same seed draws (row chunks),
+    so both train from one table. The twin's tables stay an unplaced placeholder (no process group needed: a fit
+    may follow another in this process); it is built under a forked RNG, so the run's stream is kept."""
+    from lit_overtok.lightning_module import OverTokLM
+    from lit_overtok.nn.sharded_table import trunc_normal_rows_
+
+    with torch.random.fork_rng():
+        sharded = {**model_config, "over_encoding": {**model_config["over_encoding"], "sharded": True}}
+        twin = OverTokLM(model_config=sharded, optimizer=OPTIMIZER, vocab_size=VOCAB).transformer
+    weight = module.transformer.embed.tables.weight
+    std, seed = twin.embed._table_init  # what placing the twin's tables would draw them with
+    trunc_normal_rows_(weight.data, 0, weight.shape[0], std, seed)
+
+
 def fit(model: str, strategy, out: str, steps: int = 4, devices: int = 1, num_nodes: int = 1,
         ckpt_path: Optional[str] = None, checkpoint_dir: Optional[str] = None) -> None:
     """One real Lightning fit of MODELS[model] on the fixed global batches; ``checkpoint_dir``: a checkpoint every
@@ -135,6 +152,8 @@ def fit(model: str, strategy, out: str, steps: int = 4, devices: int = 1, num_no
 
     pl.seed_everything(SEED, verbose=False)
     module = OverTokLM(model_config=MODELS[model], optimizer=OPTIMIZER, vocab_size=VOCAB)
+    if not MODELS[model]["over_encoding"]["sharded"]:
+        start_from_the_sharded_table(module, MODELS[model])
     callbacks = [Recorder(out)]
     if checkpoint_dir is not None:
         callbacks.append(ModelCheckpoint(dirpath=checkpoint_dir, filename="{step}", every_n_train_steps=2,
