@@ -4,6 +4,9 @@
         --tokenizer ../shared/data/tokenizers/gpt2/tokenizer.json --limit 100
     python evaluation/evaluate.py --checkpoint runs/default/version_0/checkpoints/last.ckpt --tasks grammar
 
+A checkpoint is a ``.ckpt`` file or the folder a sharded run (row-sharded Over-Encoding tables, FSDP2) saves at any
+world size; it is evaluated here in one process.
+
 Tasks: lm-eval names or groups (``hellaswag``, ``arc_easy``, ``arc_challenge``, ``piqa``, ``mmlu_continuation``,
 ``mmlu_var``, ``cfg_generation``, ``cfg_next_token_validity``) or the sets ``paper`` (the five downstream tasks)
 and ``grammar``. Offline they read ``<data-dir>/<task>/*.jsonl``; ``--online`` uses lm-eval's own task files.
@@ -34,7 +37,7 @@ import torch
 from tqdm import tqdm
 
 from lit_overtok.checkpoint_files import checkpoint_tokenizer, tokenizer_file_for
-from lit_overtok.checkpoints import read_checkpoint, tokenizer_spec as named_tokenizer
+from lit_overtok.checkpoints import is_sharded_checkpoint, read_checkpoint, tokenizer_spec as named_tokenizer
 from lit_overtok.errors import InputError
 from lit_overtok.evaluation.runner import downstream_score, PRIMARY_METRICS, task_scores, TaskSuite
 from lit_overtok.evaluation.tokenizers import load_tokenizer
@@ -78,16 +81,18 @@ def find_checkpoints(patterns: list[str]) -> list[Path]:
         if not matches:
             raise FileNotFoundError(f"--checkpoint {pattern!r} matches no file")
         for match in matches:
-            if not glob.has_magic(pattern) and not Path(match).is_file():
-                raise FileNotFoundError(f"checkpoint {match} does not exist")
+            if not glob.has_magic(pattern) and not (Path(match).is_file() or is_sharded_checkpoint(match)):
+                raise FileNotFoundError(f"checkpoint {match} does not exist (a .ckpt file or a sharded checkpoint folder)")
             paths.setdefault(Path(match).resolve(), Path(match))
     return list(paths.values())
 
 
 def load_checkpoint(path: Path, device: str) -> tuple[OverTokLM, dict[str, Any]]:
-    """The LightningModule and the checkpoint's metadata (step, tokens, the data module's hyperparameters)."""
+    """The LightningModule and the checkpoint's metadata (step, tokens, the data module's hyperparameters).
+    A sharded run's checkpoint folder, saved at any world size, loads here at world size 1."""
     checkpoint = read_checkpoint(path)  # verified; training or inference (train.py strip) checkpoints alike
     module = OverTokLM(**checkpoint["hyper_parameters"])
+    module.configure_model()  # materializes sharded tables, whole (world size 1)
     module.load_state_dict(checkpoint["state_dict"])
     module.on_load_checkpoint(checkpoint)
     meta = {

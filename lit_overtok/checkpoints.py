@@ -11,6 +11,13 @@ the lm-eval model and ``OverTokLM.load_from_checkpoint`` read either kind. Every
 write atomic (``checkpoint_files``).
 
     python train.py strip --checkpoint runs/x/version_0/checkpoints/last.ckpt --out model.ckpt
+
+A sharded run writes a folder instead of a file (torch.distributed.checkpoint: ``*.distcp`` shards, ``.metadata``,
+``meta.pt`` with the trainer state; see ``strategies``), whatever its world size; ``read_checkpoint`` reads it in one
+process (torch.distributed.checkpoint's own metadata checks it; no CRC of ours). Its row-sharded tables come back
+whole, as a replicated run's would, so any model of the same configuration (``sharded`` on or off) loads them. That
+needs the whole model in host memory (OE-12.8M at d_model 1024: 53 GB of table weights), as evaluation at world
+size 1 does.
 """
 
 from __future__ import annotations
@@ -21,11 +28,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Union
 
+import torch
+
 from lit_overtok.checkpoint_files import CheckpointError, load_verified, save_atomically
 from lit_overtok.configuration import config_from
 from lit_overtok.nn.config import ModelConfig
 from lit_overtok.nn.transformer import Transformer
 
+METADATA_NAME = "meta.pt"  # Lightning's name for the non-tensor part of a sharded checkpoint
 PREFIX = "transformer."  # where OverTokLM keeps the network in its state_dict
 TRAINING_ONLY_HEADS = ("od", "mtp_ds")
 # What an inference checkpoint keeps of a training checkpoint (Lightning reads the version when loading).
@@ -44,10 +54,32 @@ class CheckpointInfo:
     """The data module's hyperparameters (``grammar`` or ``tokenizer`` name the tokenizer)."""
 
 
-def read_checkpoint(path: Union[str, Path]) -> dict[str, Any]:
-    """The checkpoint dict after its CRC check (``load_verified``): one clear error for a missing, damaged or
-    truncated file, or a file that is not a lit_overtok checkpoint."""
-    checkpoint = load_verified(path, mmap=True)
+def is_sharded_checkpoint(path: Union[str, Path]) -> bool:
+    path = Path(path)
+    return path.is_dir() and (path / ".metadata").is_file()
+
+
+def _read_sharded(path: Path, optimizer_states: bool) -> dict[str, Any]:
+    """A sharded run's folder as one dict, without a process group; optimizer states only when asked for."""
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.default_planner import _EmptyStateDictLoadPlanner
+    from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
+
+    keys = None if optimizer_states else {"state_dict"}
+    checkpoint: dict[str, Any] = {}
+    _load_state_dict(checkpoint, storage_reader=FileSystemReader(path), planner=_EmptyStateDictLoadPlanner(keys=keys),
+                     no_dist=True)
+    if (path / METADATA_NAME).is_file():
+        checkpoint.update(torch.load(path / METADATA_NAME, map_location="cpu", weights_only=False))
+    return checkpoint
+
+
+def read_checkpoint(path: Union[str, Path], optimizer_states: bool = False) -> dict[str, Any]:
+    """The checkpoint dict: a file after its CRC check (``load_verified``) or a sharded run's folder (its optimizer
+    states, twice the weights again, only when asked for); one clear error for a missing, damaged or truncated file,
+    or one that is not a lit_overtok checkpoint."""
+    checkpoint = (_read_sharded(Path(path), optimizer_states) if is_sharded_checkpoint(path)
+                  else load_verified(path, mmap=True))
     if "state_dict" not in checkpoint or "model_config" not in (checkpoint.get("hyper_parameters") or {}):
         raise CheckpointError(f"{path} is not a lit_overtok checkpoint (no hyper_parameters.model_config / state_dict)")
     return checkpoint

@@ -130,11 +130,12 @@ class OverTokCLI(LightningCLI):
         self._fit_started = time.perf_counter()
 
     def after_fit(self) -> None:
-        # What happened and what to try next, on rank 0 (``run_summary``).
+        # What happened and what to try next, on rank 0 (``run_summary``). ``log_dir`` is a collective under DDP
+        # (a broadcast from rank 0): every rank reads it.
+        log_dir = self.trainer.log_dir
         if self.trainer.is_global_zero:
-            log_dir = self.trainer.log_dir
             config = str(Path(log_dir) / "config.yaml") if log_dir is not None else None
-            print(run_summary(self.trainer, time.perf_counter() - self._fit_started, config), flush=True)
+            print(run_summary(self.trainer, time.perf_counter() - self._fit_started, config, log_dir), flush=True)
 
 
 def _root_cause(error: BaseException) -> BaseException:

@@ -7,6 +7,10 @@ validation and evaluation after that many steps; ``train/tokens_seen`` gives the
 through ``nn.hooks`` (``train/oe/*``, ``train/moe/*``), ``val/loss``, ``val/ppl`` (+ ``val/loss_by_tokens``) and
 ``test/loss``, ``test/ppl``. Benchmark and grammar scores (``eval/*``) come from ``evaluation.callback.LMEvalCallback``,
 speed and memory from ``callbacks.TokenThroughputMonitor``, the HPARAMS tab and parameter counts from ``hparams_tab``.
+
+Data parallelism (``parallel``, ``strategies``): ``configure_model`` materializes row-sharded Over-Encoding tables
+over the data-parallel group and prepares DDP or FSDP2; ``setup`` checks the strategy and prints (and checks) the
+per-rank memory estimate (``memory``); gradient clipping takes the global norm when gradients are split over ranks.
 """
 
 from __future__ import annotations
@@ -17,20 +21,26 @@ from typing import Any, Optional
 
 import lightning.pytorch as pl
 import torch
+from lightning.pytorch.strategies import DDPStrategy, ModelParallelStrategy
+from lightning.pytorch.utilities import rank_zero_info
 from torchmetrics import MeanMetric
 
 from lit_overtok.configuration import config_from
 from lit_overtok.errors import InputError
 from lit_overtok.evaluation.callback import log_by_tokens
+from lit_overtok.memory import check_fits, device_capacity, estimate_per_rank
 from lit_overtok.nn import hooks
+from lit_overtok.nn.collectives import is_split_over_ranks
 from lit_overtok.nn.config import ModelConfig
 from lit_overtok.nn.counts import flops_per_token
 from lit_overtok.nn.losses import IGNORE_INDEX
 from lit_overtok.nn.transformer import Transformer
 from lit_overtok.optim.build import build_optimizer
+from lit_overtok.optim.clipping import clip_grad_norm_across_ranks_, clip_grad_value_
 from lit_overtok.optim.config import OptimizerConfig
 from lit_overtok.optim.gradients import gradient_norms
 from lit_overtok.hparams_tab import log_hparams_tab
+from lit_overtok.parallel import check_strategy, configure_parallelism
 
 
 class OverTokLM(pl.LightningModule):
@@ -109,6 +119,13 @@ class OverTokLM(pl.LightningModule):
             self.log_dict({f"train/{name}": value for name, value in norms.items()})
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
+        # Gradients split over ranks (row-sharded tables, FSDP2 shards): the global norm needs every rank's pieces.
+        if gradient_clip_val and is_split_over_ranks(self.transformer):
+            if gradient_clip_algorithm in (None, "norm"):
+                clip_grad_norm_across_ranks_(self.transformer.parameters(), gradient_clip_val, self._data_group())
+            else:
+                clip_grad_value_(self.transformer.parameters(), gradient_clip_val)
+            return
         # torch's clip_grad_norm_ cannot take sparse row gradients (Over-Encoding's sparse path); an optimizer that
         # clips its own gradients (``hooks.ClipsOwnGradients``) clips dense and sparse ones together by the same rule.
         if gradient_clip_val and isinstance(optimizer, hooks.ClipsOwnGradients):
@@ -139,6 +156,30 @@ class OverTokLM(pl.LightningModule):
         flush = getattr(self.optimizers(use_pl_optimizer=False), "flush", None)
         if flush is not None:
             flush()
+
+    # ------------------------------------------------------------------------------------------- parallelism
+    def setup(self, stage: str) -> None:
+        strategy = self.trainer.strategy
+        check_strategy(self.model_config, strategy)
+        if stage == "fit":
+            # Printed (rank 0) and checked (every rank) before any table or optimizer state is allocated.
+            fsdp, ddp = isinstance(strategy, ModelParallelStrategy), isinstance(strategy, DDPStrategy)
+            precision = self.trainer.precision
+            estimate = estimate_per_rank(self.model_config, self.trainer.world_size, fsdp, ddp, precision)
+            capacity, device = device_capacity(strategy.root_device, self.trainer.num_devices)
+            rank_zero_info(estimate.report(capacity, device))
+            check_fits(estimate, capacity, device, self.model_config, precision)
+
+    def configure_model(self) -> None:
+        # After the process group exists and before DDP/FSDP2 wrap the model (Lightning also calls it in
+        # load_from_checkpoint, without a Trainer): sharded tables are materialized here (``parallel``).
+        configure_parallelism(self, self.transformer, self._trainer.strategy if self._trainer is not None else None)
+
+    def _data_group(self):
+        strategy = self._trainer.strategy if self._trainer is not None else None
+        if isinstance(strategy, ModelParallelStrategy):
+            return strategy.device_mesh["data_parallel"].get_group()
+        return None
 
     def configure_optimizers(self):
         total_steps = self.trainer.max_steps if self.trainer.max_steps > 0 else self.trainer.estimated_stepping_batches

@@ -26,11 +26,13 @@ def _duration(seconds: float) -> str:
 def _last_checkpoint(trainer: pl.Trainer) -> Optional[str]:
     callback = trainer.checkpoint_callback
     path = getattr(callback, "last_model_path", "") or getattr(callback, "best_model_path", "")
-    return path if path and Path(path).is_file() else None
+    return path if path and Path(path).exists() else None  # a sharded checkpoint is a folder
 
 
-def run_summary(trainer: pl.Trainer, seconds: float, config_path: Optional[str] = None) -> str:
-    """The end-of-fit report (several lines, no trailing newline)."""
+def run_summary(trainer: pl.Trainer, seconds: float, config_path: Optional[str] = None,
+                log_dir: Optional[str] = None) -> str:
+    """The end-of-fit report (several lines, no trailing newline). ``log_dir``: ``trainer.log_dir``, which the caller
+    reads on every rank (under DDP it is a broadcast from rank 0, so rank 0 alone cannot ask for it)."""
     module = trainer.lightning_module
     metrics = {name: float(value) for name, value in trainer.callback_metrics.items() if value.numel() == 1}
     tokens = getattr(module, "tokens_seen", 0)
@@ -53,7 +55,6 @@ def run_summary(trainer: pl.Trainer, seconds: float, config_path: Optional[str] 
                       if name != "eval/wall_time_s"]
             lines.append(f"  Evaluation:  {', '.join(scores)} (step {callback.last_step})")
 
-    log_dir = trainer.log_dir
     checkpoint = _last_checkpoint(trainer)
     if trainer.logger is not None and log_dir is not None:
         lines.append(f"  Dashboards:  tensorboard --logdir {Path(log_dir).parent}   (this run: {log_dir})")

@@ -107,7 +107,8 @@ def test_lm_eval_task_files_live_in_the_package():
 
 
 HOOK_NAMES = ("training_metrics", "parameter_metrics", "optimizer_group", "counts_as_embedding",
-              "inactive_parameter_count", "clip_grad_norm_", "clip_grad_value_")
+              "inactive_parameter_count", "clip_grad_norm_", "clip_grad_value_", "init_own_parameters",
+              "global_shape")
 
 
 def test_module_hooks_are_reached_only_through_nn_hooks():

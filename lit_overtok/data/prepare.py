@@ -23,6 +23,7 @@ byte-identical for the same inputs and options whatever the number of processes.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import itertools
 import os
 import shutil
@@ -38,6 +39,7 @@ from tqdm import tqdm
 
 from lit_overtok.data import shards
 from lit_overtok.data.encoding import ordered_map, vocabulary_size
+from lit_overtok.data.job_split import check_job, job_dir, job_inputs
 from lit_overtok.data.shard_writer import (PROGRESS_NAME, PrepareProgress, ShardWriter, SplitProgress,
                                            write_json_atomically)
 from lit_overtok.data.text_inputs import TEXT_UNITS, PrepareError, expand_inputs, input_format, read_documents
@@ -73,6 +75,9 @@ class PrepareConfig:
     resume: bool = False
     """Continue an interrupted run in ``output``: keep its complete shards, write the rest."""
     progress: bool = True
+    job_index: int = 0
+    job_count: int = 1
+    """This run is job ``job_index`` of ``job_count`` over the inputs (``prepare_jobs``); 1: all of them."""
 
     def __post_init__(self) -> None:
         self.output = Path(self.output)
@@ -98,6 +103,7 @@ class PrepareConfig:
             raise PrepareError(f"--tokenizer-train-mb must be positive, got {self.tokenizer_train_mb}")
         if not self.train:
             raise PrepareError("--train needs at least one input file")
+        check_job(self.job_index, self.job_count)
 
 
 def iter_chunks(files: list[Path], config: PrepareConfig, progress, totals: dict,
@@ -203,8 +209,9 @@ def _prepare_output(config: PrepareConfig, options: dict[str, Any]) -> PreparePr
     return PrepareProgress(output, options)
 
 
-def _tokenizer(config: PrepareConfig, inputs: dict[str, list[Path]], progress: PrepareProgress) -> tuple[Tokenizer, str]:
-    """The tokenizer, copied (or trained and saved) into the output; on resume a trained one is read back."""
+def _tokenizer(config: PrepareConfig, train_files: list[Path], progress: PrepareProgress) -> tuple[Tokenizer, str]:
+    """The tokenizer, copied (or trained on ``train_files`` and saved) into the output; on resume a trained one is
+    read back."""
     tokenizer_path = config.output / shards.TOKENIZER_NAME
     if config.tokenizer is not None:
         source = Path(config.tokenizer)
@@ -223,7 +230,7 @@ def _tokenizer(config: PrepareConfig, inputs: dict[str, list[Path]], progress: P
         return Tokenizer.from_file(str(tokenizer_path)), description
     documents = itertools.chain.from_iterable(
         read_documents(p, input_format(p, config.format), config.field, config.text_unit,
-                       encoding_errors=config.encoding_errors) for p in inputs["train"])
+                       encoding_errors=config.encoding_errors) for p in train_files)
     started = time.perf_counter()
     tokenizer = train_bpe(_first_megabytes(documents, config.tokenizer_train_mb), config.vocab_size)
     print(f"trained a {config.vocab_size}-entry byte-level BPE on the first {config.tokenizer_train_mb:g} MB "
@@ -241,8 +248,13 @@ def prepare(config: PrepareConfig) -> dict:
     for files in inputs.values():
         for path in files:
             input_format(path, config.format)  # fail on an unknown extension before any work
+    all_inputs = inputs
+    if config.job_count > 1:  # this job's share, into its own folder (merged by prepare_jobs.merge)
+        inputs = job_inputs(all_inputs, config.job_index, config.job_count)
+        config = dataclasses.replace(config, output=job_dir(config.output, config.job_index, config.job_count))
     progress = _prepare_output(config, _options(config, inputs))
-    tokenizer, tokenizer_source = _tokenizer(config, inputs, progress)
+    # Every job trains the same BPE as a single job would: on the first megabytes of all the training inputs.
+    tokenizer, tokenizer_source = _tokenizer(config, all_inputs["train"], progress)
     vocab_size = vocabulary_size(tokenizer)
     eos_id = resolve_eos(tokenizer, tokenizer_source, config.eos_token, config.eos_id)
     dtype = shards.token_dtype(vocab_size)
@@ -269,6 +281,9 @@ def prepare(config: PrepareConfig) -> dict:
         "field": config.field, "text_unit": config.text_unit, "tokenizer_source": tokenizer_source,
         "shard_tokens": config.shard_tokens,
     }
+    if config.job_count > 1:
+        provenance["job"] = {"index": config.job_index, "count": config.job_count, "all_inputs": {
+            split: [str(p) for p in files] for split, files in all_inputs.items() if files}}
     written = {split: state.shards for split, state in progress.splits.items() if inputs[split]}
     manifest = shards.manifest_dict(shards.file_sha256(config.output / shards.TOKENIZER_NAME), vocab_size, eos_id,
                                     written, provenance)
@@ -276,7 +291,7 @@ def prepare(config: PrepareConfig) -> dict:
     (config.output / PROGRESS_NAME).unlink()
     text_mb = totals["chars"] / 1e6
     stats = {"seconds": seconds, "text_mb": text_mb, "mb_per_s": text_mb / max(seconds, 1e-9)}
-    return {"manifest": manifest, "stats": stats}
+    return {"manifest": manifest, "stats": stats, "output": config.output}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -304,6 +319,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--workers", type=int, default=max(1, os.cpu_count() or 1), help="tokenizer processes")
     parser.add_argument("--encoding-errors", choices=("strict", "replace"), default="strict",
                         help="bytes that are not UTF-8: an error naming the file (strict) or U+FFFD (replace)")
+    parser.add_argument("--job-index", type=int, default=0,
+                        help="run as job INDEX of --job-count over the inputs (e.g. $SLURM_ARRAY_TASK_ID); then "
+                             "python -m lit_overtok.data.prepare_jobs merge --output OUTPUT")
+    parser.add_argument("--job-count", type=int, default=1, help="number of jobs the inputs are split over")
     parser.add_argument("--overwrite", action="store_true", help="replace prepared data already in --output")
     parser.add_argument("--resume", action="store_true",
                         help="continue an interrupted run in --output (the same command): keep its complete shards")
@@ -326,7 +345,7 @@ def main(argv: Optional[list[str]] = None) -> None:
         print(f"{split}: {entry['documents']} documents, {entry['tokens']} tokens in {len(entry['shards'])} shards")
     print(f"vocab_size {manifest['vocab_size']}, eos_id {manifest['eos_id']}, dtype {manifest['dtype']}; "
           f"{stats['text_mb']:.1f} MB of text in {stats['seconds']:.1f} s = {stats['mb_per_s']:.2f} MB/s "
-          f"-> {args.output}/{shards.MANIFEST_NAME}")
+          f"-> {result['output']}/{shards.MANIFEST_NAME}")
 
 
 if __name__ == "__main__":

@@ -30,6 +30,7 @@ from lit_overtok.evaluation.adapter import OverTokEvalLM
 from lit_overtok.evaluation.grammar_tasks import cached_grammar, DEFAULT_GRAMMAR
 from lit_overtok.evaluation.runner import downstream_score, expand_task_names, task_scores, TaskSuite
 from lit_overtok.evaluation.tokenizers import EvalTokenizer, GrammarTokenizer, load_tokenizer
+from lit_overtok.nn.collectives import is_split_over_ranks
 
 
 def log_by_tokens(trainer: pl.Trainer, metrics: dict[str, float], tokens: int) -> None:
@@ -158,6 +159,12 @@ class LMEvalCallback(Callback):
         self._last_step = trainer.global_step
         suites = [suite for suite in (self.suite, self.final_suite if final else None) if suite is not None]
         if not suites:
+            return None
+        if is_split_over_ranks(pl_module):
+            # Every forward is then a collective, and lm-eval gives each rank its own number of requests: skip.
+            rank_zero_warn("LMEvalCallback: the model is split over ranks (row-sharded Over-Encoding tables or "
+                           "FSDP2), so in-training evaluation is skipped; score checkpoints with evaluation/evaluate.py",
+                           category=UserWarning)
             return None
         start = time.perf_counter()
         lm = OverTokEvalLM(pl_module, self.tokenizer, batch_size=self.batch_size,

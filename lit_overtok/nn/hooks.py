@@ -15,11 +15,18 @@ hook reaches it only through the functions here, so this file lists every extens
 - ``optimizer_group = "<name>"``: the module's parameters form the named optimizer group, whose settings come from
   ``OptimizerConfig.groups`` (Over-Encoding's tables);
 - an optimizer's ``clip_grad_norm_(max_norm)`` / ``clip_grad_value_(value)``: it clips its own gradients (sparse
-  row gradients, which torch's clipping cannot take), and the Trainer's ``gradient_clip_val`` is routed to it.
+  row gradients, which torch's clipping cannot take), and the Trainer's ``gradient_clip_val`` is routed to it;
+- ``init_own_parameters(std, seed) -> [parameters]``: the module initialises these parameters itself (Over-Encoding's
+  row-sharded tables, drawn chunk by chunk of rows so that a block gets the rows of the whole table), from a seed the
+  model derives from its global seed and the module's name;
+- a parameter's ``global_shape`` (a row-sharded table's block, ``nn.sharded_table``): it holds only some rows of a
+  table of that shape on this rank; counts use the whole table, and data parallelism must leave it alone (its
+  gradient is already reduced by the table's own collectives).
 """
 
 from __future__ import annotations
 
+import math
 from typing import Optional, Protocol, runtime_checkable
 
 import torch
@@ -66,6 +73,21 @@ def parameter_metrics(root: nn.Module) -> dict[str, int]:
 
 def inactive_parameter_count(root: nn.Module) -> int:
     return sum(module.inactive_parameter_count() for module in root.modules() if isinstance(module, HasInactiveParameters))
+
+
+@runtime_checkable
+class InitialisesOwnParameters(Protocol):
+    def init_own_parameters(self, std: float, seed: int) -> list[nn.Parameter]: ...
+
+
+def global_shape(param: torch.Tensor) -> Optional[tuple[int, ...]]:
+    """The whole table's shape for a row-sharded block, None for any other parameter."""
+    return getattr(param, "global_shape", None)
+
+
+def global_numel(param: torch.Tensor) -> int:
+    shape = global_shape(param)
+    return param.numel() if shape is None else math.prod(shape)
 
 
 def is_vocabulary_sized(module: nn.Module) -> bool:

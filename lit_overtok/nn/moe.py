@@ -13,7 +13,7 @@ Features:
   ``Transformer.loss`` collects them with ``pop_auxiliary_losses``: averaged over MoE layers, as megablocks (which
   trained OLMoE) and OLMo-core do, weighted, and added to the objective, so Lightning's loss scaling (gradient
   accumulation, fp16 GradScaler) applies to them like any loss term;
-- expert load for TensorBoard through ``training_metrics()`` (a ``nn.hooks`` hook).
+- expert load for TensorBoard through ``training_metrics()`` (a ``nn.hooks`` hook), counted over all ranks.
 
 Shapes follow the package legend (``lit_overtok/__init__.py``): N tokens (batch x time, flattened), K experts per
 token, A = N·K token-expert assignments, E experts, D model width, F expert hidden width.
@@ -33,6 +33,7 @@ from torch import nn
 
 from lit_overtok.configuration import config_from
 from lit_overtok.nn.recompute import is_recomputing
+from lit_overtok.nn.collectives import all_reduce_
 
 Backend = Literal["auto", "grouped_mm", "loop"]
 _BACKENDS = ("auto", "grouped_mm", "loop")
@@ -239,12 +240,15 @@ class MoEFeedForward(nn.Module):
         return (self.num_experts - self.top_k) * per_expert
 
     def training_metrics(self) -> dict[str, torch.Tensor]:
-        """Expert load since the last call: f_e, the fraction of tokens routed to expert e (balanced: K/E).
+        """Expert load since the last call, over all ranks: f_e, the fraction of tokens routed to expert e
+        (balanced: K/E), from the per-expert assignment counts all-reduced with SUM (exact global load; averaging
+        per-rank fractions would weigh ranks, not tokens). A collective: every rank calls it at the same steps.
 
         ``load_max`` / ``load_min`` are the extremes over experts and ``load_max_over_min`` their ratio (an expert
         that received nothing counts as one assignment, so the ratio stays finite and still flags it).
         """
-        counts_E = self.load_counts_E
+        counts_E = all_reduce_(self.load_counts_E.clone(), "sum")
+        self.load_counts_E.zero_()
         routed = counts_E.sum()
         if routed == 0:
             return {}
@@ -257,7 +261,6 @@ class MoEFeedForward(nn.Module):
         }
         if self.num_experts <= _MAX_EXPERTS_LOGGED_ONE_BY_ONE:
             metrics.update({prefix + f"load_expert{e}": load_E[e] for e in range(self.num_experts)})
-        counts_E.zero_()
         return metrics
 
 

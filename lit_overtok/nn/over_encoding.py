@@ -32,7 +32,15 @@ Two input forms (``form``), the two of the paper's synthetic-grammar study (§3.
 Options beyond the paper: ``reset_at_eos`` (the paper is silent on packed documents, so off by default) zeroes the
 n-gram history that reaches back across an EOS, as at a sequence start; ``sparse`` produces sparse row gradients
 for the tables, which ``lit_overtok.optim.sparse_adamw.RowSparseAdamW`` updates at the touched rows only, catching a
-row up on the steps it missed when it is next read (AdamW's semantics; see there).
+row up on the steps it missed when it is next read (AdamW's semantics; see there); ``sharded`` splits the tables'
+rows over the data-parallel ranks with all-to-all lookups (the paper's "tensor parallelism for the OE layer",
+PAPER.md §6; ``nn.sharded_table``).
+
+Initialisation differs by mode. Replicated tables (the default) are drawn as every other parameter is
+(``Transformer.init_weights``: one generator seeded by the parameter's name), the historical draw, so runs published
+with earlier code reproduce bit for bit. Sharded tables are drawn chunk by chunk of rows
+(``sharded_table.trunc_normal_rows_``), so every world size, 1 included, starts from the same global table; a
+replicated and a sharded run of one seed therefore start from different tables (equal in distribution).
 """
 
 from __future__ import annotations
@@ -43,8 +51,12 @@ from dataclasses import dataclass
 from typing import Literal, Optional
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
+
+from lit_overtok.nn.collectives import all_reduce_, group_rank_and_size
+from lit_overtok.nn.sharded_table import RowShardedEmbedding, trunc_normal_rows_
 
 _INDEX_BOUND = 2**62  # keeps x·(V^r mod M) + a < 2^63 with room to spare
 INPUT_FORMS = ("hierarchical", "single")
@@ -75,6 +87,12 @@ class OverEncodingConfig:
     """Sparse row gradients for the tables and a touched-rows-only AdamW for them, so per-step cost does not grow
     with m; it trains like dense AdamW (``optimizer.sparse_row_semantics``). Dense gradients and plain AdamW (the
     paper's presumed setup) when False."""
+    sharded: bool = False
+    """Split the tables' rows over the data-parallel ranks (each rank holds 1/world of every table and of its
+    optimizer state; lookups move by all-to-all), for tables too large for one device (OE-12.8M). Needs the
+    ShardedDDPStrategy or FSDP2Strategy of ``lit_overtok.strategies`` at world size > 1 (sharded checkpoints).
+    Off: every rank holds the whole tables. From the same initial table the two train alike to float rounding,
+    but each mode draws that table its own way (see the module docstring)."""
 
     @property
     def n_tables(self) -> int:
@@ -199,15 +217,24 @@ class OverEncoding(nn.Module):
         self.wte = nn.Embedding(padded_vocab_size, d_model) if hierarchical else None
         # All hashed tables in one weight (one gather); table i starts at row offsets[i].
         self.offsets = [sum(self.moduli[:i]) for i in range(len(self.moduli))]
-        self.tables = nn.Embedding(sum(self.moduli), oe.slice_width(d_model), sparse=oe.sparse)
-        # Tables get their own optimizer group (``hooks.optimizer_group``); as an nn.Embedding they also count as
-        # embedding parameters.
+        self.sparse, self.sharded = oe.sparse, oe.sharded
+        self.width = oe.slice_width(d_model)
+        if oe.sharded:
+            # A placeholder without memory: the real blocks need the process group (``place_tables``), and the
+            # whole table of a paper-scale run would not fit in one process anyway.
+            self.tables = RowShardedEmbedding(sum(self.moduli), self.width, sparse=oe.sparse, device="meta")
+        else:
+            self.tables = nn.Embedding(sum(self.moduli), self.width, sparse=oe.sparse)
+            # Rows looked up in training so far (persistent, so a resumed run keeps counting). One byte per row is
+            # under 1% of a row's weight and Adam state even at slice width 32. (A sharded table keeps its own.)
+            self.register_buffer("rows_touched", torch.zeros(sum(self.moduli), dtype=torch.bool))
+        # Tables get their own optimizer group (``hooks.optimizer_group``) and count as embedding parameters.
         self.tables.optimizer_group = "over_encoding"
         # The k(n-1) slice projections of Algorithm 1 as one matmul: (D, D) weight, bias = sum of their biases.
-        self.proj = nn.Linear(oe.n_tables * oe.slice_width(d_model), d_model, bias=True) if hierarchical else None
-        # Rows looked up in training so far (persistent, so a resumed run keeps counting). One byte per row is
-        # under 1% of a row's weight and Adam state even at slice width 32.
-        self.register_buffer("rows_touched", torch.zeros(sum(self.moduli), dtype=torch.bool))
+        self.proj = nn.Linear(oe.n_tables * self.width, d_model, bias=True) if hierarchical else None
+        self._table_init = (0.02, 0)  # (std, seed) given by init_own_parameters, reused when the tables are placed
+        # A checkpoint of the other mode names the coverage buffer differently: take either.
+        self.register_load_state_dict_pre_hook(_coverage_key_of_this_mode)
         # Small index constants, built once per device (not buffers: a meta-device build must not lose them).
         self._constants: dict[torch.device, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
 
@@ -222,7 +249,7 @@ class OverEncoding(nn.Module):
 
     def forward(self, input_ids_BT: torch.Tensor) -> torch.Tensor:
         rows_BTI = self.lookup_rows(input_ids_BT)
-        if self.training:
+        if self.training and not self.sharded:
             with torch.no_grad():
                 self.rows_touched[rows_BTI.flatten()] = True
         # A module call, not F.embedding: the sparse optimizer's forward pre-hook catches up exactly these rows.
@@ -233,15 +260,61 @@ class OverEncoding(nn.Module):
         # Algorithm 1 averages the 1 + k(n-1) contributions.
         return (self.wte(input_ids_BT) + oe_BTD) / (1 + len(self.moduli))
 
+    def init_own_parameters(self, std: float, seed: int) -> list[nn.Parameter]:
+        """Sharded: this rank's rows of the tables, drawn chunk by chunk of rows (the same global table at any world
+        size). Replicated: none, the model draws the tables as any other parameter (the historical values)."""
+        if not self.sharded:
+            return []
+        self._table_init = (std, seed)
+        if not self.tables.weight.is_meta:
+            trunc_normal_rows_(self.tables.weight.data, self.tables.row_start, sum(self.moduli), std, seed)
+        return [self.tables.weight]
+
+    def place_tables(self, group: Optional[dist.ProcessGroup]) -> None:
+        """Sharded mode: replace the tables by this rank's block over ``group`` (None: the default group, or the
+        whole table without a process group), initialised as ``init_own_parameters`` would; a no-op when they
+        are already placed there. Every rank of the group must call it."""
+        if not self.sharded:
+            return
+        rank, world = group_rank_and_size(group)
+        table = self.tables
+        if not table.weight.is_meta and (table.group, table.rank, table.world) == (group, rank, world):
+            return
+        # On the current default device: Lightning's configure_model runs under the root device.
+        placed = RowShardedEmbedding(table.num_rows, table.width, group=group, sparse=table.sparse,
+                                     dtype=table.weight.dtype)
+        placed.optimizer_group = table.optimizer_group
+        placed.reset_parameters(*self._table_init)
+        self.tables = placed
+
     def training_metrics(self) -> dict[str, torch.Tensor]:
-        """Fraction of each table's rows looked up in training so far (rank-local under data parallelism)."""
-        metrics = {}
-        for i, (offset, rows) in enumerate(zip(self.offsets, self.moduli)):
-            touched = self.rows_touched[offset: offset + rows].count_nonzero()
-            metrics[f"oe/coverage_{self.orders[i]}gram_{i % self.k}"] = touched.float() / rows
-        return metrics
+        """Fraction of each table's rows looked up in training so far, over all ranks: sharded, the all-reduce SUM
+        of the owners' disjoint counts; replicated, the all-reduce MAX (a logical OR) of every rank's flags. Both
+        are exact, and both are collectives: every rank calls this at the same steps."""
+        if self.sharded:
+            counts_I = self.tables.touched_counts(self.offsets, self.moduli)
+        else:
+            touched = all_reduce_(self.rows_touched.to(torch.uint8), "max")
+            counts_I = torch.stack([touched[offset: offset + rows].count_nonzero()
+                                    for offset, rows in zip(self.offsets, self.moduli)])
+        return {f"oe/coverage_{self.orders[i]}gram_{i % self.k}": counts_I[i].float() / rows
+                for i, rows in enumerate(self.moduli)}
 
     def parameter_metrics(self) -> dict[str, int]:
-        """OE's own parameter counts, logged once beside the backbone's (``params/*``)."""
-        return {"over_encoding_tables": self.tables.weight.numel(),
+        """OE's own parameter counts (whole tables, also when sharded), logged once beside the backbone's."""
+        return {"over_encoding_tables": sum(self.moduli) * self.width,
                 "over_encoding_projection": 0 if self.proj is None else sum(p.numel() for p in self.proj.parameters())}
+
+
+def _coverage_key_of_this_mode(module: OverEncoding, state_dict: dict, prefix: str, *args) -> None:
+    ours, other = ("tables.rows_touched", "rows_touched") if module.sharded else ("rows_touched", "tables.rows_touched")
+    if prefix + other in state_dict and prefix + ours not in state_dict:
+        state_dict[prefix + ours] = state_dict.pop(prefix + other)
+
+
+def place_sharded_tables(model: nn.Module, group: Optional[dist.ProcessGroup] = None) -> None:
+    """Materialize every sharded Over-Encoding table of ``model`` over ``group`` (see ``OverEncoding.place_tables``).
+    Without Lightning (which does it in ``OverTokLM.configure_model``), call this once the process group exists."""
+    for module in model.modules():
+        if isinstance(module, OverEncoding):
+            module.place_tables(group)

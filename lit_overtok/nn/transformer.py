@@ -3,7 +3,8 @@
 
 - blocks: ``block`` (reordered norm), ``attention`` (QK-norm, RoPE, KV cache), ``feed_forward`` (SwiGLU or MoE);
 - init: truncated normal, std 0.02 (cut at 3 std), every parameter from its own generator seeded by its name,
-  so adding a module (an Over-Encoding table, an extra head) never changes the initial values of the others.
+  so adding a module (an Over-Encoding table, an extra head) never changes the initial values of the others;
+  a module may draw its own parameters from a seed derived the same way (``hooks.InitialisesOwnParameters``).
 
 Three seams are chosen by config: the input embedding (``embedding``: plain or Over-Encoding), the feed-forward of
 each block (``feed_forward``: dense or MoE) and the output heads (``heads``, ``over_decoding``, ``mtp``).
@@ -125,8 +126,11 @@ class Transformer(nn.Module):
         """
         base_seed = torch.initial_seed() % (2**31)
         norm_weights = {id(m.weight) for m in self.modules() if isinstance(m, RMSNorm)}
+        # Modules that draw some of their parameters themselves (Over-Encoding's tables, row chunk by row chunk).
+        own = {id(p) for name, m in self.named_modules() if isinstance(m, hooks.InitialisesOwnParameters)
+               for p in m.init_own_parameters(self.cfg.init_std, base_seed + zlib.crc32(name.encode()))}
         for name, param in self.named_parameters():
-            if param.is_meta:
+            if param.is_meta or id(param) in own:
                 continue
             if id(param) in norm_weights:
                 param.fill_(1.0)
@@ -145,8 +149,8 @@ class Transformer(nn.Module):
         """
         vocab_sized = {id(p) for m in self.modules() if hooks.is_vocabulary_sized(m) for p in m.parameters()}
         unique = {id(p): p for p in self.parameters()}
-        total = sum(p.numel() for p in unique.values())
-        embedding = sum(p.numel() for i, p in unique.items() if i in vocab_sized)
+        total = sum(hooks.global_numel(p) for p in unique.values())
+        embedding = sum(hooks.global_numel(p) for i, p in unique.items() if i in vocab_sized)
         inactive = hooks.inactive_parameter_count(self)
         return ParameterCounts(
             total=total, embedding=embedding, non_embedding=total - embedding,

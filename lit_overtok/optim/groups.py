@@ -1,9 +1,9 @@
 """AdamW parameter groups: which parameters weight decay reaches, and named groups with their own settings.
 
-Matrices (linear layers, experts, output tables) always decay. Input lookup tables (``nn.Embedding``) decay when
-``OptimizerConfig.decay_embeddings`` is set, norm weights and biases when ``decay_norms_and_biases`` is: OLMo's
-trainer has the same two switches (``decay_embeddings``, ``decay_norm_and_bias``; OLMo2 sets false / true, OLMoE
-true / true). A module can claim its parameters for a named group (``nn.hooks.optimizer_group``; Over-Encoding's
+Matrices (linear layers, experts, output tables) always decay. Input lookup tables (``nn.Embedding``, and
+Over-Encoding's row-sharded ``RowShardedEmbedding``, so sharding the tables does not change their decay) decay when
+``OptimizerConfig.decay_embeddings`` is set, norm weights and biases when ``decay_norms_and_biases`` is: OLMo's trainer
+has the same two switches (``decay_embeddings``, ``decay_norm_and_bias``; OLMo2 sets false / true, OLMoE true / true). A module can claim its parameters for a named group (``nn.hooks.optimizer_group``; Over-Encoding's
 tables do), whose ``lr_multiplier`` and ``weight_decay`` come from ``OptimizerConfig.groups``; a group without its own
 ``weight_decay`` decays as its parameters would outside it. Every trainable parameter lands in exactly one group,
 which is asserted, so none silently goes untrained.
@@ -14,12 +14,13 @@ from __future__ import annotations
 from torch import nn
 
 from lit_overtok.nn import hooks
+from lit_overtok.nn.sharded_table import RowShardedEmbedding
 from lit_overtok.optim.config import GroupSettings, OptimizerConfig
 
 
 def _decays(module: nn.Module, name: str, param: nn.Parameter, cfg: OptimizerConfig) -> bool:
     """Whether weight decay reaches ``param`` by the general rules (a named group may say otherwise)."""
-    if isinstance(module, nn.Embedding):
+    if isinstance(module, (nn.Embedding, RowShardedEmbedding)):  # input lookup tables, whole or row-sharded
         return cfg.decay_embeddings
     if param.ndim < 2 or name.endswith("bias"):
         return cfg.decay_norms_and_biases

@@ -158,22 +158,32 @@ class RowSparseAdamW(torch.optim.AdamW):
 
     def load_state_dict(self, state_dict) -> None:
         # torch casts every floating-parameter state tensor to the parameter's dtype and device; the per-row steps
-        # (int32) and the scalar history (float64, on the CPU) must keep theirs.
-        saved = {pid: {k: s[k] for k in _ROW_KEYS if k in s} for pid, s in state_dict["state"].items()}
-        super().load_state_dict(state_dict)
-        saved_ids = chain.from_iterable(g["params"] for g in state_dict["param_groups"])
+        # (int32) and the scalar history (float64, on the CPU) must keep theirs. They are kept as the other load
+        # pre-hooks leave them (a row-sharded table's turns the whole table's row steps into this rank's block),
+        # by a pre-hook appended after those, in parameter order.
+        saved: list[dict] = []
+
+        def keep_row_state(optimizer, loaded: dict) -> None:
+            states = (loaded["state"].get(pid, {}) for g in loaded["param_groups"] for pid in g["params"])
+            saved.extend({k: s[k] for k in _ROW_KEYS if k in s} for s in states)
+
+        handle = self.register_load_state_dict_pre_hook(keep_row_state)
+        try:
+            super().load_state_dict(state_dict)
+        finally:
+            handle.remove()
         params = chain.from_iterable(g["params"] for g in self.param_groups)
-        for pid, p in zip(saved_ids, params):
-            if not saved.get(pid):
+        for kept, p in zip(saved, params):
+            if not kept:
                 continue
             state = self.state[p]
             if self.row_semantics == "lazy":  # lazy semantics keep no row state (weights were saved flushed)
                 for key in _ROW_KEYS:
                     state.pop(key, None)
                 continue
-            state["row_step"] = saved[pid]["row_step"].to(device=p.device, dtype=torch.int32, copy=True)
+            state["row_step"] = kept["row_step"].to(device=p.device, dtype=torch.int32, copy=True)
             for key in ("row_history", "row_blocks", "row_meta"):
-                state[key] = saved[pid][key].to(device="cpu", dtype=torch.float64, copy=True)
+                state[key] = kept[key].to(device="cpu", dtype=torch.float64, copy=True)
 
     # ------------------------------------------------------------------------------------------------------- step
     def _sparse_parameters(self) -> list[tuple[dict, torch.Tensor]]:

@@ -1,5 +1,6 @@
 """Which parameters weight decay reaches: the default exemptions, OLMo2's rules (norms decay, the embedding does not),
-OLMoE's (everything decays), Over-Encoding's group following the embedding rule, and the warmup's starting point."""
+OLMoE's (everything decays), Over-Encoding's group following the embedding rule (row-sharded tables too), and the
+warmup's starting point."""
 
 import pytest
 import torch
@@ -45,8 +46,9 @@ def test_default_rules_exempt_tables_norms_and_biases():
     assert "embed.proj.bias" in tables_norms_biases and exempt == tables_norms_biases
 
 
-def test_over_encoding_group_follows_the_embedding_rule_unless_it_says_otherwise():
-    model = Transformer(ModelConfig(preset="tiny", vocab_size=13, over_encoding=OE))
+@pytest.mark.parametrize("sharded", [False, True])  # whole nn.Embedding tables, or row-sharded ones (same rule)
+def test_over_encoding_group_follows_the_embedding_rule_unless_it_says_otherwise(sharded):
+    model = Transformer(ModelConfig(preset="tiny", vocab_size=13, over_encoding={**OE, "sharded": sharded}))
     tables = "embed.tables.weight"
     assert decay_of(model, OptimizerConfig(**OLMOE_RULES))[tables] == 0.1
     assert decay_of(model, OptimizerConfig(**OLMO2_RULES))[tables] == 0.0

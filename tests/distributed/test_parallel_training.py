@@ -1,0 +1,180 @@
+"""Data-parallel training through the real Lightning Trainer on gloo (CPU) equals one process on the same global
+batch: losses, every gradient, every parameter after 4 AdamW steps (with global-norm clipping), OE coverage and MoE
+expert load, and outputs. Row-sharded Over-Encoding tables at 2 and 3 ranks (uneven row blocks at 3), under
+``ShardedDDPStrategy`` and ``FSDP2Strategy``, on an OT model (OE + MTP-DS, sparse tables) and an MoE model (OE with
+dense table gradients). Sharded checkpoints saved at 2 ranks resume at 2 and 3 and load at 1.
+
+Runs, kept few because each costs seconds (forked ranks share the test process's imports):
+- two torchrun launches with node ranks 0 and 1, one process each, of ``train.py fit`` (DDP, OT model), saving
+  sharded checkpoints at steps 2 and 4;
+- 2 forked ranks: resume that run from step 2 (DDP), the MoE model under FSDP2 (with a checkpoint at step 4), and
+  the OT model with replicated tables under Lightning's plain DDPStrategy;
+- 3 forked ranks: the MoE model under DDP, the OT model under FSDP2, and the step-2 checkpoint resumed at 3.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from torch.testing import assert_close
+
+from tests.distributed.harness import free_port, run_ranks
+from tests.distributed.lightning_cases import CLIP, fit, fit_on_rank, MODELS, OPTIMIZER, probe_ids, SEED
+
+REPO = Path(__file__).resolve().parents[2]
+STEPS = 4
+
+
+def _record(directory: Path) -> dict:
+    return torch.load(directory / "record.pt", weights_only=False)
+
+
+def assert_matches_one_process(record: dict, reference: dict, steps: range = range(STEPS)) -> None:
+    assert record["losses"] == pytest.approx(reference["losses"][steps.start:], rel=1e-5)
+    for step, grads in zip(steps, record["grads"]):
+        assert grads.keys() == reference["grads"][step].keys()
+        for name, grad in grads.items():
+            assert_close(grad, reference["grads"][step][name], rtol=1e-4, atol=1e-5, msg=f"step {step} {name}")
+    assert record["params"].keys() == reference["params"].keys()
+    for name, value in record["params"].items():
+        # Adam divides by sqrt(v) + eps: where a gradient is ~0, its float rounding still moves a weight a little
+        # (eps is raised for this, ``lightning_cases.OPTIMIZER``), of the 4e-2 that four steps of lr 1e-2 can move it.
+        assert_close(value, reference["params"][name], rtol=1e-4, atol=5e-5, msg=name)
+    assert record["metrics"] == pytest.approx(reference["metrics"], rel=1e-6)
+    assert_close(record["logits"], reference["logits"], rtol=1e-4, atol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("parallel")
+
+
+@pytest.fixture(scope="module")
+def reference(runs):
+    """One process, the whole global batch, 4 steps, for each model (computed once, on first use)."""
+    cache = {}
+
+    def get(model: str) -> dict:
+        if model not in cache:
+            fit(model, "auto", str(runs / f"reference_{model}"), steps=STEPS)
+            cache[model] = _record(runs / f"reference_{model}")
+        return cache[model]
+    return get
+
+
+@pytest.fixture(scope="module")
+def two_nodes(runs) -> Path:
+    """``train.py fit`` launched twice by torchrun, as on two machines (node ranks 0 and 1, one process each)."""
+    config = {
+        "seed_everything": SEED,
+        "trainer": {
+            "accelerator": "cpu", "devices": 1, "num_nodes": 2, "max_steps": STEPS, "logger": False,
+            "strategy": {"class_path": "lit_overtok.strategies.ShardedDDPStrategy"},
+            "enable_progress_bar": False, "enable_model_summary": False, "limit_val_batches": 0,
+            "num_sanity_val_steps": 0, "log_every_n_steps": 1, "gradient_clip_val": CLIP,
+            "use_distributed_sampler": False, "default_root_dir": str(runs / "two_nodes"),
+            "callbacks": [
+                {"class_path": "tests.distributed.lightning_cases.Recorder",
+                 "init_args": {"out": str(runs / "two_nodes")}},
+                {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+                 "init_args": {"dirpath": str(runs / "checkpoints"), "filename": "{step}", "every_n_train_steps": 2,
+                               "save_top_k": -1}},
+            ],
+        },
+        "model": {"init_args": {"model_config": MODELS["dense_ot"], "optimizer": OPTIMIZER}},
+        "data": {"class_path": "tests.distributed.lightning_cases.FixedGlobalBatches", "init_args": {"steps": STEPS}},
+    }
+    (runs / "two_nodes.yaml").write_text(yaml.safe_dump(config))
+    port = free_port()
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    launches = [subprocess.Popen(
+        [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node-rank", str(node),
+         "--nproc-per-node", "1", "--master-addr", "127.0.0.1", "--master-port", str(port),
+         "train.py", "fit", "--config", str(runs / "two_nodes.yaml")],
+        cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for node in (0, 1)]
+    outputs = [launch.communicate(timeout=300)[0] for launch in launches]
+    for launch, output in zip(launches, outputs):
+        assert launch.returncode == 0, output[-5000:]
+    assert "memory per rank" in outputs[0]  # the estimate, printed at the start
+    assert "Training finished: 4 optimizer steps" in outputs[0]  # and the summary at the end (rank 0 only)
+    return runs
+
+
+@pytest.fixture(scope="module")
+def two_ranks(two_nodes) -> Path:
+    runs = two_nodes
+    run_ranks(2, fit_on_rank, [
+        dict(model="dense_ot", strategy="ddp", out=str(runs / "resume_at_2"), steps=STEPS,
+             ckpt_path=str(runs / "checkpoints" / "step=2.ckpt")),
+        dict(model="moe_oe", strategy="fsdp2", out=str(runs / "fsdp2_moe_at_2"), steps=STEPS,
+             checkpoint_dir=str(runs / "fsdp2_checkpoints")),
+        dict(model="dense_ot_replicated", strategy="plain_ddp", out=str(runs / "replicated_at_2"), steps=STEPS),
+    ], init_process_group=False)
+    return runs
+
+
+@pytest.fixture(scope="module")
+def three_ranks(two_nodes) -> Path:
+    runs = two_nodes
+    run_ranks(3, fit_on_rank, [
+        dict(model="moe_oe", strategy="ddp", out=str(runs / "ddp_moe_at_3"), steps=STEPS),
+        dict(model="dense_ot", strategy="fsdp2", out=str(runs / "fsdp2_ot_at_3"), steps=STEPS),
+        dict(model="dense_ot", strategy="ddp", out=str(runs / "resume_at_3"), steps=STEPS,
+             ckpt_path=str(runs / "checkpoints" / "step=2.ckpt")),
+    ], init_process_group=False)
+    return runs
+
+
+def test_two_nodes_under_ddp_train_the_ot_model_as_one_process(two_nodes, reference):
+    record = _record(two_nodes / "two_nodes")
+    assert record["world"] == 2
+    assert_matches_one_process(record, reference("dense_ot"))
+    # The checkpoints are folders of per-rank shards: no rank wrote the whole table.
+    assert sorted(p.name for p in (two_nodes / "checkpoints").iterdir()) == ["step=2.ckpt", "step=4.ckpt"]
+    assert len(list((two_nodes / "checkpoints" / "step=4.ckpt").glob("*.distcp"))) == 2
+
+
+def test_fsdp2_at_two_ranks_trains_the_moe_model_as_one_process(two_ranks, reference):
+    assert_matches_one_process(_record(two_ranks / "fsdp2_moe_at_2"), reference("moe_oe"))
+
+
+def test_replicated_tables_under_plain_ddp_train_as_the_sharded_ones(two_ranks, reference):
+    # Same initial table either way, sparse gradients all-reduced by DDP, coverage the OR (MAX) over ranks.
+    assert_matches_one_process(_record(two_ranks / "replicated_at_2"), reference("dense_ot"))
+
+
+def test_ddp_at_three_ranks_trains_the_moe_model_as_one_process(three_ranks, reference):
+    assert_matches_one_process(_record(three_ranks / "ddp_moe_at_3"), reference("moe_oe"))
+
+
+def test_fsdp2_at_three_ranks_trains_the_ot_model_as_one_process(three_ranks, reference):
+    assert_matches_one_process(_record(three_ranks / "fsdp2_ot_at_3"), reference("dense_ot"))
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_a_checkpoint_saved_at_two_ranks_resumes_at_two_and_three(two_ranks, three_ranks, reference, world):
+    record = _record(two_ranks / f"resume_at_{world}")
+    assert record["world"] == world
+    # Steps 3 and 4 after the resume equal the uninterrupted run's: weights, moments and schedule all came back.
+    assert_matches_one_process(record, reference("dense_ot"), steps=range(2, STEPS))
+
+
+@pytest.mark.parametrize("folder", ["checkpoints", "fsdp2_checkpoints"])
+def test_a_sharded_checkpoint_loads_in_one_process_for_evaluation(two_ranks, reference, folder):
+    sys.path.insert(0, str(REPO / "evaluation"))
+    from evaluate import load_checkpoint
+
+    model = "dense_ot" if folder == "checkpoints" else "moe_oe"
+    module, meta = load_checkpoint(two_ranks / folder / "step=4.ckpt", "cpu")
+    assert meta["global_step"] == STEPS
+    expected = reference(model)
+    for name, value in module.transformer.named_parameters():
+        assert_close(value.detach(), expected["params"][name], rtol=1e-4, atol=5e-5, msg=name)
+    with torch.no_grad():
+        assert_close(module.transformer(probe_ids()), expected["logits"], rtol=1e-4, atol=1e-5)
