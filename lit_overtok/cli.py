@@ -73,12 +73,6 @@ class OverTokCLI(LightningCLI):
         # predict has no prompts to read from a data module; `train.py generate` samples from a checkpoint.
         return {name: skip for name, skip in LightningCLI.subcommands().items() if name != "predict"}
 
-    def before_instantiate_classes(self) -> None:
-        config = self.config[self.subcommand] if self.subcommand else self.config
-        for key in REFUSED_ROOTS:
-            if config.get(key) is not None:
-                raise ValueError(f"{key}: {OPTIMIZER_MESSAGE}")
-
     def add_arguments_to_parser(self, parser) -> None:
         parser.set_defaults({
             "model": {"class_path": f"{OverTokLM.__module__}.{OverTokLM.__qualname__}"},
@@ -90,11 +84,14 @@ class OverTokCLI(LightningCLI):
                                  "is derived from it at start (lit_overtok/global_batch.py)")
 
     def before_instantiate_classes(self) -> None:
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        for key in REFUSED_ROOTS:
+            if config.get(key) is not None:
+                raise ValueError(f"{key}: {OPTIMIZER_MESSAGE}")
         # --ckpt_path auto (or a run folder): the newest sound checkpoint of the latest run, or a fresh run if none.
         # Only subcommands take a ckpt_path (run=False has neither the option nor a run to resume).
         if self.subcommand is None:
             return
-        config = self.config[self.subcommand]
         root = config["trainer"].get("default_root_dir") or "runs"
         config["ckpt_path"] = resolve_ckpt_path(config.get("ckpt_path"), root)
 

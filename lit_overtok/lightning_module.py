@@ -143,13 +143,6 @@ class OverTokLM(pl.LightningModule):
             self._flops_per_token[T] = flops_per_token(self.model_config, T)
         self.flops_per_batch = int(self._flops_per_token[T] * B * T)
 
-    def setup(self, stage: str) -> None:
-        # Checked before any step, so a mismatch is one line rather than a traceback from inside the model.
-        seq_len = (getattr(self.trainer.datamodule, "hparams", None) or {}).get("seq_len")
-        if seq_len is not None and seq_len > self.model_config.max_seq_len:
-            raise InputError(f"data.seq_len={seq_len} exceeds model_config.max_seq_len={self.model_config.max_seq_len}"
-                             "; raise model_config.max_seq_len or lower data.seq_len")
-
     def on_train_end(self) -> None:
         # The sparse tables' AdamW catches rows up when they are read or saved; bring every row current, so that
         # weights read after fit (exports walking parameters, copies) are what dense AdamW holds.
@@ -159,6 +152,11 @@ class OverTokLM(pl.LightningModule):
 
     # ------------------------------------------------------------------------------------------- parallelism
     def setup(self, stage: str) -> None:
+        # Checked before any step, so a mismatch is one line rather than a traceback from inside the model.
+        seq_len = (getattr(self.trainer.datamodule, "hparams", None) or {}).get("seq_len")
+        if seq_len is not None and seq_len > self.model_config.max_seq_len:
+            raise InputError(f"data.seq_len={seq_len} exceeds model_config.max_seq_len={self.model_config.max_seq_len}"
+                             "; raise model_config.max_seq_len or lower data.seq_len")
         strategy = self.trainer.strategy
         check_strategy(self.model_config, strategy)
         if stage == "fit":

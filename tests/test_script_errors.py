@@ -34,7 +34,7 @@ def test_evaluate_py_with_a_missing_checkpoint_is_one_line(tmp_path):
                            str(tmp_path / "missing.ckpt"), "--tasks", "grammar"], cwd=tmp_path, capture_output=True,
                           text=True, env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=300)
     assert done.returncode == 2 and done.stderr.strip().splitlines() == [
-        f"error: checkpoint {tmp_path / 'missing.ckpt'} does not exist"]
+        f"error: checkpoint {tmp_path / 'missing.ckpt'} does not exist (a .ckpt file or a sharded checkpoint folder)"]
 
 
 def test_evaluate_a_task_the_tokenizer_cannot_spell_and_a_file_that_is_no_checkpoint(trained_checkpoint, paper_data,
