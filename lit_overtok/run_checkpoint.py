@@ -10,6 +10,8 @@
   requeues the job (``scontrol requeue``), which continues with ``--ckpt_path auto``. A second Ctrl-C stops at once
   without saving (the step in flight may be half applied). Any other exception saves nothing: its state may be
   half a step, so the last periodic checkpoint stands.
+* The end of ``fit`` saves the final step when no periodic checkpoint fell on it (``max_steps`` not a multiple of
+  ``every_n_train_steps``), so ``last.ckpt`` of a finished run is always its final model.
 """
 
 from __future__ import annotations
@@ -129,17 +131,22 @@ class RunCheckpoint(ModelCheckpoint):
             signal.signal(signum, handler if handler is not None else signal.SIG_DFL)
         self._previous_handlers = {}
 
+    def _save_current_step(self, trainer: pl.Trainer) -> None:
+        if self._last_global_step_saved != trainer.global_step:
+            candidates = self._monitor_candidates(trainer)
+            self._save_checkpoint(trainer, self._get_metric_interpolated_filepath_name(candidates, trainer))
+            self._save_last_checkpoint(trainer, candidates)
+
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         super().on_train_end(trainer, pl_module)
+        if trainer.global_step > 0 and self._every_n_train_steps >= 1 and self.save_top_k != 0:
+            self._save_current_step(trainer)  # the final model, whatever the interval
         self._restore_handlers()
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         if isinstance(exception, SIGTERMException) and not trainer.sanity_checking:
             signum = self._stop_signal or signal.SIGTERM
-            if self._last_global_step_saved != trainer.global_step:
-                candidates = self._monitor_candidates(trainer)
-                self._save_checkpoint(trainer, self._get_metric_interpolated_filepath_name(candidates, trainer))
-                self._save_last_checkpoint(trainer, candidates)
+            self._save_current_step(trainer)
             rank_zero_info(f"stopped by {signal.Signals(signum).name} after step {trainer.global_step}; checkpoint "
                            f"{self.last_model_path or self._last_checkpoint_saved}")
             exception.code = 128 + signum

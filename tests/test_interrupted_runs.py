@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from evaluation import speedup
@@ -171,3 +172,15 @@ def test_ckpt_path_auto_starts_a_new_run_when_there_is_nothing_to_resume(tmp_pat
     cli_main(fit_args(tmp_path / "run", text_corpus, "--ckpt_path=auto", "--trainer.max_steps=2"))
     assert "no checkpoint under" in capsys.readouterr().err
     assert checkpoint_files(tmp_path / "run")["last.ckpt"] == "epoch=0-step=2.ckpt"
+
+
+def test_a_finished_run_saves_its_final_step_whatever_the_interval(tmp_path, text_corpus):
+    # A checkpoint every 2 steps and max_steps 5: the periodic saves fall on 2 and 4, and the end of fit saves 5, so
+    # last.ckpt is the final model (it used to stay at step 4, silently one step behind the finished run).
+    run = tmp_path / "run"
+    cli_main(fit_args(run, text_corpus, "--trainer.max_steps=5"))
+    files = checkpoint_files(run)
+    final = files.pop("last.ckpt")  # Lightning's epoch counter has moved on by the end of fit: epoch=1-step=5
+    assert final.endswith("-step=5.ckpt") and files == {"epoch=0-step=2.ckpt": "file", "epoch=0-step=4.ckpt": "file",
+                                                         final: "file"}
+    assert torch.load(run / "version_0" / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 5
