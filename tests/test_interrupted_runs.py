@@ -56,9 +56,11 @@ def curves(run: Path) -> dict[str, dict[float, float]]:
 
 
 def logged_steps(run: Path, tag: str) -> list[int]:
-    """Every event of ``tag`` in the run's folder (after TensorBoard's purge), duplicates included."""
+    """Every event of ``tag`` in the run's folder (after TensorBoard's purge), duplicates included, by step: the order
+    in which the accumulator reads a killed run's and its resumption's event files is not fixed (a CI run read
+    [8, 4]), and readers order by step."""
     events = EventAccumulator(str(run / "version_0"), size_guidance={"scalars": 0}).Reload()
-    return [event.step for event in events.Scalars(tag)]
+    return sorted(event.step for event in events.Scalars(tag))
 
 
 def checkpoint_files(run: Path) -> dict[str, str]:
