@@ -90,7 +90,7 @@ class OverEncodingConfig:
     sharded: bool = False
     """Split the tables' rows over the data-parallel ranks (each rank holds 1/world of every table and of its
     optimizer state; lookups move by all-to-all), for tables too large for one device (OE-12.8M). Needs the
-    ShardedDDPStrategy or FSDP2Strategy of ``lit_overtok.strategies`` at world size > 1 (sharded checkpoints).
+    ShardedDDPStrategy or FSDP2Strategy of ``lit_overtok.distributed.strategies`` at world size > 1 (sharded checkpoints).
     Off: every rank holds the whole tables. From the same initial table the two train alike to float rounding,
     but each mode draws that table its own way (see the module docstring)."""
 

@@ -270,7 +270,7 @@ def test_expert_load_and_aux_losses_reach_tensorboard(tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     from lit_overtok.data.cfg_datamodule import CFGDataModule
-    from lit_overtok.lightning_module import OverTokLM
+    from lit_overtok.training.lightning_module import OverTokLM
 
     dm = CFGDataModule(seq_len=32, batch_size=2, val_sentences=4)
     module = OverTokLM(ModelConfig(preset="moe-tiny"), vocab_size=dm.vocab_size)
