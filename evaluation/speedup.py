@@ -1,4 +1,4 @@
-"""Convergence speedup of a treatment run over a baseline run, from their TensorBoard logs (PAPER.md §4.2).
+"""Convergence speedup of a treatment run over a baseline run, from their TensorBoard logs (docs/method.md §4.2).
 
 The command's code is ``lit_overtok.studies.speedup`` (so an installed copy runs studies too); its docstring has the options.
 """

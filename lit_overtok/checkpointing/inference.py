@@ -3,7 +3,7 @@
 A training checkpoint (Lightning's ``.ckpt``) holds the ``OverTokLM`` hyperparameters (``model_config``,
 ``optimizer``: plain dicts), its ``state_dict`` (the network under ``transformer.``), the optimizer's moments, the
 schedulers, the loops' and callbacks' states, ``tokens_seen`` and the data module's hyperparameters (which name the
-tokenizer). Generation and evaluation use only the next-token head (PAPER.md §2), so an *inference checkpoint*
+tokenizer). Generation and evaluation use only the next-token head (docs/method.md §2), so an *inference checkpoint*
 keeps the config and weights of that model and drops the optimizer state and the training-only heads (Over-Decoding
 heads and MTP-DS modules: ``multi_token.mode`` ``od`` / ``mtp_ds`` becomes ``none``; a ``joint`` head is the
 next-token head and stays). It keeps the training checkpoint's layout, so ``evaluate.py``, ``generate``, ``export``,

@@ -4,7 +4,7 @@
     python evaluation/report.py configs/sweeps/wiki.yaml --limit 200 --output results/wiki
     python evaluation/report.py configs/sweeps/cfg3f_small.yaml --no-eval        # logs only, no checkpoint scoring
 
-What it holds (PAPER.md §4.2, §4.7):
+What it holds (docs/method.md §4.2, §4.7):
 
 - **Loss against training tokens** for every arm, ``train/loss_next1`` and ``val/loss``: the mean over seeds and
   the min-max band (``loss_curves.png``).
@@ -100,7 +100,7 @@ def read_run(arm: str, seed: int, folder: Path) -> Optional[Run]:
 
 
 def input_vocabulary(run: Run) -> Optional[int]:
-    """V + m (PAPER.md §4.7): the model's vocabulary plus Over-Encoding's rows (m = 0 without it)."""
+    """V + m (docs/method.md §4.7): the model's vocabulary plus Over-Encoding's rows (m = 0 without it)."""
     model = run.hparams.get("model_config") or {}
     if not model.get("vocab_size"):
         return None

@@ -1,4 +1,4 @@
-"""Convergence speedup of a treatment run over a baseline run, from their TensorBoard logs (PAPER.md §4.2).
+"""Convergence speedup of a treatment run over a baseline run, from their TensorBoard logs (docs/method.md §4.2).
 
     python evaluation/speedup.py --baseline runs/base/version_0 --treatment runs/oe/version_0
 
@@ -22,7 +22,7 @@ For each metric both runs logged (the next-token training loss ``train/loss_next
    perplexities), >= for everything else, the crossing placed by linear interpolation between that point and the
    one before; speedup = baseline tokens / treatment tokens.
 
-[UNCONFIRMED] the paper does not define the speedup; this is its most plausible reading (PAPER.md §4.2). Our
+[UNCONFIRMED] the paper does not define the speedup; this is its most plausible reading (docs/method.md §4.2). Our
 choices: the step axis for the EMA, the linear curve between logged points, the lag removed by step 3, and the
 evaluation EMA's unit. A reading's noise grows as logging thins out (a value logged every 50 steps carries the
 information of one step, not of 50): log the loss often for speedups.

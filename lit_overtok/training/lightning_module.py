@@ -137,7 +137,7 @@ class OverTokLM(pl.LightningModule):
         self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
     def on_train_batch_start(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        # ThroughputMonitor reads this attribute; FLOPs exclude lookup tables (PAPER.md §4.11).
+        # ThroughputMonitor reads this attribute; FLOPs exclude lookup tables (docs/method.md §4.11).
         B, T = batch["input_ids"].shape
         if T not in self._flops_per_token:
             self._flops_per_token[T] = flops_per_token(self.model_config, T)

@@ -1,6 +1,6 @@
 """In-training benchmark evaluation: lm-eval tasks every N optimizer steps and at the end of fit.
 
-The paper's convergence speedups (PAPER.md §4.2) compare downstream accuracy curves against training tokens, so
+The paper's convergence speedups (docs/method.md §4.2) compare downstream accuracy curves against training tokens, so
 every run can log them. ``LMEvalCallback`` scores the configured tasks through ``OverTokEvalLM`` (next-token head,
 the validation precision) on every rank (lm-eval shards the documents; rank 0 logs) and writes, at step = the
 optimizer step:

@@ -76,7 +76,7 @@ def _next_commands(trainer: pl.Trainer, checkpoint: str, config_path: Optional[s
              "   (Hugging Face transformers)"]
     model_config = getattr(trainer.lightning_module, "model_config", None)
     if grammar is not None and getattr(model_config, "over_encoding", None) is None and log_dir is not None:
-        # cfg3f and its kin: m = V^3 makes exact 3-gram tables, the paper's synthetic setting (PAPER.md §5).
+        # cfg3f and its kin: m = V^3 makes exact 3-gram tables, the paper's synthetic setting (docs/method.md §5).
         twin = f"{Path(log_dir).parent}_oe"
         config = f" --config {config_path}" if config_path is not None else ""
         lines += [f"  add OE:      python train.py fit{config} --model.init_args.model_config.over_encoding.m "

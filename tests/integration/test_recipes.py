@@ -12,7 +12,7 @@ checked against the recipe it cites, transcribed here with its source:
   10% of lr (``warmup_min_lr`` unset; OLMo's ``_linear_warmup``), ``alpha_f: 0.1``, ``max_grad_norm: 1.0``,
   ``amp_bf16``, global batch 1024 sequences of 4096 tokens.
 
-Budgets are the paper's (PAPER.md §3.2, §3.3): 400B tokens for OLMo2-151M/400M, 1T for OLMo2-1B, 500B for OLMoE.
+Budgets are the paper's (docs/method.md §3.2, §3.3): 400B tokens for OLMo2-151M/400M, 1T for OLMo2-1B, 500B for OLMoE.
 """
 
 from pathlib import Path
@@ -70,7 +70,7 @@ def test_paper_scale_config_follows_its_recipe_and_trains_its_token_budget_on_an
 
 @pytest.mark.parametrize("path", sorted((CONFIGS / "cfg").glob("cfg3f_*.yaml")), ids=lambda p: p.name)
 def test_cfg3f_configs_state_the_papers_global_batch(path):
-    """PAPER.md §5: batch 64 × 8 = 512 sequences per step, on any hardware (the MoE config is a short CPU demo).
+    """docs/method.md §5: batch 64 × 8 = 512 sequences per step, on any hardware (the MoE config is a short CPU demo).
     ``tests/integration/test_configs.py`` parses these files through the CLI; here their YAML is enough."""
     config = yaml.safe_load(path.read_text())
     if path.name == "cfg3f_small_moe.yaml":
