@@ -1,5 +1,6 @@
-"""The decoder-only transformer in the OLMo2 recipe (docs/method.md §3.2, REFERENCES.md §1.4): input embedding -> blocks
--> final norm -> next-token head, plus the training-only multi-token heads, and its training loss.
+"""The decoder-only transformer in the OLMo2 recipe (docs/method.md §3.2; OLMo-core's ``olmo2_*`` presets):
+input embedding -> blocks -> final norm -> next-token head, plus the training-only multi-token heads, and its training
+loss.
 
 - blocks: ``block`` (reordered norm), ``attention`` (QK-norm, RoPE, KV cache), ``feed_forward`` (SwiGLU or MoE);
 - init: truncated normal, std 0.02 (cut at 3 std), every parameter from its own generator seeded by its name,
