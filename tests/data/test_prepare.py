@@ -155,7 +155,8 @@ def test_options_and_existing_output_are_checked(tmp_path, text_tokenizer):
         run(tmp_path, tokenizer=str(text_tokenizer), train=[str(train)])
     run(tmp_path, tokenizer=str(text_tokenizer), train=[str(train)], overwrite=True)
     with pytest.raises(SystemExit, match="lit-overtok-prepare: error: --train: input file"):
-        main(["--output", str(tmp_path / "x"), "--tokenizer", str(text_tokenizer), "--train", str(tmp_path / "nope.jsonl")])
+        main(["--output", str(tmp_path / "x"), "--tokenizer", str(text_tokenizer), "--train",
+              str(tmp_path / "nope.jsonl")])
 
 
 def test_command_line_prepares_and_reports(tmp_path, capsys, text_tokenizer):
@@ -170,8 +171,8 @@ def test_command_line_prepares_and_reports(tmp_path, capsys, text_tokenizer):
 def test_a_test_split_is_prepared_and_is_the_data_modules_held_out_set(tmp_path, capsys, text_tokenizer):
     train, val, test = (write_jsonl_gz(tmp_path / f"{name}.jsonl.gz", texts)
                         for name, texts in (("train", TEXTS[:20]), ("val", TEXTS[20:30]), ("test", TEXTS[30:])))
-    main(["--output", str(tmp_path / "out"), "--tokenizer", str(text_tokenizer), "--train", str(train), "--validation", str(val),
-          "--test", str(test), "--workers", "1", "--no-progress"])
+    main(["--output", str(tmp_path / "out"), "--tokenizer", str(text_tokenizer), "--train", str(train),
+          "--validation", str(val), "--test", str(test), "--workers", "1", "--no-progress"])
     assert "test: 10 documents" in capsys.readouterr().out
     manifest = Manifest.load(tmp_path / "out/manifest.json")
     dm = WebDatasetDataModule(str(tmp_path / "out"), seq_len=20, batch_size=2, num_workers=0)
@@ -182,8 +183,8 @@ def test_a_test_split_is_prepared_and_is_the_data_modules_held_out_set(tmp_path,
     flat = [token for document in documents(tmp_path / "out", manifest, "test") for token in document]
     assert sum(windows, []) == flat[: 21 * len(windows)] and len(flat) - 21 * len(windows) < 42  # every full batch
     # Shards prepared without --test: train.py test says how to get a test split.
-    main(["--output", str(tmp_path / "no_test"), "--tokenizer", str(text_tokenizer), "--train", str(train), "--validation",
-          str(val), "--workers", "1", "--no-progress"])
+    main(["--output", str(tmp_path / "no_test"), "--tokenizer", str(text_tokenizer), "--train", str(train),
+          "--validation", str(val), "--workers", "1", "--no-progress"])
     dm = WebDatasetDataModule(str(tmp_path / "no_test"), seq_len=20, batch_size=2, num_workers=0)
     with pytest.raises(ValueError, match=r"data.test_shards: .* lists no 'test' shards.*--test FILES"):
         dm.test_dataloader()

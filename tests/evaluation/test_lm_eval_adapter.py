@@ -210,7 +210,8 @@ def _distributed_worker(rank: int, world_size: int, port: int, data_dir: str, ou
 
 
 def test_two_gloo_ranks_shard_the_documents_and_agree_with_one_process(tmp_path, text_tokenizer):
-    expected_acc, expected_norm = write_known_answer_arc(tmp_path, arc_scores(text_model(), TextTokenizer(text_tokenizer)))
+    scores = arc_scores(text_model(), TextTokenizer(text_tokenizer))
+    expected_acc, expected_norm = write_known_answer_arc(tmp_path, scores)
     port = 29500 + os.getpid() % 1000
     mp.start_processes(_distributed_worker, args=(2, port, str(tmp_path), str(tmp_path), str(text_tokenizer)), nprocs=2,
                        start_method="spawn")
