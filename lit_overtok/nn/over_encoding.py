@@ -29,6 +29,14 @@ Two input forms (``form``), the two of the paper's synthetic-grammar study (§3.
   V-row table. [UNCONFIRMED] The paper's GPT-2 ties its embeddings, and the paper does not say how its n-gram
   encoding model's 1-gram output table was set up; an untied 1-gram head is the only way to keep the output 1-gram.
 
+LongCat's N-gram Embedding (NE; Liu et al. 2026, ``docs/oe_family.md``) is this module with options, not a copy:
+``flavor: longcat`` sets rows int(r·V + 2i + 1) (``row_rule``; m = int(r·V)), projections without bias
+(``proj_bias``), and keeps the mean; ``combine`` picks the mean, E(x_t) + S/(1 + N) or (E(x_t) + S)/sqrt(1 + N);
+``scale`` multiplies the whole embedding (LongCat's "embedding amplification"); ``ignore_ids`` bypass the tables
+(their position gets scale·E(x_t)) and cut the n-gram history as an EOS does with ``reset_at_eos``. The default
+``flavor: paper`` is Algorithm 1 exactly (the golden curves are unchanged). The tables then count as family "ne"
+(``nn.counts``, ``nn.table_budget``).
+
 Options beyond the paper: ``reset_at_eos`` (the paper is silent on packed documents, so off by default) zeroes the
 n-gram history that reaches back across an EOS, as at a sequence start; ``sparse`` produces sparse row gradients
 for the tables, which ``lit_overtok.optim.sparse_adamw.RowSparseAdamW`` updates at the touched rows only, catching a
