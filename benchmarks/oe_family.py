@@ -33,6 +33,7 @@ from lit_overtok.nn.counts import parameter_counts  # noqa: E402
 from lit_overtok.nn.over_encoding import OverEncodingConfig  # noqa: E402
 from lit_overtok.nn.table_budget import size_tables  # noqa: E402
 from over_encoding import backbone, measure, Trainee  # noqa: E402
+from throughput import random_batches  # noqa: E402
 
 FULL_M = [131_071, 1_048_573]  # prime, so no OE table shares a factor with the power-of-two vocabulary
 QUICK_M = [4_093, 65_521]
@@ -72,11 +73,8 @@ def main() -> None:
         args.repeats, args.warmup = 5, 1
     if args.threads:
         torch.set_num_threads(args.threads)
-    generator = torch.Generator().manual_seed(0)
-    batches = []
-    for _ in range(args.warmup + args.repeats):
-        ids_BT = torch.randint(0, args.vocab, (args.batch, args.seq_len + 1), generator=generator)
-        batches.append((ids_BT[:, :-1], ids_BT[:, 1:]))
+    batches = [(b["input_ids"], b["labels"])
+               for b in random_batches(args.vocab, args.batch, args.seq_len, args.warmup + args.repeats)]
     baseline = Trainee(backbone(args))
     print(f"backbone: {args.layers} layers, d_model {args.d_model}, V {args.vocab}, batch {args.batch} x "
           f"{args.seq_len}; sparse tables; {torch.get_num_threads()} threads")
