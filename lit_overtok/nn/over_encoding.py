@@ -120,9 +120,11 @@ class OverEncodingConfig:
     combine: Optional[Literal["mean", "unigram_full", "sqrt"]] = None
     """How E(x_t) and the projected n-gram sum S_t (N = k(n-1) tables) combine: ``mean`` (E + S)/(1 + N)
     (Algorithm 1, SGLang's LongCat); ``unigram_full`` E + S/(1 + N) (the word embedding at full scale, mlx-lm's
-    LongCat-Flash-Lite); ``sqrt`` (E + S)/sqrt(1 + N) (LongCat's ``ngram_fix_normalize_factor``)."""
+    LongCat-Flash-Lite); ``sqrt`` (E + S)/sqrt(1 + N) (LongCat's ``ngram_fix_normalize_factor``; [UNCONFIRMED] that
+    it divides the whole sum, as the mean does: OE_FAMILY.md only says "instead of (1 + N)")."""
     scale: Optional[float] = None
-    """Embedding amplification: the whole input embedding is multiplied by this (1: none)."""
+    """Embedding amplification: the whole input embedding is multiplied by this (1: none). [UNCONFIRMED] the sources
+    name "a scale factor or normalization on the NE output" without its place; we scale e_t, ignored positions too."""
     ignore_ids: Optional[list[Union[int, str]]] = None
     """Token ids (ints, or "start:end" ranges, end excluded: LongCat's ``oe_ignore_tokens``) that bypass the n-gram
     tables (their embedding is scale·E(x_t)) and delimit the history: no n-gram reaches back across one."""

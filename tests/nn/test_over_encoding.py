@@ -471,6 +471,9 @@ def test_ignored_ids_delimit_the_history_like_a_sequence_start():
     (dict(scale=0.0), r"model_config\.over_encoding\.scale"),
     (dict(ignore_ids=["4-7"]), r"model_config\.over_encoding\.ignore_ids: '4-7'"),
     (dict(ignore_ids=[V]), r"model_config\.over_encoding\.ignore_ids: 13 is not a token id"),
+    (dict(ignore_ids=["-2:1"]), r"model_config\.over_encoding\.ignore_ids: -2 is not a token id"),
+    (dict(ignore_ids=[True]), r"model_config\.over_encoding\.ignore_ids: True"),
+    (dict(form="single", k=1, ignore_ids=[2]), r"ignore_ids needs form 'hierarchical'"),
 ])
 def test_bad_ne_settings_are_clear_errors(changes, message):
     with pytest.raises(ValueError, match=message):
