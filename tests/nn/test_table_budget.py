@@ -73,3 +73,17 @@ def test_sizing_errors_name_the_problem():
         size_experts_to_total(ModelConfig(preset="tiny", vocab_size=V), 10**6)
     with pytest.raises(ValueError, match="too small"):
         size_tables(OverEncodingConfig(m=1), 32, 10)
+
+
+def test_engram_arms_size_through_engrams_own_rule():
+    pytest.importorskip("lit_overtok.nn.engram")  # DeepSeek's Engram, issue 21's other half
+    from lit_overtok.nn.engram import EngramConfig
+
+    moe = ModelConfig(preset="moe-tiny", vocab_size=V)
+    total = parameter_counts(moe.replace(moe=dataclasses.replace(moe.moe, num_experts=12))).total
+    engram = moe.replace(engram=EngramConfig(layers=[1], table_size=31, heads=2, ngram_width=8))
+    sized = size_memory_to_total(engram, total)
+    counts = parameter_counts(sized)
+    assert counts.memory_tables == {"engram": sized.engram.table_parameters()}
+    assert counts.total <= total < parameter_counts(sized.replace(engram=dataclasses.replace(
+        sized.engram, table_size=sized.engram.table_size + 1))).total  # the largest table size that fits
