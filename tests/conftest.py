@@ -72,6 +72,9 @@ RUN_FAMILIES = {
     "moe": ["--model.init_args.model_config.preset=moe-tiny"],
     "oe": ["--model.init_args.model_config.preset=tiny",
            '--model.init_args.model_config.over_encoding={"m": 97, "n": 3, "k": 2}'],
+    # LongCat's N-gram Embedding, cfg3f's id 0 (BOS) ignored.
+    "ne": ["--model.init_args.model_config.preset=tiny",
+           '--model.init_args.model_config.over_encoding={"m": 96, "n": 3, "k": 2, "flavor": "longcat", "ignore_ids": [0]}'],
     "od": ["--model.init_args.model_config.preset=tiny",
            '--model.init_args.model_config.multi_token={"mode": "od", "n": 2}'],
 }

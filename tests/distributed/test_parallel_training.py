@@ -140,6 +140,12 @@ def test_two_nodes_under_ddp_train_the_ot_model_as_one_process(two_nodes, refere
     assert len(list((two_nodes / "checkpoints" / "step=4.ckpt").glob("*.distcp"))) == 2
 
 
+def test_ne_with_sharded_sparse_tables_at_two_ranks_trains_as_one_process(runs, reference):
+    run_ranks(2, fit_on_rank, [dict(model="dense_ne", strategy="ddp", out=str(runs / "ne_at_2"), steps=STEPS)],
+              init_process_group=False)
+    assert_matches_one_process(_record(runs / "ne_at_2"), reference("dense_ne"))
+
+
 def test_fsdp2_at_two_ranks_trains_the_moe_model_as_one_process(two_ranks, reference):
     assert_matches_one_process(_record(two_ranks / "fsdp2_moe_at_2"), reference("moe_oe"))
 

@@ -45,9 +45,14 @@ def instance(request_type: str, args: tuple) -> Instance:
     return Instance(request_type=request_type, doc={}, arguments=args, idx=0)
 
 
-@pytest.mark.parametrize("loss_chunk_logits", [None, 3 * 7], ids=["one_chunk", "chunks_of_3_positions"])
-def test_loglikelihood_tokens_equal_a_direct_forward_with_truncation_dedup_and_batching(loss_chunk_logits):
-    model = tiny_model(loss_chunk_logits=loss_chunk_logits)
+# LongCat's N-gram Embedding with ids 1 and 4 ignored (they cut the n-gram history inside the scored windows).
+NE = {"m": 40, "n": 3, "k": 2, "flavor": "longcat", "combine": "unigram_full", "ignore_ids": [1, "4:5"]}
+
+
+@pytest.mark.parametrize("loss_chunk_logits,over_encoding", [(None, None), (3 * 7, None), (3 * 7, NE)],
+                         ids=["one_chunk", "chunks_of_3_positions", "ne_chunks_of_3_positions"])
+def test_loglikelihood_tokens_equal_a_direct_forward_with_truncation_dedup_and_batching(loss_chunk_logits, over_encoding):
+    model = tiny_model(loss_chunk_logits=loss_chunk_logits, over_encoding=over_encoding)
     rng = random.Random(0)
     requests = []
     for _ in range(12):
@@ -95,7 +100,7 @@ def test_loglikelihood_rolling_scores_every_token_once_over_disjoint_windows():
     assert windowed.loglikelihood_rolling([instance("loglikelihood_rolling", (text,))])[0] == pytest.approx(expected, abs=1e-4)
 
 
-@pytest.mark.parametrize("over_encoding", [None, {"m": 41, "n": 3, "k": 2}])
+@pytest.mark.parametrize("over_encoding", [None, {"m": 41, "n": 3, "k": 2}, NE])
 def test_generate_until_greedy_matches_an_uncached_argmax_loop_and_cuts_at_stops(over_encoding):
     model = tiny_model(over_encoding=over_encoding)
     tokenizer = GrammarTokenizer("cfg3f")
