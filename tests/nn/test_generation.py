@@ -11,6 +11,8 @@ from lit_overtok.nn.transformer import Transformer
 
 V = 13
 OE = dict(m=40, n=3, k=2)
+# Two Engram layers: the conv window (2 x 3 = 6 past inputs) is longer than the shortest prompts.
+ENGRAM = dict(layers=[0, 1], max_n=3, table_size=[17, 23], heads=2, ngram_width=8, pad_id=2)
 FAMILIES = {
     "dense": dict(),
     "oe": dict(over_encoding=OE),
@@ -21,6 +23,9 @@ FAMILIES = {
     "ot": dict(over_encoding=OE, multi_token=MultiTokenConfig(mode="mtp_ds", n=2)),
     "moe": dict(preset="moe-tiny"),
     "moe_oe": dict(preset="moe-tiny", over_encoding=OE),
+    "engram": dict(engram=ENGRAM),
+    "engram_n4_kernel2": dict(engram=dict(ENGRAM, max_n=4, table_size=11, kernel_size=2, layers=[1])),
+    "moe_engram": dict(preset="moe-tiny", engram=ENGRAM),
 }
 
 
