@@ -24,6 +24,7 @@ from lit_overtok.evaluation.grammar_tasks import cfg_generation_dataset
 from lit_overtok.nn.transformer import Transformer
 
 GPT2 = DEFAULT_DATA_DIR / "tokenizers" / "gpt2" / "tokenizer.json"
+ENGRAM = {"layers": [0, 1], "table_size": 31, "heads": 2, "ngram_width": 8}
 
 
 
@@ -48,9 +49,10 @@ def instance(request_type: str, args: tuple) -> Instance:
     return Instance(request_type=request_type, doc={}, arguments=args, idx=0)
 
 
-@pytest.mark.parametrize("loss_chunk_logits", [None, 3 * 7], ids=["one_chunk", "chunks_of_3_positions"])
-def test_loglikelihood_tokens_equal_a_direct_forward_with_truncation_dedup_and_batching(loss_chunk_logits):
-    model = tiny_model(loss_chunk_logits=loss_chunk_logits)
+@pytest.mark.parametrize("loss_chunk_logits, engram", [(None, None), (3 * 7, None), (None, ENGRAM)],
+                         ids=["one_chunk", "chunks_of_3_positions", "engram"])
+def test_loglikelihood_tokens_equal_a_direct_forward_with_truncation_dedup_and_batching(loss_chunk_logits, engram):
+    model = tiny_model(loss_chunk_logits=loss_chunk_logits, engram=engram)
     rng = random.Random(0)
     requests = []
     for _ in range(12):
@@ -98,9 +100,10 @@ def test_loglikelihood_rolling_scores_every_token_once_over_disjoint_windows():
     assert windowed.loglikelihood_rolling([instance("loglikelihood_rolling", (text,))])[0] == pytest.approx(expected, abs=1e-4)
 
 
-@pytest.mark.parametrize("over_encoding", [None, {"m": 41, "n": 3, "k": 2}])
-def test_generate_until_greedy_matches_an_uncached_argmax_loop_and_cuts_at_stops(over_encoding):
-    model = tiny_model(over_encoding=over_encoding)
+@pytest.mark.parametrize("memory", [{}, {"over_encoding": {"m": 41, "n": 3, "k": 2}}, {"engram": ENGRAM}],
+                         ids=["plain", "oe", "engram"])
+def test_generate_until_greedy_matches_an_uncached_argmax_loop_and_cuts_at_stops(memory):
+    model = tiny_model(**memory)
     tokenizer = GrammarTokenizer("cfg3f")
     lm = OverTokEvalLM(model, tokenizer, batch_size=2, progress=False)
     # cfg_generation's prompt is BOS alone: one token, shorter than an Over-Encoding model's n-gram order.

@@ -12,8 +12,11 @@ from lit_overtok.nn.transformer import Transformer
 V = 29
 
 
-def model_pair(preset, **option):
-    cfg = ModelConfig(preset=preset, vocab_size=V, multi_token=MultiTokenConfig(mode="mtp_ds"))
+ENGRAM = {"layers": [0, 1], "table_size": 31, "heads": 2, "ngram_width": 8}
+
+
+def model_pair(preset, engram=None, **option):
+    cfg = ModelConfig(preset=preset, vocab_size=V, multi_token=MultiTokenConfig(mode="mtp_ds"), engram=engram)
     plain = Transformer(cfg)
     other = Transformer(cfg.replace(**option))
     other.load_state_dict(plain.state_dict())
@@ -38,9 +41,10 @@ def assert_same_training_step(plain, other, ids_BT, **tol):
         torch.testing.assert_close(grads[name], plain_grads[name], **tol, msg=lambda m: f"{name}: {m}")
 
 
+@pytest.mark.parametrize("engram", [None, ENGRAM], ids=["", "engram"])
 @pytest.mark.parametrize("preset", ["tiny", "moe-tiny"])
-def test_activation_checkpointing_gives_the_plain_gradients(preset):
-    plain, checkpointed = model_pair(preset, activation_checkpointing=True)
+def test_activation_checkpointing_gives_the_plain_gradients(preset, engram):
+    plain, checkpointed = model_pair(preset, engram, activation_checkpointing=True)
     ids_BT = torch.randint(0, V, (2, 17), generator=torch.Generator().manual_seed(0))
     # The rerun in backward repeats the same ops on the same inputs: equal bit for bit.
     assert_same_training_step(plain, checkpointed, ids_BT, rtol=0, atol=0)

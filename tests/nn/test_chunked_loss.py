@@ -19,6 +19,9 @@ MODES = {
     "mtp_ds": MultiTokenConfig(mode="mtp_ds", n=3),
     "joint": MultiTokenConfig(mode="joint", n=2),
 }
+# A hashed n-gram memory inside the backbone changes nothing the heads see but the hidden states: two modes suffice.
+ENGRAM = {"layers": [1], "table_size": 31, "heads": 2, "ngram_width": 8}
+CASES = [(mode, None) for mode in MODES] + [("next_token", ENGRAM), ("mtp_ds", ENGRAM)]
 
 
 def model_pair(multi_token, chunk_logits, **overrides):
@@ -47,12 +50,12 @@ def loss_and_grads(model, ids_BT, labels_BT):
     return loss.detach(), parts, {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
 
 
-@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("mode, engram", CASES, ids=[mode + ("_engram" if engram else "") for mode, engram in CASES])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_chunked_loss_and_gradients_equal_the_plain_path(mode, dtype):
+def test_chunked_loss_and_gradients_equal_the_plain_path(mode, engram, dtype):
     # 9 positions' worth of logits per chunk (7 for the joint head's 37^2 columns is 1 position): many chunks,
     # the last one partial.
-    plain, chunked = model_pair(MODES[mode], chunk_logits=9 * 40)
+    plain, chunked = model_pair(MODES[mode], chunk_logits=9 * 40, engram=engram)
     ids_BT, labels_BT = batch()
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
         plain_loss, plain_parts, plain_grads = loss_and_grads(plain, ids_BT, labels_BT)
