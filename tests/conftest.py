@@ -76,6 +76,8 @@ RUN_FAMILIES = {
     "moe": ["--model.init_args.model_config.preset=moe-tiny"],
     "oe": ["--model.init_args.model_config.preset=tiny",
            '--model.init_args.model_config.over_encoding={"m": 97, "n": 3, "k": 2}'],
+    "engram": ["--model.init_args.model_config.preset=tiny",
+               '--model.init_args.model_config.engram={"layers": [0, 1], "table_size": 31, "heads": 2, "ngram_width": 8}'],
     "od": ["--model.init_args.model_config.preset=tiny",
            '--model.init_args.model_config.multi_token={"mode": "od", "n": 2}'],
 }
