@@ -35,10 +35,13 @@ def build(preset: str, vocab_size: int = 61, **fields) -> Transformer:
                 param.copy_(1 + 0.2 * torch.randn(param.shape, generator=generator))
             elif name.endswith("bias"):
                 param.copy_(0.1 * torch.randn(param.shape, generator=generator))
+    if model.engram is not None:  # a map that merges ids (pairs), as a tokenizer's does: the export must carry it
+        model.engram.set_compressed_ids([i // 2 for i in range(vocab_size)])
     return model.eval()
 
 
 OE = dict(over_encoding=OverEncodingConfig(m=97, n=3, k=2))
+ENGRAM = dict(engram=dict(layers=[0, 1], table_size=[31, 37], heads=2, ngram_width=8, pad_id=2))
 # OLMo2's blocks around OLMoE's experts (the MoE presets are OLMoE's pre-norm blocks): FlexOlmo.
 FLEX = dict(block="reordered_norm", rope_theta=500_000.0, norm_eps=1e-6)
 CASES = {
@@ -59,6 +62,10 @@ CASES = {
     "oe_moe_pre_norm_reset_at_eos": (
         dict(preset="moe-tiny", over_encoding=OverEncodingConfig(m=97, n=3, k=2, reset_at_eos=True, eos_id=3)),
         {}, "OverTokOlmoeForCausalLM"),
+    "engram_dense": (dict(preset="tiny", **ENGRAM), {}, "OverTokOlmo2ForCausalLM"),
+    "engram_n4_moe_pre_norm": (dict(preset="moe-tiny", engram=dict(layers=[1], max_n=4, table_size=23, kernel_size=2)),
+                               {}, "OverTokOlmoeForCausalLM"),
+    "engram_oe_moe_reordered_norm": (dict(preset="moe-tiny", **FLEX, **OE, **ENGRAM), {}, "OverTokFlexOlmoForCausalLM"),
     "joint_head": (dict(preset="tiny", vocab_size=7, vocab_pad_multiple=1, multi_token=MultiTokenConfig(mode="joint", n=2)),
                    {}, "OverTokOlmo2ForCausalLM"),
     "oe_exact_joint_head": (dict(preset="tiny", vocab_size=7, vocab_pad_multiple=1, multi_token=MultiTokenConfig(mode="joint", n=3),
@@ -93,12 +100,14 @@ def test_logits_equal_ours(name, tmp_path):
     assert delta <= TOLERANCE
 
 
-def test_oe_generation_with_kv_cache_equals_full_recomputation(tmp_path):
-    """transformers' generate() (KV cache) on an exported OE model takes the same greedy tokens as our model
-    recomputing the whole sequence; a 1-token prompt (n-gram history shorter than n-1) included."""
-    ours = build("tiny", **OE)
+@pytest.mark.parametrize("memory", [OE, ENGRAM, {**OE, **ENGRAM}], ids=["oe", "engram", "oe_engram"])
+def test_oe_generation_with_kv_cache_equals_full_recomputation(tmp_path, memory):
+    """transformers' generate() (KV cache) on an exported OE or Engram model takes the same greedy tokens as our model
+    recomputing the whole sequence; a 1-token prompt (n-gram history shorter than n-1) included. Engram's
+    convolution reads (4 - 1)·3 = 9 earlier positions: the cache must carry them."""
+    ours = build("tiny", **memory)
     theirs = load(export_to_hf(ours, tmp_path / "oe"), trust_remote_code=True)
-    for prompt_length in (1, 5):
+    for prompt_length in (1, 2, 5):
         prompt_BT = torch.randint(0, 61, (2, prompt_length), generator=torch.Generator().manual_seed(prompt_length))
         with torch.no_grad():
             generated_BT = theirs.generate(prompt_BT, max_new_tokens=8, do_sample=False, eos_token_id=None,
