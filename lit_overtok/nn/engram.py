@@ -224,6 +224,7 @@ class EngramLayer(nn.Module):
         self.offsets = [sum(primes[:i]) for i in range(len(primes))]
         self.tables = nn.Embedding(sum(primes), cfg.head_width(), sparse=cfg.sparse)
         self.tables.optimizer_group = "engram"  # its own optimizer group (``nn.hooks``); a lookup table, no FLOPs
+        self.tables.memory_family = "engram"  # counted per memory family (``parameter_counts``' memory_tables)
         width = cfg.memory_width()
         self.key_proj = nn.Linear(width, d_model, bias=False)  # [UNCONFIRMED] no bias (module docstring)
         self.value_proj = nn.Linear(width, d_model, bias=False)

@@ -257,3 +257,20 @@ def test_missing_map_is_a_clear_error_and_a_checkpoint_supplies_it(tmp_path):
 def test_bad_settings_name_the_field(field, value):
     with pytest.raises(InputError, match=f"model_config.engram.{field}"):
         ModelConfig(preset="tiny", vocab_size=V, engram={"table_size": 11, field: value})
+
+
+def test_counts_put_the_tables_with_the_embeddings_and_the_projections_in_the_flops():
+    from lit_overtok.nn.counts import flops_per_token, parameter_counts
+
+    engram = EngramConfig(layers=[0, 1], table_size=[17, 23], heads=2, ngram_width=8)
+    plain = ModelConfig(preset="tiny", vocab_size=V)
+    with_memory = plain.replace(engram=engram)
+    tables = engram.table_parameters()
+    assert tables == sum(p for primes in engram.head_primes().values() for p in primes) * 4
+    D, E = plain.d_model, engram.memory_width()
+    # Per layer: W_k and W_v (E -> D), three RMSNorm gains, a depthwise conv of kernel 4.
+    other = len(engram.layers) * (2 * E * D + 3 * D + 4 * D)
+    counts, base = parameter_counts(with_memory), parameter_counts(plain)
+    assert counts.total - base.total == tables + other
+    assert counts.embedding - base.embedding == tables and counts.active == counts.total
+    assert flops_per_token(with_memory, 32) - flops_per_token(plain, 32) == 6 * other
