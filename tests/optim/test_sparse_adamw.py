@@ -18,7 +18,6 @@ from lit_overtok.nn.config import ModelConfig
 from lit_overtok.nn.transformer import Transformer
 from lit_overtok.optim.build import build_optimizer
 from lit_overtok.optim.config import OptimizerConfig
-from lit_overtok.nn.over_encoding import OverEncodingConfig
 from lit_overtok.optim.sparse_adamw import RowSparseAdamW
 
 V = 13
