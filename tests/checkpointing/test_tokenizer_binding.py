@@ -93,3 +93,14 @@ def test_a_checkpoint_without_the_record_finds_the_tokenizer_in_its_manifest(run
     save_atomically(checkpoint, old)
     with pytest.raises(ValueError, match="names no tokenizer"):
         evaluate.tokenizer_spec(args, evaluate.load_checkpoint(old, "cpu")[1], old)
+
+
+def test_engram_refuses_a_tokenizer_other_than_the_datas(tmp_path, text_corpus, other_corpus, capsys):
+    # Engram's compressed ids built from another tokenizer would merge the wrong ids, silently.
+    engram = f'{{"layers": [1], "table_size": 31, "heads": 2, "ngram_width": 8, "tokenizer": "{other_corpus / "tokenizer.json"}"}}'
+    with pytest.raises(SystemExit):
+        fit(tmp_path / "wrong", text_corpus, 1, f"--model.init_args.model_config.engram={engram}")
+    assert "model_config.engram.tokenizer" in capsys.readouterr().err
+    fit(tmp_path / "right", text_corpus, 1, "--model.init_args.model_config.engram=" + engram.replace(
+        str(other_corpus), str(text_corpus)))
+    assert (tmp_path / "right" / "version_0" / "checkpoints" / "last.ckpt").is_file()
