@@ -4,11 +4,14 @@ answers are known."""
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 
 from lit_overtok.studies import verdicts
 from lit_overtok.studies.convergence import CENSORED, NEVER, REACHED, Speedup
+
+REPOSITORY = Path(__file__).resolve().parents[2]
 
 
 def speedup(status: str, ratio, low=None, high=None) -> Speedup:
@@ -74,3 +77,8 @@ def test_censored_and_missing_crossings_make_the_summary_a_median_that_counts_th
     assert bound.verdict == verdicts.DIRECTION_CONSISTENT  # all three faster, but no interval to resolve with
     slower = verdicts.multiplier([speedup(NEVER, None), speedup(NEVER, None)])
     assert slower.text() == "median never (2 pairs; 2 never): direction consistent"
+
+
+@pytest.mark.parametrize("document", ["docs/studies.md", "results/README.md"])
+def test_the_documents_state_the_rules_verbatim(document):
+    assert verdicts.rules_markdown() in (REPOSITORY / document).read_text()
