@@ -1,4 +1,4 @@
-"""How many times fewer training tokens a treatment run needs to reach the baseline's final loss (docs/method.md §4.1).
+"""How many times fewer training tokens a treatment run needs to reach the baseline's final loss (docs/method.md §4.2).
 
 The paper reports "reaches the baseline's final loss with 5.7x fewer tokens" without defining it. Ours, for one
 metric both runs logged against training tokens t (x = ln t):

@@ -1,4 +1,4 @@
-"""A study's figures (docs/method.md §4.1, §4.2): loss curves with the paired difference to the baseline, and the
+"""A study's figures (docs/method.md §4.2, §4.7): loss curves with the paired difference to the baseline, and the
 input-vocabulary law.
 
 Curves are drawn against training tokens on a log axis (a speedup is then a horizontal shift), with the baseline's

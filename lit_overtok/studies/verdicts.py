@@ -1,4 +1,4 @@
-"""What a study's seeds decide: paired differences, token multipliers and the verdict vocabulary (docs/method.md §4.1).
+"""What a study's seeds decide: paired differences, token multipliers and the verdict vocabulary (docs/method.md §4.2).
 
 Arms are compared seed by seed: the treatment run of seed k against the baseline run of seed k (the same data order
 and, for the shared weights, the same initialisation), so run-to-run noise common to both cancels. Per pair:
