@@ -5,7 +5,7 @@
     python train.py fit --print_config                    # the full resolved config
 """
 
-from lit_overtok.cli import main
+from lit_overtok.cli.main import main
 
 if __name__ == "__main__":
     main()

@@ -33,7 +33,7 @@ from torch.utils.data import DataLoader
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's lit_overtok
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from lit_overtok.lightning_module import OverTokLM  # noqa: E402
+from lit_overtok.training.lightning_module import OverTokLM  # noqa: E402
 from lit_overtok.nn.config import ModelConfig  # noqa: E402
 from lit_overtok.nn.counts import flops_per_token, parameter_counts  # noqa: E402
 from lit_overtok.nn.moe import MoEConfig, MoEFeedForward  # noqa: E402

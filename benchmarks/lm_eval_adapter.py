@@ -37,7 +37,7 @@ from lit_overtok.nn.transformer import Transformer  # noqa: E402
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--preset", default="cfg-small", help="model shape (lit_overtok.config.PRESETS)")
+    parser.add_argument("--preset", default="cfg-small", help="model shape (lit_overtok.nn.presets.PRESETS)")
     parser.add_argument("--tokenizer", default=str(DEFAULT_DATA_DIR / "tokenizers/gpt2/tokenizer.json"))
     parser.add_argument("--docs", type=int, default=64, help="HellaSwag documents (4 requests each)")
     parser.add_argument("--repeats", type=int, default=5)

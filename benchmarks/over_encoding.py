@@ -9,7 +9,7 @@ copy of itself) shows the noise floor. ``embedding_overhead`` times the input em
 (forward, backward, clipping, update: tens of ms, so its best-of-many is steady) and gives its extra cost over the
 plain embedding as a fraction of a baseline step. ``memory_bytes`` is weights + optimizer state after the first steps (AdamW
 keeps two moments per parameter on both paths); the dense path also holds a dense table gradient, reported as
-``gradient_bytes``. The paper measures under 5% throughput cost at m = 10^7 (PAPER.md §4.11); the goal here is at
+``gradient_bytes``. The paper measures under 5% throughput cost at m = 10^7 (docs/method.md §4.11); the goal here is at
 most 1.05x for the sparse path at every m.
 
     python benchmarks/over_encoding.py --repeats 15   # m up to 2.1M rows (8.6 GB for the dense path), ~20 minutes

@@ -30,7 +30,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from evaluation.speedup import read_scalars  # noqa: E402
+from lit_overtok.studies.speedup import read_scalars  # noqa: E402
 
 ARMS = {  # name: (sparse tables, row semantics, seed)
     "dense": (False, "adamw", 1234),

@@ -38,7 +38,7 @@ from torch.utils.data import DataLoader
 from lit_overtok.nn.config import ModelConfig
 from lit_overtok.nn.counts import parameter_counts, flops_per_token
 from lit_overtok.nn.transformer import Transformer
-from lit_overtok.lightning_module import OverTokLM
+from lit_overtok.training.lightning_module import OverTokLM
 from lit_overtok.optim.config import OptimizerConfig
 
 

@@ -21,4 +21,34 @@ Shape legend. Tensor names carry their shape as a suffix (``x_BTD``); every modu
     J joint n-gram labels (V^n)                 Q lm-eval requests        M a subset selected inside a function
 """
 
+import importlib.abc
+import importlib.util
+import sys
+
 __version__ = "0.1.0"
+
+
+# Modules that moved into rooms keep their old names for configs, checkpoints and scripts written before the move
+# (``class_path: lit_overtok.lightning_module.OverTokLM``): importing an old name gives the module at its new place.
+MOVED_MODULES = {
+    "lit_overtok.lightning_module": "lit_overtok.training.lightning_module",
+    "lit_overtok.callbacks": "lit_overtok.training.callbacks",
+    "lit_overtok.evaluation.callback": "lit_overtok.training.lm_eval_callback",
+    "lit_overtok.run_checkpoint": "lit_overtok.checkpointing.run_checkpoint",
+    "lit_overtok.checkpoints": "lit_overtok.checkpointing.inference",
+    "lit_overtok.strategies": "lit_overtok.distributed.strategies",
+}
+
+
+class _MovedModuleFinder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+    def find_spec(self, name, path=None, target=None):
+        return importlib.util.spec_from_loader(name, self) if name in MOVED_MODULES else None
+
+    def create_module(self, spec):
+        return importlib.import_module(MOVED_MODULES[spec.name])
+
+    def exec_module(self, module):
+        pass  # already executed under its new name
+
+
+sys.meta_path.append(_MovedModuleFinder())

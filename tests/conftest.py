@@ -84,7 +84,7 @@ RUN_FAMILIES = {
 @pytest.fixture(scope="session")
 def trained_checkpoint(tmp_path_factory):
     """``trained_checkpoint(family) -> last.ckpt`` of a 2-step ``train.py fit`` (trained once per session)."""
-    from lit_overtok.cli import main as cli_main
+    from lit_overtok.cli.main import main as cli_main
 
     done: dict[str, Path] = {}
 
@@ -101,8 +101,8 @@ def trained_checkpoint(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_sweep(tmp_path_factory) -> Path:
     """The grid file of a finished 2-point sweep (baseline and exact 3-gram OE, seed 1), run one point at a time."""
-    from evaluation import sweep
-    from tests.sweep_grids import TINY_ARMS, write_grid
+    from lit_overtok.studies import sweep
+    from tests.studies.sweep_grids import TINY_ARMS, write_grid
 
     folder = tmp_path_factory.mktemp("tiny_sweep")
     grid = write_grid(folder / "grid.yaml", TINY_ARMS, folder / "out")

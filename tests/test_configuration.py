@@ -2,9 +2,9 @@
 
 import pytest
 
-from lit_overtok.cli import main as cli_main
+from lit_overtok.cli.main import main as cli_main
 from lit_overtok.configuration import config_from
-from lit_overtok.lightning_module import OverTokLM
+from lit_overtok.training.lightning_module import OverTokLM
 from lit_overtok.nn.config import ModelConfig
 from lit_overtok.nn.over_encoding import OverEncodingConfig
 from lit_overtok.optim.config import OptimizerConfig
@@ -51,7 +51,7 @@ def test_the_renamed_architecture_key_is_one_line_naming_the_new_key(args, capsy
 
 def test_the_renamed_architecture_key_in_a_config_file_is_one_line_naming_the_new_key(tmp_path, capsys):
     config = tmp_path / "old.yaml"
-    config.write_text("model:\n  class_path: lit_overtok.lightning_module.OverTokLM\n  init_args:\n    model:\n"
+    config.write_text("model:\n  class_path: lit_overtok.training.lightning_module.OverTokLM\n  init_args:\n    model:\n"
                       "      preset: tiny\n")
     with pytest.raises(SystemExit):
         cli_main(["fit", "--config", str(config)])

@@ -87,17 +87,63 @@ def test_the_cycle_check_finds_a_late_import_cycle():
     assert find_cycle(graph) == ["a", "b", "c", "a"]
 
 
-@pytest.mark.parametrize("layer, forbidden", [
-    ("lit_overtok.nn", ("lit_overtok.data", "lit_overtok.evaluation", "lit_overtok.optim", "lit_overtok.lightning_module",
-                        "lit_overtok.cli", "lit_overtok.callbacks")),
-    ("lit_overtok.data", ("lit_overtok.evaluation", "lit_overtok.optim", "lit_overtok.lightning_module", "lit_overtok.cli")),
-    ("lit_overtok.evaluation", ("lit_overtok.lightning_module", "lit_overtok.cli", "lit_overtok.optim")),
-])
-def test_imports_flow_from_the_lightning_pieces_down_to_nn(layer, forbidden):
-    for module, targets in package_imports().items():
-        if module == layer or module.startswith(layer + "."):
-            wrong = sorted(t for t in targets if t.startswith(forbidden))
-            assert not wrong, f"{module} imports {wrong}"
+# The rooms of the package, lowest first: a module imports only from its own room or from lower ones, so the
+# architecture reads bottom up (the shared helpers at the root, the network, then what trains, scores and studies it,
+# then the command line). A new room must be placed here.
+ROOM_RANKS = {
+    "": 0,  # the root's shared helpers: errors, configuration
+    "nn": 1,
+    "data": 2, "optim": 2, "export": 2,
+    "checkpointing": 3,
+    "evaluation": 4, "distributed": 4,
+    "training": 5,
+    "studies": 6,
+    "cli": 7,
+    "__main__": 8,
+}
+ROOT_MODULES = {"lit_overtok", "lit_overtok.__main__", "lit_overtok.errors", "lit_overtok.configuration"}
+
+
+def room_of(module: str) -> str:
+    """The room (sub-package) a module lives in; "" for the root's helpers, "__main__" for ``python -m lit_overtok``."""
+    parts = module.split(".")
+    if len(parts) > 2 or (len(parts) == 2 and (PACKAGE / parts[1]).is_dir()):
+        return parts[1]
+    return "__main__" if parts[-1] == "__main__" else ""
+
+
+def test_every_room_is_ranked_and_the_root_holds_only_shared_helpers():
+    modules = package_imports()
+    assert {room_of(m) for m in modules} <= set(ROOM_RANKS), "place the new room in ROOM_RANKS"
+    assert {m for m in modules if room_of(m) in ("", "__main__")} <= ROOT_MODULES, (
+        "the package root keeps only the shared helpers; put the module in the room that owns its concern")
+
+
+def test_imports_flow_down_the_rooms():
+    wrong = [f"{module} ({room_of(module) or 'root'}) imports {target} ({room_of(target) or 'root'})"
+             for module, targets in package_imports().items() for target in sorted(targets)
+             if room_of(target) != room_of(module) and ROOM_RANKS[room_of(target)] >= ROOM_RANKS[room_of(module)]]
+    assert not wrong, wrong
+
+
+def test_the_room_check_catches_an_upward_import(monkeypatch):
+    graph = {"lit_overtok.nn.transformer": {"lit_overtok.training.lightning_module"},
+             "lit_overtok.training.lightning_module": set()}
+    monkeypatch.setattr(__import__(__name__), "package_imports", lambda: graph)
+    with pytest.raises(AssertionError, match="nn.transformer"):
+        test_imports_flow_down_the_rooms()
+
+
+def test_modules_moved_into_rooms_keep_their_old_names():
+    """Configs, checkpoints and scripts written before the rooms name classes by their old modules."""
+    import importlib
+
+    from lit_overtok import MOVED_MODULES
+    for old, new in MOVED_MODULES.items():
+        assert importlib.import_module(old) is importlib.import_module(new)
+    from lit_overtok.lightning_module import OverTokLM
+    from lit_overtok.training.lightning_module import OverTokLM as moved
+    assert OverTokLM is moved
 
 
 def test_lm_eval_task_files_live_in_the_package():

@@ -8,7 +8,7 @@ Conventions (ours; the official release fixes no packing, see ``grammars/ATTRIBU
   into consecutive windows of ``seq_len + 1`` tokens; ``input_ids = w[:-1]`` and ``labels = w[1:]``, both int64
   of shape (batch_size, seq_len). There is no padding, and a document may span two windows. By default sentences
   are always fresh samples; with ``train_sentences=N`` they come from a fixed set of N sentences read in a new
-  seeded order every epoch (the paper's 20M sentences × 10 epochs, PAPER.md §5), and ``train/epoch`` (epochs of
+  seeded order every epoch (the paper's 20M sentences × 10 epochs, docs/method.md §5), and ``train/epoch`` (epochs of
   that set read so far, summed over ranks) is logged. Reproducible for a fixed seed and layout.
 * Exact resume: checkpoints keep each lane's state after the last batch the training loop took (and the number of
   batches taken); resuming with ``ckpt_path`` gives exactly the batches an uninterrupted run would have seen, in

@@ -9,7 +9,7 @@ Where the sentences come from:
 * fresh (``train_sentences=None``, the default): every sentence is a new sample from the lane's own
   ``random.Random``, seeded by ``(seed, rank, worker)``;
 * fixed (``train_sentences=N``): the training set is the N sentences ``s_i = sample(Random((seed, i)))``, i < N,
-  the same set whatever the layout (the paper's "20M sentences sampled once", PAPER.md §5). Epoch ``e`` is a
+  the same set whatever the layout (the paper's "20M sentences sampled once", docs/method.md §5). Epoch ``e`` is a
   permutation of 0..N-1 seeded by ``(seed, e)``; the epochs are chained into one sequence of which lane ``l`` reads
   positions ``l, l + L, l + 2L, ...``, so within an epoch every sentence is read once, by one lane, and every epoch
   has a fresh order. Nothing is stored but the current epoch's order (4 bytes per sentence, briefly, then the lane's

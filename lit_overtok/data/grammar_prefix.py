@@ -3,7 +3,7 @@
 For a prefix ``p`` of terminal ids, terminal ``a`` is a *valid next token* when ``p + [a]`` is a prefix of some
 sentence of the grammar, and EOS is valid when ``p`` is itself a sentence. A model that has learned the grammar
 puts its most likely next token in this set; the evaluation task built on it (``cfg_next_token_validity``) gives
-small models a signal long before they generate whole sentences correctly (PAPER.md §5 measures only whole
+small models a signal long before they generate whole sentences correctly (docs/method.md §5 measures only whole
 sentences).
 
 Exact, by span charts over the prefix (L = len(p), positions 0..L):

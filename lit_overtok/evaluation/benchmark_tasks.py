@@ -5,7 +5,7 @@ lm-eval calls a task's ``custom_dataset`` with the task metadata (``TaskManager(
 ``lm_eval --metadata``) plus its ``dataset_kwargs``; the key read here is ``data_dir``: the folder holding
 ``<folder>/<split>.jsonl`` (default ``DEFAULT_DATA_DIR``, ``../shared/data`` beside a source checkout).
 
-MMLU-Var (PAPER.md §4.12) follows OLMo's in-loop evaluator (allenai/OLMo ``olmo/eval/downstream.py``, class
+MMLU-Var (docs/method.md §4.12) follows OLMo's in-loop evaluator (allenai/OLMo ``olmo/eval/downstream.py``, class
 ``MMLU`` with ``prompt_variations=1``): every validation question is asked in 7 prompt variants, each a document
 of its own, in this order: no prefix; the instruction ``"The following are multiple choice questions (with
 answers) about {subject}:\\n\\n"``; the instruction followed by the subject's first k dev questions (k = 1..5),

@@ -1,5 +1,5 @@
 """Python hooks of the grammar task files (``tasks/local/cfg_*.yaml``): the paper's generation accuracy
-(``cfg_generation``, PAPER.md §5) and next-token validity (``cfg_next_token_validity``).
+(``cfg_generation``, docs/method.md §5) and next-token validity (``cfg_next_token_validity``).
 
 lm-eval passes the task metadata to ``custom_dataset``; the keys read here are ``grammar`` (a packaged grammar name or
 a grammar JSON path, default cfg3f) and ``cfg_num_docs`` (documents per task, default 256), drawn with a fixed seed,

@@ -29,10 +29,10 @@ from typing import Optional, Union
 
 import torch
 
-from lit_overtok.checkpoints import load_transformer, tokenizer_spec
+from lit_overtok.checkpointing.inference import load_transformer, tokenizer_spec
 from lit_overtok.evaluation.adapter import OverTokEvalLM
 from lit_overtok.evaluation.tokenizers import load_tokenizer
-from lit_overtok.script_errors import entry_point
+from lit_overtok.errors import entry_point
 
 MODEL_NAME = "lit_overtok"
 DEFAULT_BATCH_SIZE = 64

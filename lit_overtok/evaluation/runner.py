@@ -6,7 +6,7 @@ Task definitions live in ``lit_overtok/evaluation/tasks`` (package data): ``offl
 sees only these, with ``HF_DATASETS_OFFLINE=1``; online the standard names resolve to lm-eval's own task files
 (which download their datasets) and ``local/`` still supplies ours.
 
-The paper's downstream score (PAPER.md §3.1) is the mean over MMLU-Var, HellaSwag, ARC-Challenge, ARC-Easy and
+The paper's downstream score (docs/method.md §3.1) is the mean over MMLU-Var, HellaSwag, ARC-Challenge, ARC-Easy and
 PIQA, each under the metric OLMo's in-loop evaluator uses for it (``PRIMARY_METRICS``: ``len_norm`` = lm-eval's
 ``acc_norm``, except ARC-Easy's plain ``acc``).
 """

@@ -1,6 +1,6 @@
 """Export a checkpoint to Hugging Face ``transformers`` (``hf``: the mapping; ``command``: the CLI).
 
-    python -m lit_overtok.export --checkpoint runs/x/version_0/checkpoints/last.ckpt --out hf_model
+    python train.py export --checkpoint runs/x/version_0/checkpoints/last.ckpt --out hf_model
     python train.py export ...      # the same
 
 ``remote_code/`` holds the model classes copied into exports with Over-Encoding or a joint head (package data: they

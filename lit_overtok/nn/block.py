@@ -1,4 +1,4 @@
-"""The transformer block, in the two norm placements of the paper's backbones (PAPER.md §3.2, §3.3), chosen by
+"""The transformer block, in the two norm placements of the paper's backbones (docs/method.md §3.2, §3.3), chosen by
 ``ModelConfig.block`` (presets fill it):
 
 - ``reordered_norm`` (OLMo2, the dense presets): the norm is applied to each sublayer's *output* before the residual

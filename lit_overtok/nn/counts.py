@@ -1,6 +1,6 @@
 """Parameter counts and training FLOPs per token of a configuration, from a meta-device build (exact, no memory).
 
-Lookups cost no FLOPs, so the 1-gram and Over-Encoding tables are excluded from the FLOPs (PAPER.md §4.11: OE adds
+Lookups cost no FLOPs, so the 1-gram and Over-Encoding tables are excluded from the FLOPs (docs/method.md §4.11: OE adds
 only its projections, 2·D² per token); the output unembedding is a matmul and counts whether tied or not.
 """
 

@@ -19,13 +19,13 @@ from torch import nn
 from lit_overtok.nn.chunked_loss import head_mean_loss, head_token_nll, positions_per_chunk
 
 MULTI_TOKEN_MODES = ("none", "od", "joint", "mtp_ds")
-# A joint head holds V^n rows; beyond this the product decomposition ("od") is the way (PAPER.md §2.2).
+# A joint head holds V^n rows; beyond this the product decomposition ("od") is the way (docs/method.md §2.2).
 MAX_JOINT_LABELS = 1 << 20
 
 
 @dataclass
 class MultiTokenConfig:
-    """Which tokens beyond the next one the model is trained to predict (PAPER.md §2, §5).
+    """Which tokens beyond the next one the model is trained to predict (docs/method.md §2, §5).
 
     The next-token loss (``loss_next1``, weight 1) is always there; the modes add:
 

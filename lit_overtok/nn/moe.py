@@ -1,4 +1,4 @@
-"""Mixture-of-experts feed-forward in the OLMoE recipe (PAPER.md §3.3; REFERENCES.md §1.3, §1.4).
+"""Mixture-of-experts feed-forward in the OLMoE recipe (docs/method.md §3.3; REFERENCES.md §1.3, §1.4).
 
 Features:
 - a linear router without bias, computed in fp32 even under autocast; softmax scores; top-k experts per token.

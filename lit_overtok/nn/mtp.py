@@ -1,5 +1,5 @@
 """MTP-DS: DeepSeek-V3's sequential multi-token prediction, and with Over-Encoding the paper's OT (§3.2, §4.3;
-PAPER.md §2.3).
+docs/method.md §2.3).
 
 Depth k = 1..n-1 predicts the token k+1 steps ahead of position t from the previous depth's state and the
 *input embedding* of the token k ahead:

@@ -1,4 +1,4 @@
-"""RMSNorm as OLMo2 and OLMoE use it: computed in fp32 whatever the autocast dtype (PAPER.md §3.2-3.3)."""
+"""RMSNorm as OLMo2 and OLMoE use it: computed in fp32 whatever the autocast dtype (docs/method.md §3.2-3.3)."""
 
 from __future__ import annotations
 

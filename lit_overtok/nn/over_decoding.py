@@ -1,4 +1,4 @@
-"""Over-Decoding: supervising the joint distribution of the next n tokens (paper §3.2 and App. C, PAPER.md §2.1-2.2).
+"""Over-Decoding: supervising the joint distribution of the next n tokens (paper §3.2 and App. C, docs/method.md §2.1-2.2).
 
 Two published forms:
 
@@ -8,7 +8,7 @@ Two published forms:
   hidden state; W_j is an optional low-rank projection). Head 1 is the model's own next-token head
   (``Transformer.lm_head``), whose loss ``loss_next1`` the model already computes, so this module holds heads
   j = 2..n only; they are never used at inference.
-- ``JointNGramHead`` + ``JointDecodingLoss``, the CFG study's exact n-gram decoding (§3.1, PAPER.md §5): one
+- ``JointNGramHead`` + ``JointDecodingLoss``, the CFG study's exact n-gram decoding (§3.1, docs/method.md §5): one
   V^n-way softmax over the joint next-n label, for tiny vocabularies. The paper keeps only the first token at
   inference, i.e. samples from the first-token marginal, so the joint head *is* the model's next-token head and
   its forward returns those marginal log-probabilities. By the chain rule the joint cross-entropy is

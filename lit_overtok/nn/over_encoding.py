@@ -1,4 +1,4 @@
-"""Over-Encoding (OE): hashed hierarchical n-gram input embeddings (PAPER.md §1; the paper's §3.2 and App. A).
+"""Over-Encoding (OE): hashed hierarchical n-gram input embeddings (docs/method.md §1; the paper's §3.2 and App. A).
 
 The embedding of position t is Algorithm 1 of the paper:
 
@@ -17,7 +17,7 @@ How it is made fast (same result, see the parity tests):
   vocabulary overflows (it only needs V·M < 2^62); no Python ``hash`` anywhere, so indices are the same in every
   process and on every machine.
 
-Two input forms (``form``), the two of the paper's synthetic-grammar study (§3.1, App. B.2; PAPER.md §5):
+Two input forms (``form``), the two of the paper's synthetic-grammar study (§3.1, App. B.2; docs/method.md §5):
 
 - ``hierarchical`` (default): Algorithm 1 above, the 1-gram table plus hashed 2..n-gram tables. It is exact (every
   g-gram its own row) when m >= V^n; ``configs/cfg/cfg3f_*_oe.yaml`` use m = 343 = 7^3 for cfg3f.
@@ -34,7 +34,7 @@ n-gram history that reaches back across an EOS, as at a sequence start; ``sparse
 for the tables, which ``lit_overtok.optim.sparse_adamw.RowSparseAdamW`` updates at the touched rows only, catching a
 row up on the steps it missed when it is next read (AdamW's semantics; see there); ``sharded`` splits the tables'
 rows over the data-parallel ranks with all-to-all lookups (the paper's "tensor parallelism for the OE layer",
-PAPER.md §6; ``nn.sharded_table``).
+docs/method.md §6; ``nn.sharded_table``).
 
 Initialisation differs by mode. Replicated tables (the default) are drawn as every other parameter is
 (``Transformer.init_weights``: one generator seeded by the parameter's name), the historical draw, so runs published
@@ -90,7 +90,7 @@ class OverEncodingConfig:
     sharded: bool = False
     """Split the tables' rows over the data-parallel ranks (each rank holds 1/world of every table and of its
     optimizer state; lookups move by all-to-all), for tables too large for one device (OE-12.8M). Needs the
-    ShardedDDPStrategy or FSDP2Strategy of ``lit_overtok.strategies`` at world size > 1 (sharded checkpoints).
+    ShardedDDPStrategy or FSDP2Strategy of ``lit_overtok.distributed.strategies`` at world size > 1 (sharded checkpoints).
     Off: every rank holds the whole tables. From the same initial table the two train alike to float rounding,
     but each mode draws that table its own way (see the module docstring)."""
 
@@ -150,7 +150,7 @@ class OverEncodingConfig:
             if rows >= vocab_size**order:
                 continue  # exact table: every g-gram has its own row, no collisions at all
             # Rows M sharing c = gcd(M, V) with V: x_t + V·h mod M reaches only M/c rows for a given current token,
-            # and the collisions among its histories repeat identically for every x_t (PAPER.md §4.6: m = 64V loses
+            # and the collisions among its histories repeat identically for every x_t (docs/method.md §4.6: m = 64V loses
             # most of the gain). We warn when M is a multiple of V (what the paper names) or when M/c < V: a token
             # cannot even give each of its V possible predecessors its own row. Small factors of a large table pass
             # (the paper's m = 12.8M shares 40 with V = 50,280: 320k rows per token). Our rule; the paper says "coprime".
@@ -159,7 +159,7 @@ class OverEncodingConfig:
                 warnings.warn(
                     f"model_config.over_encoding.m: table {i} ({order}-gram) has {rows} rows, which shares the factor {shared} "
                     f"with vocab_size={vocab_size}, so each current token reaches only {rows // shared} of its rows and "
-                    "its n-grams collide in a structured way (PAPER.md §4.6: m = 64V loses most of the gain). Prefer an "
+                    "its n-grams collide in a structured way (docs/method.md §4.6: m = 64V loses most of the gain). Prefer an "
                     "m coprime with V, e.g. an odd or prime m.",
                     stacklevel=2,
                 )

@@ -1,6 +1,6 @@
-"""Named model shapes after the paper's models (PAPER.md §3).
+"""Named model shapes after the paper's models (docs/method.md §3).
 
-The paper (PAPER.md §3) trains OLMo2-style dense models (151M, 400M, 1B) and GPT-2-sized models on the
+The paper (docs/method.md §3) trains OLMo2-style dense models (151M, 400M, 1B) and GPT-2-sized models on the
 cfg3f grammar (2.4M, 85M). It does not publish the OLMo2 shapes; ours are chosen so that the
 *non-embedding* parameter count hits the name (the usual scaling-law convention, and the only one that
 does not depend on the vocabulary, which Over-Encoding changes by orders of magnitude):
@@ -17,7 +17,7 @@ does not depend on the vocabulary, which Over-Encoding changes by orders of magn
 Every OLMo2 preset uses d_ff = 4·d_model (as OLMo2-1B does), so a layer holds 16·d² weights. All of them (the cfg
 presets too) are OLMo2 blocks: reordered norm (``block: reordered_norm``), RoPE theta 500,000, RMSNorm eps 1e-6.
 
-Mixture-of-experts presets (OLMoE recipe, PAPER.md §3.3; the preset's ``moe`` fills ``ModelConfig.moe``). All of them
+Mixture-of-experts presets (OLMoE recipe, docs/method.md §3.3; the preset's ``moe`` fills ``ModelConfig.moe``). All of them
 are OLMoE blocks as published: pre-norm (``block: pre_norm``), QK-norm, RoPE theta 10,000, RMSNorm eps 1e-5. The
 reordered-norm MoE (OLMo2 blocks with OLMoE experts, Hugging Face's FlexOlmo) stays available: give
 ``block: reordered_norm`` (with ``rope_theta: 500000`` and ``norm_eps: 1e-6`` for OLMo2's values). MoE checkpoints
@@ -48,7 +48,7 @@ A ``ModelConfig`` field left ``None`` takes its preset's value; a field given ex
 
 from __future__ import annotations
 
-# The two backbones of the paper (PAPER.md §3.2, §3.3), as published: OLMo2's reordered norm with RoPE theta 500,000
+# The two backbones of the paper (docs/method.md §3.2, §3.3), as published: OLMo2's reordered norm with RoPE theta 500,000
 # and RMSNorm eps 1e-6 (OLMo-2 configs, e.g. allenai/OLMo configs/official-0425/OLMo2-1B-stage1.yaml), and OLMoE's
 # pre-norm with theta 10,000 and eps 1e-5 (allenai/OLMoE configs/OLMoE-1B-7B-0924.yml: no norm_after, OLMo's
 # defaults for rope_theta and layer_norm_eps; Hugging Face OlmoeConfig / OLMoE-1B-7B-0924 config.json agree).

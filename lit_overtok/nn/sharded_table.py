@@ -1,4 +1,4 @@
-"""Row-sharded lookup table with all-to-all lookups: the paper's "tensor parallelism for the OE layer" (PAPER.md §6).
+"""Row-sharded lookup table with all-to-all lookups: the paper's "tensor parallelism for the OE layer" (docs/method.md §6).
 
 Over-Encoding's hashed tables (OE-12.8M: 13-26B parameters) do not fit one GPU, so each rank of a process group owns
 one contiguous block of the rows (``row_bounds``: ``torch.chunk``'s split, which is DTensor's ``Shard(0)``; blocks

@@ -1,4 +1,4 @@
-"""The decoder-only transformer in the OLMo2 recipe (PAPER.md §3.2, REFERENCES.md §1.4): input embedding -> blocks
+"""The decoder-only transformer in the OLMo2 recipe (docs/method.md §3.2, REFERENCES.md §1.4): input embedding -> blocks
 -> final norm -> next-token head, plus the training-only multi-token heads, and its training loss.
 
 - blocks: ``block`` (reordered norm), ``attention`` (QK-norm, RoPE, KV cache), ``feed_forward`` (SwiGLU or MoE);

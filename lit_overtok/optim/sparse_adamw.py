@@ -1,7 +1,7 @@
 """AdamW that also takes sparse row gradients, with AdamW's semantics at a per-step cost independent of the table size:
 the optional sparse-update path for large Over-Encoding tables (``OverEncodingConfig.sparse``).
 
-The paper does not describe how it optimizes the tables (PAPER.md §6; presumably plain AdamW). Dense AdamW reads and
+The paper does not describe how it optimizes the tables (docs/method.md §6; presumably plain AdamW). Dense AdamW reads and
 writes all m·D table entries and both moments every step, although a batch touches only B·T·k(n-1) rows. Here dense
 gradients go through ``torch.optim.AdamW`` unchanged, and a parameter with a sparse COO gradient (an
 ``nn.Embedding(sparse=True)``) is updated only at the rows that gradient holds: O(rows touched) per step, never

@@ -1,1 +1,1 @@
-"""Studies: grids of training runs, their convergence speedups, seed-paired verdicts and reports."""
+"""Studies: grids of runs (sweeps), reading a run's logs, convergence speedups, and the reports under ``results/``."""

@@ -16,7 +16,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from lit_overtok.data.cfg_datamodule import CFGDataModule
 from lit_overtok.data.cfg_stream import STATE_KEY, fixed_sentence
-from lit_overtok.lightning_module import OverTokLM
+from lit_overtok.training.lightning_module import OverTokLM
 from lit_overtok.nn.config import ModelConfig
 from lit_overtok.nn.losses import IGNORE_INDEX
 from lit_overtok.data.grammar import GrammarError

@@ -34,7 +34,7 @@ from lit_overtok.data.webdataset_datamodule import (
     WebDatasetDataModule,
     lane_shards,
 )
-from lit_overtok.lightning_module import OverTokLM
+from lit_overtok.training.lightning_module import OverTokLM
 from lit_overtok.optim.config import OptimizerConfig
 
 GPT2_TOKENIZER = Path(__file__).resolve().parents[3] / "shared/data/tokenizers/gpt2/tokenizer.json"

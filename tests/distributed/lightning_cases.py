@@ -131,7 +131,7 @@ def start_from_the_sharded_table(module, model_config: dict) -> None:
     """Give ``module``'s replicated tables the initial values its sharded twin of the same seed draws (row chunks),
     so both train from one table. The twin's tables stay an unplaced placeholder (no process group needed: a fit
     may follow another in this process); it is built under a forked RNG, so the run's stream is kept."""
-    from lit_overtok.lightning_module import OverTokLM
+    from lit_overtok.training.lightning_module import OverTokLM
     from lit_overtok.nn.sharded_table import trunc_normal_rows_
 
     with torch.random.fork_rng():
@@ -148,7 +148,7 @@ def fit(model: str, strategy, out: str, steps: int = 4, devices: int = 1, num_no
     2 steps (sharded folders ``step=2``, ``step=4``)."""
     from lightning.pytorch.callbacks import ModelCheckpoint
 
-    from lit_overtok.lightning_module import OverTokLM
+    from lit_overtok.training.lightning_module import OverTokLM
 
     pl.seed_everything(SEED, verbose=False)
     module = OverTokLM(model_config=MODELS[model], optimizer=OPTIMIZER, vocab_size=VOCAB)
@@ -170,7 +170,7 @@ def fit_on_rank(rank: int, world: int, cases: list[dict]) -> None:
     """The forked ranks' entry: several fits in turn, all ranks together (the environment names the ranks)."""
     from lightning.pytorch.strategies import DDPStrategy
 
-    from lit_overtok.strategies import FSDP2Strategy, ShardedDDPStrategy
+    from lit_overtok.distributed.strategies import FSDP2Strategy, ShardedDDPStrategy
 
     for case in cases:
         strategy = {"ddp": ShardedDDPStrategy, "fsdp2": FSDP2Strategy, "plain_ddp": DDPStrategy}[case.pop("strategy")]()

@@ -75,7 +75,7 @@ def two_nodes(runs) -> Path:
         "seed_everything": SEED,
         "trainer": {
             "accelerator": "cpu", "devices": 1, "num_nodes": 2, "max_steps": STEPS, "logger": False,
-            "strategy": {"class_path": "lit_overtok.strategies.ShardedDDPStrategy"},
+            "strategy": {"class_path": "lit_overtok.distributed.strategies.ShardedDDPStrategy"},
             "enable_progress_bar": False, "enable_model_summary": False, "limit_val_batches": 0,
             "num_sanity_val_steps": 0, "log_every_n_steps": 1, "gradient_clip_val": CLIP,
             "use_distributed_sampler": False, "default_root_dir": str(runs / "two_nodes"),

@@ -9,7 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from lit_overtok.checkpoints import load_transformer
+from lit_overtok.checkpointing.inference import load_transformer
 from lit_overtok.evaluation.adapter import OverTokEvalLM
 from lit_overtok.evaluation.lm_eval_cli import OverTokCheckpointLM, register
 from lit_overtok.evaluation.runner import TASK_ROOT, TaskSuite

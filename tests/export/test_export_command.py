@@ -1,4 +1,4 @@
-"""``train.py export`` / ``python -m lit_overtok.export`` on checkpoints of real runs: the transformers model it writes
+"""``train.py export`` / ``lit-overtok-export`` on checkpoints of real runs: the transformers model it writes
 gives our next-token logits for a dense, an MoE and an Over-Encoding model, and carries the run's tokenizer."""
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from lit_overtok.checkpoints import load_transformer
-from lit_overtok.cli import main as cli_main
+from lit_overtok.checkpointing.inference import load_transformer
+from lit_overtok.cli.main import main as cli_main
 from lit_overtok.evaluation.adapter import OverTokEvalLM
 from lit_overtok.evaluation.runner import TASK_ROOT, TaskSuite
 from lit_overtok.evaluation.tokenizers import GrammarTokenizer
@@ -44,10 +44,10 @@ def test_train_py_export_round_trip(family, architecture, trained_checkpoint, tm
     assert_same_logits(checkpoint, tmp_path / "hf", remote_code=False)
 
 
-def test_python_m_export_of_an_over_encoding_model_with_its_tokenizer(trained_checkpoint, tmp_path):
+def test_train_py_export_of_an_over_encoding_model_with_its_tokenizer(trained_checkpoint, tmp_path):
     checkpoint = trained_checkpoint("oe")
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    done = subprocess.run([sys.executable, "-m", "lit_overtok.export", "--checkpoint", str(checkpoint), "--out",
+    done = subprocess.run([sys.executable, str(REPO / "train.py"), "export", "--checkpoint", str(checkpoint), "--out",
                            str(tmp_path / "hf")], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert_same_logits(checkpoint, tmp_path / "hf", remote_code=True)

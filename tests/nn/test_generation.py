@@ -6,7 +6,6 @@ import torch
 from lit_overtok.nn.config import ModelConfig
 from lit_overtok.nn.generation import generate
 from lit_overtok.nn.heads import MultiTokenConfig
-from lit_overtok.nn.over_encoding import OverEncodingConfig
 from lit_overtok.nn.transformer import Transformer
 
 V = 13

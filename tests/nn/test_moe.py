@@ -270,7 +270,7 @@ def test_expert_load_and_aux_losses_reach_tensorboard(tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     from lit_overtok.data.cfg_datamodule import CFGDataModule
-    from lit_overtok.lightning_module import OverTokLM
+    from lit_overtok.training.lightning_module import OverTokLM
 
     dm = CFGDataModule(seq_len=32, batch_size=2, val_sentences=4)
     module = OverTokLM(ModelConfig(preset="moe-tiny"), vocab_size=dm.vocab_size)
@@ -303,7 +303,7 @@ def test_active_parameters_count_k_of_e_experts():
 
 @pytest.mark.parametrize("preset,active,total", [
     ("olmoe-1b-7b", 1.3e9, 6.9e9),   # OLMoE-1B-7B: 1.3B active / 6.9B total
-    ("olmoe-1.3b", 260e6, 1.3e9),    # the paper's OLMoE-1.3B (PAPER.md §3.3)
+    ("olmoe-1.3b", 260e6, 1.3e9),    # the paper's OLMoE-1.3B (docs/method.md §3.3)
 ])
 def test_olmoe_presets_hit_the_published_counts(preset, active, total):
     cfg = ModelConfig(preset=preset, vocab_size=50_280)
@@ -314,7 +314,7 @@ def test_olmoe_presets_hit_the_published_counts(preset, active, total):
 
 
 def test_olmoe_7b_forward_flops_match_the_paper():
-    # PAPER.md §4.11: 2.3578 forward GFLOPs per token for the OLMoE-7B baseline (no attention term there).
+    # docs/method.md §4.11: 2.3578 forward GFLOPs per token for the OLMoE-7B baseline (no attention term there).
     cfg = ModelConfig(preset="olmoe-1b-7b", vocab_size=50_280)
     assert flops_per_token(cfg, seq_len=0) / 3 == pytest.approx(2.3578e9, rel=1e-3)
 

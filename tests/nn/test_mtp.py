@@ -1,6 +1,5 @@
 """MTP-DS (DeepSeek-V3 sequential multi-token prediction) and OT = Over-Encoding + MTP-DS."""
 
-import pytest
 import torch
 import torch.nn.functional as F
 

@@ -9,11 +9,11 @@ import torch
 import yaml
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from lit_overtok.cli import main
+from lit_overtok.cli.main import main
 from lit_overtok.nn.config import ModelConfig
 from lit_overtok.nn.counts import parameter_counts, flops_per_token
 from lit_overtok.nn.generation import generate
-from lit_overtok.lightning_module import OverTokLM
+from lit_overtok.training.lightning_module import OverTokLM
 
 pytestmark = pytest.mark.filterwarnings("ignore:LightningCLI.s args parameter")
 

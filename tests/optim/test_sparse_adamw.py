@@ -11,9 +11,9 @@ import torch
 import yaml
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from lit_overtok.cli import main
+from lit_overtok.cli.main import main
 from lit_overtok.data.cfg_datamodule import CFGDataModule
-from lit_overtok.lightning_module import OverTokLM
+from lit_overtok.training.lightning_module import OverTokLM
 from lit_overtok.nn.config import ModelConfig
 from lit_overtok.nn.transformer import Transformer
 from lit_overtok.optim.build import build_optimizer

@@ -25,7 +25,6 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from transformers.cache_utils import DynamicCache
 from transformers.models.flex_olmo.modeling_flex_olmo import FlexOlmoForCausalLM, FlexOlmoModel

@@ -1,0 +1,182 @@
+"""When a run saves: ``RunCheckpoint``, the ModelCheckpoint every ``train.py`` run gets.
+
+* ``last.ckpt`` is a link to the newest step file, replaced in one rename right after that file is written and
+  before an older step file is removed, so it is never behind and never dangles (``checkpoint_files.link_atomically``).
+* A step checkpoint due at a step with a validation is written after that validation, so everything logged at the
+  step (train metrics, in-training evaluation, validation) happened before it: a resumed run repeats none of it and
+  misses none of it.
+* Ctrl-C (SIGINT), SIGTERM and SLURM's requeue signal (SIGUSR1 unless the SLURM environment says otherwise) stop
+  the run after the current optimizer step, save it, and exit with 128 + the signal number; the requeue signal also
+  requeues the job (``scontrol requeue``), which continues with ``--ckpt_path auto``. A second Ctrl-C stops at once
+  without saving (the step in flight may be half applied). Any other exception saves nothing: its state may be
+  half a step, so the last periodic checkpoint stands.
+* The end of ``fit`` saves the final step when no periodic checkpoint fell on it (``max_steps`` not a multiple of
+  ``every_n_train_steps``), so ``last.ckpt`` of a finished run is always its final model.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from typing import Any, Optional
+
+import lightning.pytorch as pl
+from lightning.fabric.plugins.environments import SLURMEnvironment
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.utilities.exceptions import SIGTERMException
+from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
+
+from lit_overtok.checkpointing.files import link_atomically, remove_stale_temporaries
+
+
+def _validation_follows(trainer: pl.Trainer) -> bool:
+    """Whether the training loop validates right after the current batch (Lightning's own rule)."""
+    loop = trainer.fit_loop.epoch_loop
+    try:
+        return loop._should_check_val_fx(trainer.fit_loop._data_fetcher) and not loop._skip_next_val
+    except AttributeError:  # another Lightning layout: save at the batch end as ModelCheckpoint does
+        return False
+
+
+class RunCheckpoint(ModelCheckpoint):
+    """ModelCheckpoint with ``last.ckpt`` as a link, saves after the step's validation, and saves on a stop signal."""
+
+    def __init__(self, *args: Any, save_last: Any = "link", **kwargs: Any) -> None:
+        super().__init__(*args, save_last=save_last, **kwargs)
+        self._stop_signal: Optional[int] = None
+        self._requeue = False
+        self._stop_after_validation = False
+        self._trainer: Optional[pl.Trainer] = None
+        self._previous_handlers: dict[int, Any] = {}
+
+    # ------------------------------------------------------------------------------------------ last.ckpt
+    @staticmethod
+    def _link_checkpoint(trainer: pl.Trainer, filepath: str, linkpath: str) -> None:
+        if trainer.is_global_zero and os.path.abspath(filepath) != os.path.abspath(linkpath):
+            link_atomically(filepath, linkpath)
+        trainer.strategy.barrier()
+
+    def _save_checkpoint(self, trainer: pl.Trainer, filepath: str) -> None:
+        super()._save_checkpoint(trainer, filepath)
+        is_last = os.path.basename(filepath).startswith(self.CHECKPOINT_NAME_LAST)
+        if self.save_last == "link" and self.save_top_k != 0 and not is_last:
+            # Link now: ModelCheckpoint removes the previous step file before it links, leaving last.ckpt dangling.
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+
+    # ------------------------------------------------------------------------- after the step's validation
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        if self._defer_save_until_validation and not trainer.validating:
+            self._defer_save_until_validation = False  # the validation we waited for did not come: save now
+            self._save_topk_checkpoint(trainer, self._monitor_candidates(trainer))
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+        due = self._every_n_train_steps >= 1 and trainer.global_step % self._every_n_train_steps == 0
+        if due and not self._should_skip_saving_checkpoint(trainer) and _validation_follows(trainer):
+            self._defer_save_until_validation = True  # ModelCheckpoint.on_validation_end saves it
+            return
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+
+    # ---------------------------------------------------------------------------------------- stop signals
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.is_global_zero and self.dirpath is not None and os.path.isdir(self.dirpath):
+            remove_stale_temporaries(self.dirpath)
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # After Lightning installed its handlers (it restores the ones it found when the fit ends, so ours must be
+        # handed back before that: on_train_end / on_exception). Its SIGTERM handler is kept and called first; its
+        # SLURM handler, which saves in the middle of a step, is replaced.
+        self._trainer, self._stop_signal, self._requeue, self._stop_after_validation = trainer, None, False, False
+        signals = [signal.SIGINT, signal.SIGTERM]
+        environment = trainer._accelerator_connector.cluster_environment
+        if isinstance(environment, SLURMEnvironment) and environment.auto_requeue:
+            signals.append(environment.requeue_signal or signal.SIGUSR1)
+        for signum in signals:
+            try:
+                self._previous_handlers[signum] = signal.signal(signum, self._on_signal)
+            except ValueError:  # not the main thread: leave signals to Lightning
+                break
+
+    def _on_signal(self, signum: int, frame: Any) -> None:
+        trainer = self._trainer
+        if trainer is None or (signum == signal.SIGINT and self._stop_signal == signal.SIGINT):
+            previous = self._previous_handlers.get(signum)
+            self._restore_handlers()
+            return _forward(previous, signum, frame)
+        if signum == signal.SIGTERM:
+            _forward(self._previous_handlers.get(signum), signum, frame)
+        elif signum != signal.SIGINT:
+            self._requeue = True
+        if self._stop_signal is None:
+            self._stop_signal = signum
+            if trainer.is_global_zero:
+                again = " (Ctrl-C again stops at once, without saving)" if signum == signal.SIGINT else ""
+                print(f"\n{signal.Signals(signum).name}: saving a checkpoint after the current step{again}",
+                      file=sys.stderr)
+        # The flag Lightning's SIGTERM handler sets: the loop raises SIGTERMException at the end of the step, and the
+        # validation loop at once, which would lose the validation due at the saved step: let that one finish.
+        validating = trainer.validating and not trainer.sanity_checking
+        trainer._signal_connector.received_sigterm = not validating
+        self._stop_after_validation = validating
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_validation_end(trainer, pl_module)
+        if self._stop_after_validation:
+            trainer._signal_connector.received_sigterm = True
+
+    def _restore_handlers(self) -> None:
+        self._trainer = None
+        for signum, handler in self._previous_handlers.items():
+            signal.signal(signum, handler if handler is not None else signal.SIG_DFL)
+        self._previous_handlers = {}
+
+    def _save_current_step(self, trainer: pl.Trainer) -> None:
+        if self._last_global_step_saved != trainer.global_step:
+            candidates = self._monitor_candidates(trainer)
+            self._save_checkpoint(trainer, self._get_metric_interpolated_filepath_name(candidates, trainer))
+            self._save_last_checkpoint(trainer, candidates)
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_train_end(trainer, pl_module)
+        if trainer.global_step > 0 and self._every_n_train_steps >= 1 and self.save_top_k != 0:
+            self._save_current_step(trainer)  # the final model, whatever the interval
+        self._restore_handlers()
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        if isinstance(exception, SIGTERMException) and not trainer.sanity_checking:
+            signum = self._stop_signal or signal.SIGTERM
+            self._save_current_step(trainer)
+            rank_zero_info(f"stopped by {signal.Signals(signum).name} after step {trainer.global_step}; checkpoint "
+                           f"{self.last_model_path or self._last_checkpoint_saved}")
+            exception.code = 128 + signum
+            if self._requeue and trainer.is_global_zero:
+                requeue_slurm_job()
+        self._restore_handlers()
+
+
+def _forward(handler: Any, signum: int, frame: Any) -> None:
+    """Do what ``handler`` (a previous signal disposition) would have done with the signal."""
+    if callable(handler):
+        handler(signum, frame)
+    elif handler != signal.SIG_IGN:
+        signal.signal(signum, signal.SIG_DFL)
+        os.kill(os.getpid(), signum)
+
+
+def requeue_slurm_job() -> None:
+    """Put this SLURM job back in the queue; its next start resumes with ``--ckpt_path auto``."""
+    array = os.environ.get("SLURM_ARRAY_JOB_ID")
+    job = f"{array}_{os.environ['SLURM_ARRAY_TASK_ID']}" if array else os.environ.get("SLURM_JOB_ID")
+    if not job:
+        rank_zero_warn("the requeue signal came without SLURM_JOB_ID; not requeueing")
+        return
+    try:
+        result = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True)
+    except FileNotFoundError:
+        rank_zero_warn(f"cannot requeue SLURM job {job}: no scontrol on PATH")
+        return
+    if result.returncode != 0:
+        rank_zero_warn(f"scontrol requeue {job} failed ({result.returncode}): {result.stderr.strip()}")
+    else:
+        rank_zero_info(f"requeued SLURM job {job}")

@@ -1,0 +1,190 @@
+"""The training command line: ``train.py fit | validate | test`` (LightningCLI) and ``generate | export | strip``.
+
+With no arguments, ``fit`` runs the embedded default (DEFAULT_TRAINER plus the defaults of ``OverTokLM`` and
+``CFGDataModule``): a small model on the cfg3f grammar that finishes within 5 minutes on 2 idle CPU cores, then
+prints what happened and what to try next (``run_summary``). Model and data are in subclass mode (``class_path`` /
+``init_args``) and the vocabulary is linked from the data. Keys are checked before jsonargparse sees them
+(``config_keys``), so a wrong one is one line naming the nearest valid name.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+import yaml
+
+from lightning.pytorch import LightningDataModule
+from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.loggers import TensorBoardLogger
+
+from lit_overtok.checkpointing import inference as checkpoints
+from lit_overtok.cli import generate
+from lit_overtok.training.callbacks import StepProgressBar, TokenThroughputMonitor
+from lit_overtok.checkpointing.files import resolve_ckpt_path, run_logger_kwargs, with_atomic_checkpoint_io
+from lit_overtok.cli.config_keys import check_keys, field_help, OPTIMIZER_MESSAGE, REFUSED_ROOTS, resolve_model_config
+from lit_overtok.data.cfg_datamodule import CFGDataModule
+from lit_overtok.errors import InputError
+from lit_overtok.training.lm_eval_callback import LMEvalCallback
+from lit_overtok.cli import export as export_command
+from lit_overtok.training.global_batch import GlobalBatch, apply_global_batch
+from lit_overtok.training.lightning_module import OverTokLM
+from lit_overtok.checkpointing.run_checkpoint import RunCheckpoint
+from lit_overtok.training.run_summary import run_summary
+from lit_overtok.errors import exit_on_user_error, one_line, USER_ERRORS
+
+# The default run ends within 5 minutes on an idle 2-core CPU, evaluations included (BENCHMARKS.md: the default run).
+DEFAULT_TRAINER = {
+    "max_steps": 250,
+    "val_check_interval": 50,
+    "check_val_every_n_epoch": None,
+    "limit_val_batches": 4,
+    "log_every_n_steps": 10,
+    "gradient_clip_val": 1.0,
+    # Our data modules shard by rank themselves (streams cannot take a DistributedSampler).
+    "use_distributed_sampler": False,
+    "default_root_dir": "runs/default",
+}
+
+# Commands beside Lightning's fit / validate / test: (main(argv), what it does).
+COMMANDS = {
+    "generate": (generate.main, "sample text from a checkpoint (temperature, top-k, max tokens, stop at EOS)"),
+    "export": (export_command.main, "write a Hugging Face transformers folder (Olmo2 / FlexOlmo / OLMoE)"),
+    "strip": (checkpoints.main, "write a small inference checkpoint (no optimizer state, no OD / MTP-DS heads)"),
+}
+COMMANDS_EPILOG = "other commands (train.py <command> --help):\n" + "\n".join(
+    f"  {name:10s}{summary}" for name, (_, summary) in COMMANDS.items())
+
+
+class OverTokArgumentParser(LightningArgumentParser):
+    """Dumps (``--print_config``, the saved ``config.yaml``) show the model config with its preset resolved."""
+
+    def dump(self, cfg, *args, **kwargs):
+        return super().dump(resolve_model_config(cfg), *args, **kwargs)
+
+
+class OverTokCLI(LightningCLI):
+    @staticmethod
+    def subcommands() -> dict[str, set[str]]:
+        # predict has no prompts to read from a data module; `train.py generate` samples from a checkpoint.
+        return {name: skip for name, skip in LightningCLI.subcommands().items() if name != "predict"}
+
+    def add_arguments_to_parser(self, parser) -> None:
+        parser.set_defaults({
+            "model": {"class_path": f"{OverTokLM.__module__}.{OverTokLM.__qualname__}"},
+            "data": {"class_path": f"{CFGDataModule.__module__}.{CFGDataModule.__qualname__}"},
+        })
+        parser.link_arguments("data.vocab_size", "model.init_args.vocab_size", apply_on="instantiate")
+        parser.add_argument("--global_batch", type=Optional[GlobalBatch], default=None,
+                            help="Sequences or tokens per optimizer step over all ranks; trainer.accumulate_grad_batches "
+                                 "is derived from it at start (lit_overtok/training/global_batch.py)")
+
+    def before_instantiate_classes(self) -> None:
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        for key in REFUSED_ROOTS:
+            if config.get(key) is not None:
+                raise ValueError(f"{key}: {OPTIMIZER_MESSAGE}")
+        # --ckpt_path auto (or a run folder): the newest sound checkpoint of the latest run, or a fresh run if none.
+        # Only subcommands take a ckpt_path (run=False has neither the option nor a run to resume).
+        if self.subcommand is None:
+            return
+        root = config["trainer"].get("default_root_dir") or "runs"
+        config["ckpt_path"] = resolve_ckpt_path(config.get("ckpt_path"), root)
+
+    def _instantiate_trainer(self, config, callbacks):
+        # Our defaults unless the config gives its own: TensorBoard without the placeholder hp_metric (continuing the
+        # resumed run's folder), speed and memory (timed first, before any other callback's batch-end work), a
+        # progress bar counted in optimizer steps, and checkpoints that are atomic, verified on load and saved on
+        # Ctrl-C / SIGTERM, with last.ckpt always the latest step.
+        if config.get("logger") in (None, True):
+            root = config.get("default_root_dir") or "runs"
+            resume = self.config[self.subcommand].get("ckpt_path") if self.subcommand == "fit" else None
+            config["logger"] = TensorBoardLogger(root, name="", default_hp_metric=False,
+                                                 **run_logger_kwargs(resume, root))
+        config["plugins"] = with_atomic_checkpoint_io(config.get("plugins"))
+        given = list(config.get("callbacks") or []) + list(callbacks)
+        if not any(isinstance(c, TokenThroughputMonitor) for c in given):
+            config["callbacks"] = [TokenThroughputMonitor()] + list(config.get("callbacks") or [])
+        if config.get("enable_progress_bar") is not False and not any(isinstance(c, ProgressBar) for c in given):
+            callbacks.append(StepProgressBar())
+        if not any(isinstance(c, ModelCheckpoint) for c in given):
+            callbacks.append(RunCheckpoint(every_n_train_steps=100))
+        # Grammar runs score the cfg tasks in-loop (eval/*); small subsets keep the default run within minutes.
+        if not any(isinstance(c, LMEvalCallback) for c in given):
+            default_eval = LMEvalCallback.for_grammar_run(self.datamodule)
+            callbacks += [default_eval] if default_eval is not None else []
+        trainer = super()._instantiate_trainer(config, callbacks)
+        global_batch = self._get(self.config_init, "global_batch")
+        if global_batch is not None:
+            apply_global_batch(trainer, self.datamodule, global_batch, config.get("accumulate_grad_batches", 1))
+        return trainer
+
+    def before_fit(self) -> None:
+        self._fit_started = time.perf_counter()
+
+    def after_fit(self) -> None:
+        # What happened and what to try next, on rank 0 (``run_summary``). ``log_dir`` is a collective under DDP
+        # (a broadcast from rank 0): every rank reads it.
+        log_dir = self.trainer.log_dir
+        if self.trainer.is_global_zero:
+            config = str(Path(log_dir) / "config.yaml") if log_dir is not None else None
+            print(run_summary(self.trainer, time.perf_counter() - self._fit_started, config, log_dir), flush=True)
+
+
+def _root_cause(error: BaseException) -> BaseException:
+    """The deepest ValueError in the chain: ours (config validation, GrammarError), not the I/O error beneath.
+
+    ``LIT_OVERTOK_TRACEBACK=1`` shows the whole traceback instead."""
+    found = error
+    while error is not None:
+        if isinstance(error, ValueError):
+            found = error
+        # ``raise ... from None`` hides the context: the message raised is the one meant for the user.
+        error = error.__cause__ or (None if error.__suppress_context__ else error.__context__)
+    return found
+
+
+def _fail(message: object) -> None:
+    sys.stderr.write(f"error: {one_line(message) if isinstance(message, BaseException) else message}\n")
+    raise SystemExit(2)
+
+
+def main(args=None) -> None:
+    given, args = args, list(sys.argv[1:] if args is None else args)
+    if args and args[0] in COMMANDS:
+        return exit_on_user_error(COMMANDS[args[0]][0], args[1:])
+    if args and args[0] == "predict":
+        _fail("train.py predict is not available; sample from a checkpoint with train.py generate "
+              "(train.py generate --help)")
+    try:
+        asked_help = check_keys(args)
+    except (ValueError, OSError, yaml.YAMLError) as error:
+        _fail(error)
+    if asked_help is not None:
+        sys.stdout.write(field_help(*asked_help))
+        raise SystemExit(0)
+    try:
+        OverTokCLI(
+            OverTokLM,
+            LightningDataModule,  # any data module (CFGDataModule is the default, WebDatasetDataModule for text)
+            subclass_mode_model=True,
+            subclass_mode_data=True,
+            trainer_defaults=DEFAULT_TRAINER,
+            save_config_kwargs={"overwrite": True},
+            seed_everything_default=1234,  # reproducible unless a config says otherwise
+            parser_class=OverTokArgumentParser,
+            parser_kwargs={"description": __doc__.split("\n\n")[0], "epilog": COMMANDS_EPILOG,
+                           "formatter_class": argparse.RawDescriptionHelpFormatter},
+            args=given,
+        )
+    except USER_ERRORS as error:
+        # jsonargparse wraps a config error from our classes in union-type noise; show the user our message. Bad
+        # input met while running (a file, a checkpoint, a field checked at setup) is an InputError that says it all.
+        if os.environ.get("LIT_OVERTOK_TRACEBACK"):
+            raise
+        _fail(error if isinstance(error, InputError) else _root_cause(error))

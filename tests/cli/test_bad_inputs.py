@@ -1,0 +1,72 @@
+"""Bad input stops ``train.py fit`` with one line naming the file or field, before any training step."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+
+from lit_overtok.cli.main import main as cli_main
+
+
+def fit_args(root: Path, corpus: Path, *extra: str) -> list[str]:
+    return ["fit", f"--trainer.default_root_dir={root}", "--trainer.max_steps=2", "--trainer.enable_progress_bar=false",
+            "--trainer.enable_model_summary=false", "--trainer.log_every_n_steps=1",
+            "--model.init_args.model_config.preset=tiny",
+            "--data=lit_overtok.data.webdataset_datamodule.WebDatasetDataModule",
+            f"--data.init_args.train_shards={corpus}", "--data.init_args.seq_len=16", "--data.init_args.batch_size=2",
+            "--data.init_args.num_workers=0", "--data.init_args.val_batches=1", *extra]
+
+
+def edited_corpus(corpus: Path, tmp_path: Path, edit) -> Path:
+    copy = tmp_path / "corpus"
+    shutil.copytree(corpus, copy)
+    manifest = copy / "manifest.json"
+    text = manifest.read_text()
+    manifest.write_text(edit(text, copy))
+    return copy
+
+
+def with_vocab_size(size: int, keep_max_ids: bool = True, keep_tokenizer: bool = True):
+    def edit(text: str, folder: Path) -> str:
+        manifest = json.loads(text)
+        manifest["vocab_size"] = size
+        for split in manifest["splits"].values():
+            for shard in split["shards"]:
+                if not keep_max_ids:
+                    del shard["max_id"]
+        if not keep_tokenizer:
+            (folder / "tokenizer.json").unlink()
+        return json.dumps(manifest)
+    return edit
+
+
+CASES = {
+    "endless max_steps": ([], ["--trainer.max_steps=-1"], "trainer.max_steps=-1: .* set trainer.max_steps"),
+    "seq_len past max_seq_len": ([], ["--data.init_args.seq_len=600"],
+                                 r"data.seq_len=600 exceeds model_config.max_seq_len=256"),
+    "manifest not JSON": ([lambda text, folder: text[: len(text) // 2]], [], r"corpus/manifest.json is not valid JSON"),
+    "vocab_size below the ids": ([with_vocab_size(200)], [],
+                                 r"corpus/manifest.json: shard train-000000.tar holds token id 299, outside vocab_size 200"),
+    "vocab_size above the tokenizer": ([with_vocab_size(1000)], [],
+                                       r"vocab_size 1000 is not the size of its tokenizer .*tokenizer.json \(300 ids\)"),
+    "old manifest, ids past vocab_size": ([with_vocab_size(200, keep_max_ids=False, keep_tokenizer=False)], [],
+                                          r"(train|validation)-00000\d.tar holds token id 29\d, outside the manifest's vocab_size 200"),
+}
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_bad_input_is_one_line_naming_it_before_any_step(tmp_path, text_corpus, capsys, case):
+    edits, extra, message = CASES[case]
+    corpus = edited_corpus(text_corpus, tmp_path, edits[0]) if edits else text_corpus
+    with pytest.raises(SystemExit) as stopped:
+        cli_main(fit_args(tmp_path / "run", corpus, *extra))
+    assert stopped.value.code == 2
+    err = capsys.readouterr().err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("error: ") and "Traceback" not in err
+    assert re.search(message, last), last
+    assert not list((tmp_path / "run").rglob("*.ckpt"))  # no step was trained, nothing saved
