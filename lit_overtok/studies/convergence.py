@@ -144,6 +144,18 @@ def trailing_fit(x: np.ndarray, y: np.ndarray, width: float) -> np.ndarray:
     return (sy + slope * (count * x - sx)) / count
 
 
+def window_width(window: float) -> float:
+    """The fit's width in log tokens for a window of the last ``window`` fraction of the baseline's tokens."""
+    if not 0 <= window < 1:
+        raise InputError(f"window: a fraction of the baseline's tokens in [0, 1), got {window}")
+    return -math.log1p(-window)
+
+
+def final_value(curve: Curve, window: float = DEFAULT_WINDOW) -> float:
+    """A run's final value: its fitted value at its last point (the target a treatment must reach)."""
+    return float(trailing_fit(np.log(curve.tokens), curve.values, window_width(window))[-1])
+
+
 def scatter(x: np.ndarray, y: np.ndarray, near: float, width: float) -> np.ndarray:
     """How far points fall from the quadratic through their two neighbours on each side, scaled to one point's
     noise: the residuals within 2 windows of ``near``, at least the ``NOISE_POINTS`` nearest (none with fewer than
@@ -157,7 +169,9 @@ def scatter(x: np.ndarray, y: np.ndarray, near: float, width: float) -> np.ndarr
     middle = middle[np.argsort(distance, kind="stable")[:count]]
     neighbours = middle[:, None] + np.array([-2, -1, 1, 2])
     dx = x[neighbours] - x[middle, None]
-    u = dx / np.abs(dx).max(axis=1, keepdims=True)
+    scale = np.abs(dx).max(axis=1, keepdims=True)
+    middle, neighbours, dx, scale = (a[scale[:, 0] > 0] for a in (middle, neighbours, dx, scale))  # repeated tokens
+    u = dx / scale
     design = np.stack([np.ones_like(u), u, u * u], axis=-1)
     weights = np.linalg.pinv(design)[:, 0, :]  # the quadratic's value at the middle point, from the neighbours
     return (y[middle] - (weights * y[neighbours]).sum(-1)) / np.sqrt(1 + (weights * weights).sum(-1))
@@ -250,9 +264,7 @@ def estimate(metric: str, baseline: Curve, treatment: Curve, lower: bool, window
              draws: int = DRAWS, seed: int = 0) -> tuple[Speedup, np.ndarray, np.ndarray]:
     """The speedup of ``treatment`` over ``baseline`` on ``metric`` (module docstring), and both fitted curves;
     ``draws=0`` skips the interval."""
-    if not 0 <= window < 1:
-        raise InputError(f"window: a fraction of the baseline's tokens in [0, 1), got {window}")
-    width = -math.log1p(-window)
+    width = window_width(window)
     base_x, treat_x = np.log(baseline.tokens), np.log(treatment.tokens)
     base_fit = trailing_fit(base_x, baseline.values, width)
     treat_fit = trailing_fit(treat_x, treatment.values, width)

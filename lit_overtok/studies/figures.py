@@ -10,18 +10,17 @@ as a band. A law is drawn only through at least 3 distinct input vocabularies (t
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Optional
 
 import numpy as np
 
-from lit_overtok.studies.convergence import Curve, DEFAULT_WINDOW, trailing_fit
+from lit_overtok.studies.convergence import Curve, DEFAULT_WINDOW, trailing_fit, window_width
 
 DPI = 120
 FONT_SIZE = 11
 MIN_LAW_POINTS = 3
-WIDTH = -math.log1p(-DEFAULT_WINDOW)
+WIDTH = window_width(DEFAULT_WINDOW)
 
 SeedCurves = dict[int, Curve]
 
@@ -51,7 +50,7 @@ def paired_differences(baseline: SeedCurves, treatment: SeedCurves) -> Optional[
     return grid, np.stack([on_grid(treatment[s], grid) - on_grid(baseline[s], grid) for s in seeds])
 
 
-def _pyplot():
+def pyplot():
     import matplotlib
 
     matplotlib.use("Agg")
@@ -69,11 +68,12 @@ def _late_range(values: list[np.ndarray], tokens: list[np.ndarray]) -> tuple[flo
     return low - pad, high + pad
 
 
-def plot_study(curves: dict[str, dict[str, SeedCurves]], baseline: str, labels: dict[str, str],
+def plot_study(curves: dict[str, dict[str, SeedCurves]], baselines: dict[str, str], labels: dict[str, str],
                seconds_per_token: Optional[float], path: Path) -> None:
-    """``curves[metric][arm][seed]``; ``labels[arm]`` for the legend (parameter counts); the top axis shows CPU
-    seconds at ``seconds_per_token`` (the baseline's), none when it is None."""
-    plt = _pyplot()
+    """``curves[metric][arm][seed]``; ``baselines[arm]``: the arm each treatment is paired with (arms not in it
+    are baselines); ``labels[arm]`` for the legend (parameter counts); the top axis shows CPU seconds at
+    ``seconds_per_token`` (the main baseline's), none when it is None."""
+    plt = pyplot()
     metrics = list(curves)
     fig, axes = plt.subplots(2, len(metrics), figsize=(7 * len(metrics), 9.5), squeeze=False,
                              gridspec_kw={"height_ratios": [3, 2]})
@@ -90,20 +90,21 @@ def plot_study(curves: dict[str, dict[str, SeedCurves]], baseline: str, labels: 
                     label=f"{labels[arm]} ({len(seeds)} seed{'s' * (len(seeds) > 1)})")
             drawn_values.append(mean)
             drawn_tokens.append(grid)
-            if arm == baseline or baseline not in curves[metric]:
+            if arm not in baselines or baselines[arm] not in curves[metric]:
                 continue
-            paired = paired_differences(curves[metric][baseline], seeds)
+            paired = paired_differences(curves[metric][baselines[arm]], seeds)
             if paired is not None:
                 tokens, differences = paired
                 diff_ax.plot(tokens, differences.mean(0), color=colours[arm], linewidth=2,
-                             label=f"{arm} ({differences.shape[0]} pair{'s' * (differences.shape[0] > 1)})")
+                             label=f"{arm} − {baselines[arm]} ({differences.shape[0]} "
+                                   f"pair{'s' * (differences.shape[0] > 1)})")
                 diff_ax.fill_between(tokens, differences.min(0), differences.max(0), color=colours[arm], alpha=0.2,
                                      linewidth=0)
         ax.set_ylim(*_late_range(drawn_values, drawn_tokens))
         ax.set_title(f"{metric}: fitted per seed (thin), mean over seeds (thick)")
         ax.set_ylabel(metric)
         diff_ax.axhline(0.0, color="black", linewidth=0.8)
-        diff_ax.set_title(f"{metric}: treatment − {baseline}, mean over pairs, band = range over pairs")
+        diff_ax.set_title(f"{metric}: treatment − baseline, mean over seed pairs, band = their range")
         diff_ax.set_ylabel(f"Δ {metric}")
         for a in (ax, diff_ax):
             a.set_xscale("log")
@@ -114,7 +115,7 @@ def plot_study(curves: dict[str, dict[str, SeedCurves]], baseline: str, labels: 
         if seconds_per_token:
             top = ax.secondary_xaxis("top", functions=(lambda t: t * seconds_per_token,
                                                        lambda s: s / seconds_per_token))
-            top.set_xlabel(f"CPU seconds of the {baseline} run")
+            top.set_xlabel("CPU seconds (at the baseline's rate)")
     fig.tight_layout()
     fig.savefig(path, dpi=DPI)
     plt.close(fig)
@@ -127,7 +128,7 @@ def plot_law(points: dict[str, dict[str, tuple[float, list[float]]]], fits: dict
     input vocabularies."""
     if min((len({x for x, _ in by_arm.values()}) for by_arm in points.values()), default=0) < MIN_LAW_POINTS:
         return False
-    plt = _pyplot()
+    plt = pyplot()
     fig, axes = plt.subplots(1, len(points), figsize=(6.5 * len(points), 5), squeeze=False)
     for ax, (metric, by_arm) in zip(axes.flat, points.items()):
         for i, (arm, (x, finals)) in enumerate(by_arm.items()):

@@ -36,7 +36,7 @@ def test_the_study_figure_is_written_at_a_readable_resolution(tmp_path):
     curves = {metric: {"baseline": {1: curve(1.0, 0.0), 2: curve(1.0, 0.02)},
                        "oe": {1: curve(1.5, 0.0), 2: curve(1.5, 0.02)}} for metric in ("train/loss_next1", "val/loss")}
     labels = {"baseline": "baseline, 1.84M params", "oe": "oe, 18.6M params"}
-    figures.plot_study(curves, "baseline", labels, 1e-4, tmp_path / "curves.png")
+    figures.plot_study(curves, {"oe": "baseline"}, labels, 1e-4, tmp_path / "curves.png")
     width, height = png_size(tmp_path / "curves.png")
     assert (width, height) == (2 * 7 * figures.DPI, int(9.5 * figures.DPI)) and figures.DPI >= 100
 
