@@ -12,7 +12,7 @@ treatment already past the target at its first point is reported as "≥ X (cens
 never reaches it as "never (best value v)". Lower is better for losses and perplexities, higher for accuracies
 (explicit lists in ``convergence``); any other metric needs ``--lower-is-better`` or ``--higher-is-better``.
 
-Writes a markdown table (stdout and ``--output``), the same as JSON (``--json``) and a PNG (``--plot``) with both
+Writes a markdown table (stdout and ``--output``), the same as JSON (``--json``, default beside it) and a PNG (``--plot``) with both
 curves, their fits, the target and the crossing.
 """
 
@@ -158,7 +158,7 @@ def main(argv: Optional[list[str]] = None) -> list[Speedup]:
                         help="metrics whose larger values are better, beyond the known accuracies")
     parser.add_argument("--draws", type=int, default=convergence.DRAWS, help="bootstrap draws of the interval")
     parser.add_argument("--output", default="speedup.md", help="markdown table")
-    parser.add_argument("--json", default="speedup.json", help="the table's numbers as JSON")
+    parser.add_argument("--json", default=None, help="the table's numbers as JSON (default: --output's name, .json)")
     parser.add_argument("--plot", default="speedup.png", help="PNG of the curves with the crossings marked")
     args = parser.parse_args(argv)
     lower, higher = metric_list(args.lower_is_better), metric_list(args.higher_is_better)
@@ -181,7 +181,8 @@ def main(argv: Optional[list[str]] = None) -> list[Speedup]:
     table = markdown(results)
     print(table)
     Path(args.output).write_text(table)
-    Path(args.json).write_text(json.dumps([r.as_dict() for r in results], indent=1))
+    json_path = Path(args.json) if args.json else Path(args.output).with_suffix(".json")
+    json_path.write_text(json.dumps([r.as_dict() for r in results], indent=1))
     plot(panels, Path(args.plot), ("baseline", "treatment"))
-    print(f"table: {args.output}, JSON: {args.json}, plot: {args.plot}", file=sys.stderr)
+    print(f"table: {args.output}, JSON: {json_path}, plot: {args.plot}", file=sys.stderr)
     return results
