@@ -103,6 +103,7 @@ def plot_study(curves: dict[str, dict[str, SeedCurves]], baselines: dict[str, st
         ax.set_ylim(*_late_range(drawn_values, drawn_tokens))
         ax.set_title(f"{metric}: fitted per seed (thin), mean over seeds (thick)")
         ax.set_ylabel(metric)
+        ax.ticklabel_format(axis="y", useOffset=False)  # losses as they are, not as offsets from 6.5
         diff_ax.axhline(0.0, color="black", linewidth=0.8)
         diff_ax.set_title(f"{metric}: treatment − baseline, mean over seed pairs, band = their range")
         diff_ax.set_ylabel(f"Δ {metric}")
@@ -144,6 +145,7 @@ def plot_law(points: dict[str, dict[str, tuple[float, list[float]]]], fits: dict
         ax.set_title(f"final {metric} against the input vocabulary")
         ax.set_xlabel("log10(input vocabulary V + m)")
         ax.set_ylabel(f"final {metric}")
+        ax.ticklabel_format(axis="y", useOffset=False)
         ax.grid(True, alpha=0.25)
         ax.legend()
     fig.tight_layout()
