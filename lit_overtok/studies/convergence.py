@@ -44,8 +44,8 @@ CONFIDENCE = 0.95
 DRAWS = 400
 WIDEN = 1.25
 """The bootstrap's spread is widened by this factor: it takes the noise as known and the fitted curves as the truth,
-and on the synthetic curves of tests/studies/test_convergence.py it covers the true speedup in ~87% of draws, not 95%;
-widened it covers >= 90% at every run length."""
+and on the synthetic training losses of tests/studies/test_convergence.py it covered the true speedup in 82-93% of
+draws, not 95%; widened, >= 90% of the draws of every run length are covered."""
 NOISE_POINTS = 8
 """A run's noise is read from at least this many points nearest the target (baseline) or the crossing (treatment)."""
 
@@ -99,7 +99,8 @@ class Speedup:
     """REACHED: the estimate; CENSORED: a lower bound; NEVER: None."""
     low: Optional[float] = None
     high: Optional[float] = None
-    """The 95% interval of a REACHED ratio (None with fewer than 5 points per run); inf where draws never cross."""
+    """The 95% interval of a REACHED ratio (None when neither run has 5 points); 0 or inf at an end where many
+    draws never crossed or were censored."""
     uninformative: bool = False
     """The baseline's own first point is at or beyond its final value: reaching that says nothing about speed."""
 
