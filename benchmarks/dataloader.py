@@ -36,15 +36,18 @@ sys.path.insert(0, str(REPO))
 # would cost each of them seconds (main() imports the rest).
 from lit_overtok.data.prepare import PrepareConfig, prepare  # noqa: E402
 
-WIKI = REPO.parent / "shared/data/wikipedia_en_2015/train-00.jsonl.xz"
-GPT2 = REPO.parent / "shared/data/tokenizers/gpt2/tokenizer.json"
+from lit_overtok.data.locations import data_dir  # noqa: E402
+
+WIKI = "wikipedia_en_2015/train-00.jsonl.xz"  # inside the data folder
+GPT2 = "tokenizers/gpt2/tokenizer.json"
 
 
 def prepare_speed(workdir: Path, tokenizer: Path, megabytes: float) -> tuple[float, Path]:
     """MB/s of ``prepare`` on a slice of the wiki corpus; returns it and the shard directory it wrote."""
     source = workdir / "slice.jsonl.xz"
     budget = megabytes * 1e6
-    with lzma.open(WIKI, "rt") as lines, lzma.open(source, "wt", preset=1) as out:
+    wiki = data_dir(needed_for="the Wikipedia corpus") / WIKI
+    with lzma.open(wiki, "rt") as lines, lzma.open(source, "wt", preset=1) as out:
         for line in lines:
             if budget <= 0:
                 break
@@ -93,7 +96,7 @@ def main() -> None:
     model_args = config["model"]["init_args"]
     configured = REPO / data_args["train_shards"]
     shards = Path(args.shards) if args.shards else (configured if (configured / "manifest.json").is_file() else None)
-    tokenizer = shards / "tokenizer.json" if shards is not None else GPT2
+    tokenizer = shards / "tokenizer.json" if shards is not None else data_dir(needed_for="the GPT-2 tokenizer") / GPT2
 
     with tempfile.TemporaryDirectory() as workdir:
         prepare_mb_per_s, sliced = prepare_speed(Path(workdir), tokenizer, prepare_mb)

@@ -29,7 +29,7 @@ import torch  # noqa: E402
 
 from lit_overtok.nn.config import ModelConfig  # noqa: E402
 from lit_overtok.evaluation.runner import TaskSuite  # noqa: E402
-from lit_overtok.evaluation.benchmark_tasks import DEFAULT_DATA_DIR  # noqa: E402
+from lit_overtok.data.locations import data_dir  # noqa: E402
 from lit_overtok.evaluation.tokenizers import TextTokenizer  # noqa: E402
 from lit_overtok.evaluation.adapter import OverTokEvalLM  # noqa: E402
 from lit_overtok.nn.transformer import Transformer  # noqa: E402
@@ -38,7 +38,8 @@ from lit_overtok.nn.transformer import Transformer  # noqa: E402
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default="cfg-small", help="model shape (lit_overtok.nn.presets.PRESETS)")
-    parser.add_argument("--tokenizer", default=str(DEFAULT_DATA_DIR / "tokenizers/gpt2/tokenizer.json"))
+    parser.add_argument("--tokenizer", help="tokenizers JSON (default: GPT-2's, tokenizers/gpt2/tokenizer.json in the "
+                        "data folder)")
     parser.add_argument("--docs", type=int, default=64, help="HellaSwag documents (4 requests each)")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--batch-size", type=int, default=32)
@@ -52,7 +53,8 @@ def main() -> None:
     if args.threads is not None:
         torch.set_num_threads(args.threads)
 
-    tokenizer = TextTokenizer(args.tokenizer)
+    gpt2 = data_dir(needed_for="the GPT-2 tokenizer") / "tokenizers/gpt2/tokenizer.json" if not args.tokenizer else None
+    tokenizer = TextTokenizer(args.tokenizer or gpt2)
     torch.manual_seed(0)
     model = Transformer(ModelConfig(preset=args.preset, vocab_size=tokenizer.vocab_size)).to(args.device).eval()
     lm = OverTokEvalLM(model, tokenizer, batch_size=args.batch_size, max_batch_tokens=args.max_batch_tokens,

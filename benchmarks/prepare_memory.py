@@ -24,9 +24,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-from lit_overtok.evaluation.benchmark_tasks import DEFAULT_DATA_DIR  # noqa: E402
+from lit_overtok.data.locations import data_dir  # noqa: E402
 
-GPT2 = DEFAULT_DATA_DIR / "tokenizers/gpt2/tokenizer.json"
 MEASURE = """
 import resource, sys, time
 import webdataset
@@ -44,7 +43,8 @@ def measure(megabytes: float, folder: Path, whole: bool) -> dict[str, float]:
     text = (REPO / "README.md").read_text()
     document = folder / f"document_{megabytes}.txt"
     document.write_text((text * (int(megabytes * 1e6) // len(text) + 1))[: int(megabytes * 1e6)])
-    done = subprocess.run([sys.executable, "-c", MEASURE, str(document), str(folder / f"out_{megabytes}"), str(GPT2),
+    gpt2 = data_dir(needed_for="the GPT-2 tokenizer") / "tokenizers/gpt2/tokenizer.json"
+    done = subprocess.run([sys.executable, "-c", MEASURE, str(document), str(folder / f"out_{megabytes}"), str(gpt2),
                            "whole" if whole else "pieces"],
                           capture_output=True, text=True, check=True, cwd=REPO,
                           env={**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"})

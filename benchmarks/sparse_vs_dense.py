@@ -5,7 +5,7 @@ Each arm is a real ``train.py fit`` of ``configs/wiki/wiki_small_oe.yaml`` (cfg-
 and 98,307 rows, n = 3, k = 1, BPE-8192 Wikipedia, batch 8 x 256), shortened to ``--steps`` with validation every
 ``--val-every`` steps, one thread each, one after another. A batch looks up 2,048 rows per table, so most rows are
 read once in a while and skipped in between: the case where the sparse path's semantics matter. Prepare shards first
-(README, "Pretraining data"; one training file is enough for a few hundred steps):
+(docs/data.md, "Text shards"; one training file is enough for a few hundred steps):
 
     python -m lit_overtok.data.prepare --output data/wiki_bpe8k_00 --vocab-size 8192 \\
         --train ../shared/data/wikipedia_en_2015/train-00.jsonl.xz \\

@@ -1,15 +1,23 @@
 """lit_overtok: a PyTorch Lightning template for Over-Tokenized Transformers (Huang et al., ICML 2025).
 
-The package, read top down (imports flow one way: Lightning pieces -> ``evaluation`` / ``data`` -> ``nn``):
+The package, room by room from the top (a room imports only the rooms below it; ``tests/test_layout.py``):
 
-- ``cli``, ``lightning_module``, ``callbacks``, ``run_summary``, ``hparams_tab``, ``optim/``: the Lightning pieces
-  (entry point, training objective and metrics, throughput, the end-of-run summary, the HPARAMS tab, AdamW groups /
-  schedule / the sparse row optimizer);
-- ``evaluation/``: lm-evaluation-harness adapter, task files (package data) and their hooks, runner, callback;
-- ``data/``: synthetic grammars, text preparation into WebDataset shards, the data modules;
+- ``cli/``: ``train.py``'s commands (fit, validate, test, generate, strip, export) and the config-key checks;
+- ``studies/``: sweeps, reports, convergence speedups, reading a run's logs;
+- ``training/``: the LightningModule (objective and metrics), callbacks, the lm-eval callback, the global batch,
+  the run summary, the dashboards;
+- ``evaluation/``, ``distributed/``: the lm-evaluation-harness adapter, its task files and checkpoint scoring; the
+  DDP / FSDP2 strategies with row-sharded tables and the per-rank memory estimate;
+- ``checkpointing/``: the file format and its checks, atomic writes, resuming, inference loading;
+- ``data/``, ``optim/``, ``export/``: grammars and text shards with their data modules; AdamW groups, schedule and
+  the sparse row optimizer; the Hugging Face export;
 - ``nn/``: the network, one module per concept of the paper (``over_encoding``, ``over_decoding``, ``mtp``,
-  ``moe``) beside the OLMo2 backbone's layers (``norms``, ``rotary``, ``attention``, ``block``, ``transformer``);
-- ``configuration``: turning YAML / checkpoint dicts into the dataclass configs, with errors naming the field.
+  ``moe``) beside the OLMo2 / OLMoE backbone's layers (``norms``, ``rotary``, ``attention``, ``block``,
+  ``transformer``);
+- the root's shared helpers: ``errors`` (one-line input errors, exit status 2) and ``configuration`` (YAML /
+  checkpoint dicts into the dataclass configs, with errors naming the field).
+
+docs/contributing.md has the map in full.
 
 Shape legend. Tensor names carry their shape as a suffix (``x_BTD``); every module uses these letters:
 

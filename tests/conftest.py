@@ -1,4 +1,5 @@
-"""Shared fixtures: small copies of the offline task data, the GPT-2 tokenizer."""
+"""Shared fixtures: a text tokenizer, small copies of the offline task data (from ``tests/fixtures``), prepared
+shards, tiny trained runs."""
 
 from __future__ import annotations
 
@@ -7,30 +8,25 @@ from pathlib import Path
 
 import pytest
 
-from lit_overtok.evaluation.benchmark_tasks import DEFAULT_DATA_DIR, read_split
+from tests.fixtures import mmlu_questions, rows, train_text_tokenizer, write_split
 
 
-@pytest.fixture
-def gpt2_tokenizer() -> Path:
-    return DEFAULT_DATA_DIR / "tokenizers" / "gpt2" / "tokenizer.json"
+@pytest.fixture(scope="session")
+def text_tokenizer(tmp_path_factory) -> Path:
+    """A GPT-2-style byte-level BPE (``tests.fixtures.TEXT_VOCAB`` ids, the last one <|endoftext|>)."""
+    return train_text_tokenizer(tmp_path_factory.mktemp("text_tokenizer") / "tokenizer.json")
 
 
 @pytest.fixture
 def paper_data(tmp_path: Path) -> Path:
     """A data folder with a few documents of each of the paper's five tasks (MMLU: one question and its shots)."""
     data_dir = tmp_path / "paper_data"
-
-    def copy(folder: str, split: str, count: int, keep=lambda row: True) -> None:
-        (data_dir / folder).mkdir(parents=True, exist_ok=True)
-        rows = [row for row in read_split(str(DEFAULT_DATA_DIR), folder, split) if keep(row)][:count]
-        (data_dir / folder / f"{split}.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
-
     for folder in ("hellaswag", "piqa", "arc_easy", "arc_challenge"):
-        copy(folder, "validation", 3)
+        write_split(data_dir, folder, "validation", rows(folder, "validation", 3))
     for folder in ("arc_easy", "arc_challenge"):
-        copy(folder, "train", 3)
-    copy("mmlu", "validation", 1)
-    copy("mmlu", "dev", 5, keep=lambda row: row["subject"] == "abstract_algebra")
+        write_split(data_dir, folder, "train", rows(folder, "train", 3))
+    write_split(data_dir, "mmlu", "validation", rows("mmlu", "validation", 1))
+    write_split(data_dir, "mmlu", "dev", mmlu_questions("abstract_algebra", "dev", 5))
     return data_dir
 
 
@@ -98,6 +94,9 @@ RUN_FAMILIES = {
     "moe": ["--model.init_args.model_config.preset=moe-tiny"],
     "oe": ["--model.init_args.model_config.preset=tiny",
            '--model.init_args.model_config.over_encoding={"m": 97, "n": 3, "k": 2}'],
+    # LongCat's N-gram Embedding, cfg3f's id 0 (BOS) ignored.
+    "ne": ["--model.init_args.model_config.preset=tiny",
+           '--model.init_args.model_config.over_encoding={"m": 96, "n": 3, "k": 2, "flavor": "longcat", "ignore_ids": [0]}'],
     "od": ["--model.init_args.model_config.preset=tiny",
            '--model.init_args.model_config.multi_token={"mode": "od", "n": 2}'],
 }

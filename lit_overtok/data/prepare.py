@@ -129,14 +129,22 @@ def iter_chunks(files: list[Path], config: PrepareConfig, progress, totals: dict
 
 
 # ------------------------------------------------------------------------------------------------- tokenizer
-def train_bpe(documents: Iterable[str], vocab_size: int) -> Tokenizer:
-    """A GPT-2-style byte-level BPE (no prefix space) whose id 0 is the end-of-text token."""
-    from tokenizers import decoders, models, pre_tokenizers, processors, trainers
+def byte_level_bpe() -> Tokenizer:
+    """An untrained GPT-2-style byte-level BPE: no prefix space, byte-level decoding, offsets kept."""
+    from tokenizers import decoders, models, pre_tokenizers, processors
 
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
     tokenizer.post_processor = processors.ByteLevel(trim_offsets=False)
+    return tokenizer
+
+
+def train_bpe(documents: Iterable[str], vocab_size: int) -> Tokenizer:
+    """A GPT-2-style byte-level BPE (no prefix space) whose id 0 is the end-of-text token."""
+    from tokenizers import pre_tokenizers, trainers
+
+    tokenizer = byte_level_bpe()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
         special_tokens=[TRAINED_EOS],

@@ -9,9 +9,9 @@ A prepared directory holds
 * ``tokenizer.json``: the tokenizer that produced the tokens (a copy of the given file, or the trained BPE);
 * ``<split>-NNNNNN.tar``: WebDataset shards. Plain ustar tar files, one member per document, named
   ``<10-digit document index>.bin``, holding the document's token ids followed by EOS as raw little-endian
-  ``uint16`` (vocabulary <= 65536) or ``uint32``. Raw arrays, not ``.npy``/``.pyd``: nothing is ever unpickled, and
-  the dtype lives in the manifest (REFERENCES.md §4). Members carry fixed metadata (mtime 0, uid/gid 0, mode 0444),
-  so the same documents always give byte-identical shards.
+  ``uint16`` (vocabulary <= 65536) or ``uint32``. Raw arrays, not ``.npy``/``.pyd`` (WebDataset's default decoders
+  unpickle ``.pyd``/``.pkl``): nothing is ever unpickled, and the dtype lives in the manifest. Members carry fixed
+  metadata (mtime 0, uid/gid 0, mode 0444), so the same documents always give byte-identical shards.
 
 Reading verifies each shard's size and sha256 against the manifest before parsing it, so a truncated or modified
 shard is always detected (a tar reader alone can mistake a truncated archive for a shorter one).

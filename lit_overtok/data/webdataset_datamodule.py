@@ -112,7 +112,7 @@ def resolve_shards(spec: str, split: str, manifest: Optional[str] = None) -> Sha
         else:
             raise ManifestError(
                 f"{option}: {pattern} is neither a directory of prepared shards nor a shard file; write shards with "
-                "`python -m lit_overtok.data.prepare` (README: Pretraining data)"
+                "`python -m lit_overtok.data.prepare` (docs/data.md)"
             )
     if len(set(urls)) != len(urls):
         raise ManifestError(f"{option}: {spec!r} names some shards more than once")

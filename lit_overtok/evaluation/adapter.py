@@ -1,6 +1,6 @@
 """lm-evaluation-harness adapter: any of our models (dense, MoE, Over-Encoding, Over-Decoding) as an lm-eval ``LM``.
 
-``OverTokEvalLM`` subclasses lm-eval's ``TemplateLM`` (REFERENCES.md §3), so lm-eval's own task definitions,
+``OverTokEvalLM`` subclasses lm-eval's ``TemplateLM`` (``lm_eval/api/model.py``), so lm-eval's own task definitions,
 prompts and metrics score our checkpoints unchanged. Only the next-token head is used (docs/method.md §2: over-decoding
 heads never produce tokens).
 

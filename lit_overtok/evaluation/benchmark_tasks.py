@@ -3,7 +3,8 @@ preprocessing and MMLU-Var's prompt variants. The grammar tasks' hooks are in ``
 
 lm-eval calls a task's ``custom_dataset`` with the task metadata (``TaskManager(metadata=...)``, or
 ``lm_eval --metadata``) plus its ``dataset_kwargs``; the key read here is ``data_dir``: the folder holding
-``<folder>/<split>.jsonl`` (default ``DEFAULT_DATA_DIR``, ``../shared/data`` beside a source checkout).
+``<folder>/<split>.jsonl`` (found by ``lit_overtok.data.locations.data_dir``: that key, else ``$LIT_OVERTOK_DATA``,
+else ``../shared/data`` beside a source checkout).
 
 MMLU-Var (docs/method.md §4.12) follows OLMo's in-loop evaluator (allenai/OLMo ``olmo/eval/downstream.py``, class
 ``MMLU`` with ``prompt_variations=1``): every validation question is asked in 7 prompt variants, each a document
@@ -29,8 +30,8 @@ from typing import Any, Optional
 
 import datasets
 
+from lit_overtok.data.locations import data_dir as find_data_dir
 
-DEFAULT_DATA_DIR = Path(__file__).resolve().parents[3] / "shared" / "data"  # ../shared/data beside a checkout
 
 MMLU_INSTRUCTION = "The following are multiple choice questions (with answers) about {subject}:\n\n"
 MMLU_VARIANT_SHOTS = (None, 0, 1, 2, 3, 4, 5)  # None: no prefix; k: instruction + k dev shots
@@ -45,12 +46,13 @@ def _read_jsonl(path: Path, mtime_ns: int) -> tuple[dict, ...]:
 
 def read_split(data_dir: Optional[str], folder: str, split: str) -> list[dict]:
     """Rows of ``<data_dir>/<folder>/<split>.jsonl``; a missing file is an error that says what to provide."""
-    path = Path(data_dir or DEFAULT_DATA_DIR) / folder / f"{split}.jsonl"
+    path = find_data_dir(data_dir, needed_for=f"the {folder} {split} split") / folder / f"{split}.jsonl"
     if not path.is_file():
         raise FileNotFoundError(
             f"offline task data {path} is missing: provide the {folder} {split} split as JSONL in the schema of "
             f"lm-eval's {folder} task (one JSON object per line), or point data_dir (evaluate.py --data-dir, "
-            "LMEvalCallback(data_dir=...), lm_eval --metadata '{\"data_dir\": ...}') at a folder that has it"
+            "LMEvalCallback(data_dir=...), lm_eval --metadata '{\"data_dir\": ...}', or LIT_OVERTOK_DATA) at a folder "
+            "that has it"
         )
     return [dict(row) for row in _read_jsonl(path, path.stat().st_mtime_ns)]
 

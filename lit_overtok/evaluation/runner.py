@@ -117,7 +117,8 @@ class TaskSuite:
         """
         Args:
             tasks: task or group names; ``paper`` and ``grammar`` name the sets in ``TASK_SETS``.
-            data_dir: folder of the offline task data (``<task>/<split>.jsonl``); default ``../shared/data``.
+            data_dir: folder of the offline task data (``<task>/<split>.jsonl``); default ``$LIT_OVERTOK_DATA``, else
+                ``../shared/data`` beside a checkout (``lit_overtok.data.locations``).
             grammar: grammar of the ``cfg_*`` tasks (packaged name or JSON path); default cfg3f.
             cfg_num_docs: documents per grammar task (default 256, or the largest grammar-task ``subset``).
             num_fewshot: few-shot examples for every task that does not fix its own (default 0).

@@ -51,7 +51,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser.add_argument("--checkpoint", required=True, nargs="+", help="checkpoint files or globs")
     parser.add_argument("--tasks", default="paper", help="comma-separated task names or sets (paper, grammar)")
     parser.add_argument("--limit", type=int, default=None, help="score only the first N documents of each task")
-    parser.add_argument("--data-dir", default=None, help="offline task data (default ../shared/data)")
+    parser.add_argument("--data-dir", default=None,
+                        help="offline task data (default: $LIT_OVERTOK_DATA, else ../shared/data beside a checkout)")
     parser.add_argument("--tokenizer", default=None, help="tokenizers JSON path or grammar:<name> (default: from the "
                         "checkpoint; another one is refused)")
     parser.add_argument("--allow-tokenizer-change", action="store_true",

@@ -121,7 +121,7 @@ def map_state_dict(model: Transformer, expert_layout: str = "per_expert") -> dic
 
     out["model.embed_tokens.weight"] = take("embed.wte.weight")[:V]
     if cfg.over_encoding is not None:
-        for name in ("tables.weight", "proj.weight", "proj.bias"):
+        for name in ("tables.weight", "proj.weight", "proj.bias")[:3 if cfg.over_encoding.proj_bias else 2]:
             out[f"model.over_encoding.{name}"] = take(f"embed.{name}")
     for i in range(cfg.n_layer):
         src, dst = f"blocks.{i}.", f"model.layers.{i}."
@@ -239,6 +239,8 @@ def remote_code_fields(cfg: ModelConfig, model_type: str) -> dict:
         fields["over_encoding"] = {
             "vocab_size": cfg.vocab_size, "orders": oe.table_orders(), "moduli": oe.row_counts(),
             "slice_width": oe.slice_width(cfg.d_model), "eos_id": oe.eos_id if oe.reset_at_eos else None,
+            # LongCat NE's options (docs/oe_family.md); Algorithm 1's values are the remote code's defaults.
+            "proj_bias": oe.proj_bias, "combine": oe.combine, "scale": oe.scale, "ignore_ids": oe.ignored_token_ids(),
         }
     if is_joint(cfg):
         fields["joint_head_n"] = cfg.multi_token.n

@@ -2,6 +2,8 @@
 
 Lookups cost no FLOPs, so the 1-gram and Over-Encoding tables are excluded from the FLOPs (docs/method.md §4.11: OE adds
 only its projections, 2·D² per token); the output unembedding is a matmul and counts whether tied or not.
+``ParameterCounts.memory_tables`` lists the hashed n-gram memory tables per family (OE, LongCat NE, Engram), which
+``nn.table_budget`` uses to build arms of equal table parameters or equal totals (``docs/oe_family.md``).
 """
 
 from __future__ import annotations

@@ -19,6 +19,9 @@ hook reaches it only through the functions here, so this file lists every extens
 - ``init_own_parameters(std, seed) -> [parameters]``: the module initialises these parameters itself (Over-Encoding's
   row-sharded tables, drawn chunk by chunk of rows so that a block gets the rows of the whole table), from a seed the
   model derives from its global seed and the module's name;
+- ``memory_family = "<name>"``: the module's parameters are a hashed n-gram memory table of that family ("oe",
+  "ne", "engram"), reported per family by ``parameter_counts`` (``memory_tables_<family>``) so arms of equal table
+  parameters can be built and checked (``nn.table_budget``);
 - a parameter's ``global_shape`` (a row-sharded table's block, ``nn.sharded_table``): it holds only some rows of a
   table of that shape on this rank; counts use the whole table, and data parallelism must leave it alone (its
   gradient is already reduced by the table's own collectives).
@@ -88,6 +91,16 @@ def global_shape(param: torch.Tensor) -> Optional[tuple[int, ...]]:
 def global_numel(param: torch.Tensor) -> int:
     shape = global_shape(param)
     return param.numel() if shape is None else math.prod(shape)
+
+
+def memory_table_parameters(root: nn.Module) -> dict[str, int]:
+    """Parameters of the modules marked with a ``memory_family``, summed per family (whole tables, also sharded)."""
+    counts: dict[str, int] = {}
+    for module in root.modules():
+        family = getattr(module, "memory_family", None)
+        if family is not None:
+            counts[family] = counts.get(family, 0) + sum(global_numel(p) for p in module.parameters())
+    return counts
 
 
 def is_vocabulary_sized(module: nn.Module) -> bool:

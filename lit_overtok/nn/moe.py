@@ -1,4 +1,5 @@
-"""Mixture-of-experts feed-forward in the OLMoE recipe (docs/method.md §3.3; REFERENCES.md §1.3, §1.4).
+"""Mixture-of-experts feed-forward in the OLMoE recipe (docs/method.md §3.3; the router and
+losses as in OLMo-core's ``nn/moe``, the stacked expert weights as in torchtitan's ``models/common/moe.py``).
 
 Features:
 - a linear router without bias, computed in fp32 even under autocast; softmax scores; top-k experts per token.

@@ -29,6 +29,14 @@ Two input forms (``form``), the two of the paper's synthetic-grammar study (§3.
   V-row table. [UNCONFIRMED] The paper's GPT-2 ties its embeddings, and the paper does not say how its n-gram
   encoding model's 1-gram output table was set up; an untied 1-gram head is the only way to keep the output 1-gram.
 
+LongCat's N-gram Embedding (NE; Liu et al. 2026, ``docs/oe_family.md``) is this module with options, not a copy:
+``flavor: longcat`` sets rows int(r·V + 2i + 1) (``row_rule``; m = int(r·V)), projections without bias
+(``proj_bias``), and keeps the mean; ``combine`` picks the mean, E(x_t) + S/(1 + N) or (E(x_t) + S)/sqrt(1 + N);
+``scale`` multiplies the whole embedding (LongCat's "embedding amplification"); ``ignore_ids`` bypass the tables
+(their position gets scale·E(x_t)) and cut the n-gram history as an EOS does with ``reset_at_eos``. The default
+``flavor: paper`` is Algorithm 1 exactly (the golden curves are unchanged). The tables then count as family "ne"
+(``nn.counts``, ``nn.table_budget``).
+
 Options beyond the paper: ``reset_at_eos`` (the paper is silent on packed documents, so off by default) zeroes the
 n-gram history that reaches back across an EOS, as at a sequence start; ``sparse`` produces sparse row gradients
 for the tables, which ``lit_overtok.optim.sparse_adamw.RowSparseAdamW`` updates at the touched rows only, catching a
@@ -48,7 +56,7 @@ from __future__ import annotations
 import math
 import warnings
 from dataclasses import dataclass
-from typing import Literal, Optional
+from typing import Literal, Optional, Union
 
 import torch
 import torch.distributed as dist
@@ -60,6 +68,12 @@ from lit_overtok.nn.sharded_table import RowShardedEmbedding, trunc_normal_rows_
 
 _INDEX_BOUND = 2**62  # keeps x·(V^r mod M) + a < 2^63 with room to spare
 INPUT_FORMS = ("hierarchical", "single")
+COMBINATIONS = ("mean", "unigram_full", "sqrt")
+# The options each flavor sets (docs/oe_family.md): Algorithm 1, and LongCat's N-gram Embedding as SGLang runs it.
+FLAVORS = {
+    "paper": dict(row_rule="paper", proj_bias=True, combine="mean", scale=1.0, ignore_ids=[]),
+    "longcat": dict(row_rule="longcat", proj_bias=False, combine="mean", scale=1.0, ignore_ids=[]),
+}
 
 
 @dataclass
@@ -94,6 +108,60 @@ class OverEncodingConfig:
     Off: every rank holds the whole tables. From the same initial table the two train alike to float rounding,
     but each mode draws that table its own way (see the module docstring)."""
 
+    flavor: Literal["paper", "longcat"] = "paper"
+    """Sets the five options below together (each given explicitly wins): ``paper`` is Algorithm 1 (rows m + 2i,
+    projections with bias, the mean over 1 + N, scale 1, no ignored ids); ``longcat`` is LongCat's N-gram Embedding
+    (NE; ``docs/oe_family.md``): rows m + 2i + 1, projections without bias, the mean (SGLang's variant), scale 1."""
+    row_rule: Optional[Literal["paper", "longcat"]] = None
+    """Rows of table i: ``paper`` m + 2i; ``longcat`` int(r·V + 2i + 1) = m + 2i + 1 with m = int(r·V) (LongCat's
+    ``oe_vocab_size_ratio`` r; ``nn.table_budget.longcat_m`` turns r into m)."""
+    proj_bias: Optional[bool] = None
+    """Bias on the slice projections (Algorithm 1's ``nn.Linear`` default); LongCat's ``post_projs`` have none."""
+    combine: Optional[Literal["mean", "unigram_full", "sqrt"]] = None
+    """How E(x_t) and the projected n-gram sum S_t (N = k(n-1) tables) combine: ``mean`` (E + S)/(1 + N)
+    (Algorithm 1, SGLang's LongCat); ``unigram_full`` E + S/(1 + N) (the word embedding at full scale, mlx-lm's
+    LongCat-Flash-Lite); ``sqrt`` (E + S)/sqrt(1 + N) (LongCat's ``ngram_fix_normalize_factor``; [UNCONFIRMED] that
+    it divides the whole sum, as the mean does: OE_FAMILY.md only says "instead of (1 + N)")."""
+    scale: Optional[float] = None
+    """Embedding amplification: the whole input embedding is multiplied by this (1: none). [UNCONFIRMED] the sources
+    name "a scale factor or normalization on the NE output" without its place; we scale e_t, ignored positions too."""
+    ignore_ids: Optional[list[Union[int, str]]] = None
+    """Token ids (ints, or "start:end" ranges, end excluded: LongCat's ``oe_ignore_tokens``) that bypass the n-gram
+    tables (their embedding is scale·E(x_t)) and delimit the history: no n-gram reaches back across one."""
+
+    def __post_init__(self) -> None:
+        if self.flavor not in FLAVORS:
+            raise ValueError(f"model_config.over_encoding.flavor: unknown flavor {self.flavor!r}; valid flavors are "
+                             f"{sorted(FLAVORS)}")
+        for name, value in FLAVORS[self.flavor].items():
+            if getattr(self, name) is None:
+                setattr(self, name, value)
+
+    @property
+    def family(self) -> str:
+        """The memory family its tables count under (``nn.counts``): 'ne' for the LongCat flavor, else 'oe'."""
+        return "ne" if self.flavor == "longcat" else "oe"
+
+    def ignored_token_ids(self) -> list[int]:
+        """``ignore_ids`` with every "start:end" range expanded, sorted."""
+        ids: set[int] = set()
+        for item in self.ignore_ids:
+            if isinstance(item, str):
+                start, sep, end = item.partition(":")
+                try:
+                    ids.update(range(int(start), int(end)))
+                except ValueError:
+                    sep = ""
+                if not sep:
+                    raise ValueError(f"model_config.over_encoding.ignore_ids: {item!r} is neither a token id nor a "
+                                     "'start:end' range of ids")
+            elif isinstance(item, int) and not isinstance(item, bool):
+                ids.add(item)
+            else:
+                raise ValueError(f"model_config.over_encoding.ignore_ids: {item!r} is neither a token id nor a "
+                                 "'start:end' range of ids")
+        return sorted(ids)
+
     @property
     def n_tables(self) -> int:
         return 1 if self.form == "single" else self.k * (self.n - 1)
@@ -105,8 +173,10 @@ class OverEncodingConfig:
         return [2 + i // self.k for i in range(self.n_tables)]
 
     def row_counts(self) -> list[int]:
-        """Rows (= hash modulus) of each table: m + 2i, so that the k slices of one order collide differently."""
-        return [self.m + 2 * i for i in range(self.n_tables)]
+        """Rows (= hash modulus) of each table: m + 2i (m + 2i + 1 by LongCat's rule), so that the k slices of one
+        order collide differently."""
+        extra = 1 if self.row_rule == "longcat" else 0  # LongCat: int(r·V + 2i + 1)
+        return [self.m + 2 * i + extra for i in range(self.n_tables)]
 
     def slice_width(self, d_model: int) -> int:
         return d_model // self.n_tables
@@ -137,8 +207,20 @@ class OverEncodingConfig:
             )
         if self.reset_at_eos and self.eos_id is None:
             raise ValueError("model_config.over_encoding.eos_id must be given when model_config.over_encoding.reset_at_eos is true")
+        if self.combine not in COMBINATIONS or self.row_rule not in FLAVORS:
+            raise ValueError(f"model_config.over_encoding: combine must be one of {list(COMBINATIONS)} and row_rule one "
+                             f"of {sorted(FLAVORS)}, got {self.combine!r} and {self.row_rule!r}")
+        if not self.scale > 0:
+            raise ValueError(f"model_config.over_encoding.scale must be positive, got {self.scale!r}")
+        ignored = self.ignored_token_ids()
+        if self.form == "single" and ignored:
+            raise ValueError("model_config.over_encoding.ignore_ids needs form 'hierarchical' (an ignored id falls back "
+                             "to the 1-gram table, which the single form lacks)")
         if vocab_size is None:
             return
+        if ignored and not 0 <= ignored[0] <= ignored[-1] < vocab_size:
+            raise ValueError(f"model_config.over_encoding.ignore_ids: {ignored[0] if ignored[0] < 0 else ignored[-1]} "
+                             f"is not a token id in [0, {vocab_size})")
         if self.eos_id is not None and not 0 <= self.eos_id < vocab_size:
             raise ValueError(f"model_config.over_encoding.eos_id={self.eos_id} is not a token id in [0, {vocab_size})")
         if vocab_size * max(self.row_counts()) >= _INDEX_BOUND:
@@ -178,23 +260,28 @@ def hash_constants(vocab_size: int, orders: list[int], moduli: list[int],
 
 
 def ngram_table_indices(input_ids_BT: torch.Tensor, coef_IR: torch.Tensor, moduli_I: torch.Tensor,
-                        eos_id: Optional[int] = None) -> torch.Tensor:
+                        eos_id: Optional[int] = None, delimiters_K: Optional[torch.Tensor] = None) -> torch.Tensor:
     """(B, T, I) int64: row of table i for every position, ``h_g(t) mod moduli_I[i]`` (constants from hash_constants).
 
     ``h_g(t) = sum_{r<g} x_{t-r}·V^r`` with x = 0 before the sequence start, and, when ``eos_id`` is given, also for
-    positions at or before the last EOS preceding t (the history does not cross a document boundary). Each step
-    adds x·(V^r mod M) < V·M to a residue below M, so int64 never overflows while V·M < 2^62.
+    positions at or before the last EOS preceding t (the history does not cross a document boundary); ids in
+    ``delimiters_K`` (NE's ignored ids) cut the history the same way. Each step adds x·(V^r mod M) < V·M to a residue
+    below M, so int64 never overflows while V·M < 2^62.
     """
     B, T = input_ids_BT.shape
     ids_BT = input_ids_BT.long()
-    if eos_id is not None:
-        is_eos_BT = (ids_BT == eos_id).long()
-        documents_BT = is_eos_BT.cumsum(1) - is_eos_BT  # EOS strictly before t: same value = same document
+    boundary_BT = None if eos_id is None else ids_BT == eos_id
+    if delimiters_K is not None:
+        delimits_BT = torch.isin(ids_BT, delimiters_K)
+        boundary_BT = delimits_BT if boundary_BT is None else boundary_BT | delimits_BT
+    if boundary_BT is not None:
+        is_boundary_BT = boundary_BT.long()
+        documents_BT = is_boundary_BT.cumsum(1) - is_boundary_BT  # boundaries strictly before t: same value = same document
     index_BTI = torch.zeros(B, T, coef_IR.shape[0], dtype=torch.long, device=ids_BT.device)
     for r in range(coef_IR.shape[1]):
         # x_{t-r}, 0 before the start. Pad first, then cut: ``ids[:, :T-r]`` would count from the end when r > T.
         lagged_BT = F.pad(ids_BT, (r, 0))[:, :T]
-        if eos_id is not None and r > 0:
+        if boundary_BT is not None and r > 0:
             same_document_BT = F.pad(documents_BT, (r, 0))[:, :T] == documents_BT
             lagged_BT = lagged_BT * same_document_BT
         index_BTI = (index_BTI + lagged_BT[..., None] * coef_IR[:, r]) % moduli_I
@@ -213,6 +300,8 @@ class OverEncoding(nn.Module):
         self.orders, self.moduli = oe.table_orders(), oe.row_counts()
         self.k = oe.k
         self.eos_id = oe.eos_id if oe.reset_at_eos else None
+        self.ignored_ids = oe.ignored_token_ids()
+        self.combine, self.scale = oe.combine, oe.scale
         hierarchical = oe.form == "hierarchical"
         self.wte = nn.Embedding(padded_vocab_size, d_model) if hierarchical else None
         # All hashed tables in one weight (one gather); table i starts at row offsets[i].
@@ -230,35 +319,55 @@ class OverEncoding(nn.Module):
             self.register_buffer("rows_touched", torch.zeros(sum(self.moduli), dtype=torch.bool))
         # Tables get their own optimizer group (``hooks.optimizer_group``) and count as embedding parameters.
         self.tables.optimizer_group = "over_encoding"
+        self.tables.memory_family = oe.family  # parameter_counts reports the tables per family
         # The k(n-1) slice projections of Algorithm 1 as one matmul: (D, D) weight, bias = sum of their biases.
-        self.proj = nn.Linear(oe.n_tables * self.width, d_model, bias=True) if hierarchical else None
+        self.proj = nn.Linear(oe.n_tables * self.width, d_model, bias=oe.proj_bias) if hierarchical else None
         self._table_init = (0.02, 0)  # (std, seed) given by init_own_parameters, reused when the tables are placed
         # A checkpoint of the other mode names the coverage buffer differently: take either.
         self.register_load_state_dict_pre_hook(_coverage_key_of_this_mode)
         # Small index constants, built once per device (not buffers: a meta-device build must not lose them).
-        self._constants: dict[torch.device, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+        self._constants: dict[torch.device, tuple[torch.Tensor, ...]] = {}
+
+    def _device_constants(self, device: torch.device) -> tuple[torch.Tensor, ...]:
+        if device not in self._constants:
+            coef_IR, moduli_I = hash_constants(self.vocab_size, self.orders, self.moduli, device)
+            self._constants[device] = (coef_IR, moduli_I, torch.tensor(self.offsets, dtype=torch.long, device=device),
+                                       torch.tensor(self.ignored_ids, dtype=torch.long, device=device))
+        return self._constants[device]
 
     def lookup_rows(self, input_ids_BT: torch.Tensor) -> torch.Tensor:
         """(B, T, I) rows of the combined weight that each position looks up."""
-        device = input_ids_BT.device
-        if device not in self._constants:
-            coef_IR, moduli_I = hash_constants(self.vocab_size, self.orders, self.moduli, device)
-            self._constants[device] = coef_IR, moduli_I, torch.tensor(self.offsets, dtype=torch.long, device=device)
-        coef_IR, moduli_I, offsets_I = self._constants[device]
-        return ngram_table_indices(input_ids_BT, coef_IR, moduli_I, self.eos_id) + offsets_I
+        coef_IR, moduli_I, offsets_I, ignored_K = self._device_constants(input_ids_BT.device)
+        delimiters_K = ignored_K if self.ignored_ids else None
+        return ngram_table_indices(input_ids_BT, coef_IR, moduli_I, self.eos_id, delimiters_K) + offsets_I
 
     def forward(self, input_ids_BT: torch.Tensor) -> torch.Tensor:
         rows_BTI = self.lookup_rows(input_ids_BT)
+        ignored_BT = torch.isin(input_ids_BT, self._device_constants(input_ids_BT.device)[3]) if self.ignored_ids else None
         if self.training and not self.sharded:
             with torch.no_grad():
-                self.rows_touched[rows_BTI.flatten()] = True
+                # An ignored position reads rows it never uses (its output is E(x_t) alone): not coverage.
+                self.rows_touched[(rows_BTI if ignored_BT is None else rows_BTI[~ignored_BT]).flatten()] = True
         # A module call, not F.embedding: the sparse optimizer's forward pre-hook catches up exactly these rows.
         slices_BTIW = self.tables(rows_BTI)
         if self.proj is None:  # single form: the n-gram's own row, nothing to combine
             return slices_BTIW[:, :, 0]
         oe_BTD = self.proj(slices_BTIW.flatten(2))
-        # Algorithm 1 averages the 1 + k(n-1) contributions.
-        return (self.wte(input_ids_BT) + oe_BTD) / (1 + len(self.moduli))
+        wte_BTD = self.wte(input_ids_BT)
+        contributions = 1 + len(self.moduli)
+        if self.combine == "mean":  # Algorithm 1 averages the 1 + k(n-1) contributions
+            embedded_BTD = (wte_BTD + oe_BTD) / contributions
+        elif self.combine == "unigram_full":
+            embedded_BTD = wte_BTD + oe_BTD / contributions
+        else:  # "sqrt"
+            embedded_BTD = (wte_BTD + oe_BTD) / math.sqrt(contributions)
+        if ignored_BT is not None:
+            # [UNCONFIRMED] OE_FAMILY.md leaves open what an ignored id's own position gets; we give it E(x_t) alone
+            # at full scale (no n-gram term, no division), as the plain model would: "bypass the tables" read literally.
+            embedded_BTD = torch.where(ignored_BT[..., None], wte_BTD, embedded_BTD)
+        if self.scale != 1.0:
+            embedded_BTD = embedded_BTD * self.scale
+        return embedded_BTD
 
     def init_own_parameters(self, std: float, seed: int) -> list[nn.Parameter]:
         """Sharded: this rank's rows of the tables, drawn chunk by chunk of rows (the same global table at any world

@@ -1,5 +1,6 @@
-"""The decoder-only transformer in the OLMo2 recipe (docs/method.md §3.2, REFERENCES.md §1.4): input embedding -> blocks
--> final norm -> next-token head, plus the training-only multi-token heads, and its training loss.
+"""The decoder-only transformer in the OLMo2 recipe (docs/method.md §3.2; OLMo-core's ``olmo2_*`` presets):
+input embedding -> blocks -> final norm -> next-token head, plus the training-only multi-token heads, and its training
+loss.
 
 - blocks: ``block`` (reordered norm), ``attention`` (QK-norm, RoPE, KV cache), ``feed_forward`` (SwiGLU or MoE);
 - init: truncated normal, std 0.02 (cut at 3 std), every parameter from its own generator seeded by its name,
@@ -14,7 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
@@ -43,9 +44,16 @@ class ParameterCounts:
     active: int
     """Parameters used per token: for mixture-of-experts only the routed experts count."""
     active_non_embedding: int
+    memory_tables: dict[str, int] = field(default_factory=dict)
+    """Parameters of hashed n-gram memory tables per family ("oe", "ne", "engram"; ``hooks.memory_family``): part
+    of ``total`` (and of ``embedding`` where the tables are ``nn.Embedding``s), listed to size fair arms."""
 
     def as_dict(self) -> dict[str, int]:
-        return dataclasses.asdict(self)
+        """Flat counts for logging: the families' tables as ``memory_tables`` (all) and ``memory_tables_<family>``."""
+        counts = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "memory_tables"}
+        counts["memory_tables"] = sum(self.memory_tables.values())
+        counts.update({f"memory_tables_{family}": n for family, n in sorted(self.memory_tables.items())})
+        return counts
 
 
 class Transformer(nn.Module):
@@ -155,6 +163,7 @@ class Transformer(nn.Module):
         return ParameterCounts(
             total=total, embedding=embedding, non_embedding=total - embedding,
             active=total - inactive, active_non_embedding=total - embedding - inactive,
+            memory_tables=hooks.memory_table_parameters(self),
         )
 
 

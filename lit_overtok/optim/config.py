@@ -3,7 +3,7 @@ settings of named parameter groups.
 
 The defaults suit the CPU-sized default run. The paper-scale configs give their recipes' values: OLMo2 decays norms
 (and biases, of which its backbone has none) but not the embedding; OLMoE decays everything (``decay_norm_and_bias``
-and ``decay_embeddings`` in OLMo's trainer; README, "Optimizer recipes").
+and ``decay_embeddings`` in OLMo's trainer; docs/training.md, "Optimizer recipes").
 """
 
 from __future__ import annotations

@@ -67,7 +67,8 @@ class LMEvalCallback(Callback):
             final_tasks: further tasks scored only at the end of fit (e.g. whole generations, the costly part).
             limit: a fixed random subset of about this many documents per task (None: all), or a dict of sizes
                 per task; grammar tasks draw exactly this many.
-            data_dir: folder of the offline task data; default ``../shared/data`` beside the repository.
+            data_dir: folder of the offline task data; default ``$LIT_OVERTOK_DATA``, else ``../shared/data`` beside
+                the repository (``lit_overtok.data.locations``).
             tokenizer: ``grammar:<name>`` or a ``tokenizers`` JSON path; default: the data's own (its grammar, or
                 the tokenizer of its shards). Another one is refused (``checkpointing/tokenizer_binding.py``).
             grammar: grammar of the cfg tasks; default the data module's.

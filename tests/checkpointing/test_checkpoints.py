@@ -46,3 +46,26 @@ def test_strip_refuses_its_own_input_and_a_file_that_is_not_a_checkpoint(trained
             cli_main(["strip", *args])
         err = capsys.readouterr().err
         assert exit_info.value.code == 2 and len(err.strip().splitlines()) == 1, err
+
+
+def test_an_ne_run_strips_and_resumes_with_its_options(trained_checkpoint, tmp_path):
+    # LongCat's N-gram Embedding: the flavor and its ignored ids travel in the hyperparameters, so a stripped or a
+    # resumed model hashes and combines as the trained one did.
+    source = trained_checkpoint("ne")
+    out = tmp_path / "model.ckpt"
+    cli_main(["strip", "--checkpoint", str(source), "--out", str(out)])
+    trained, _ = load_transformer(source)
+    stripped, _ = load_transformer(out)
+    oe = stripped.cfg.over_encoding
+    assert (oe.flavor, oe.proj_bias, oe.ignore_ids, oe.row_counts()) == ("longcat", False, [0], [97, 99, 101, 103])
+    ids_BT = torch.randint(0, 7, (2, 20), generator=torch.Generator().manual_seed(0))
+    ids_BT[:, [0, 7]] = 0
+    with torch.no_grad():
+        assert torch.equal(trained(ids_BT), stripped(ids_BT))
+    from tests.conftest import RUN_FAMILIES, TINY_FIT
+    cli_main(["fit", f"--trainer.default_root_dir={tmp_path / 'resumed'}", *TINY_FIT, *RUN_FAMILIES["ne"],
+              "--trainer.max_steps=3", f"--ckpt_path={source}"])
+    resumed, info = load_transformer(tmp_path / "resumed" / "version_0" / "checkpoints" / "last.ckpt")
+    assert info.global_step == 3 and resumed.cfg.over_encoding == oe
+    with torch.no_grad():
+        assert not torch.equal(resumed(ids_BT), trained(ids_BT))  # it trained on from the checkpoint

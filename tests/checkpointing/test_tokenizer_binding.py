@@ -52,7 +52,8 @@ def test_resuming_onto_another_tokenizers_shards_stops_unless_allowed(text_run, 
     assert "data.allow_tokenizer_change" in last
 
     with pytest.warns(UserWarning, match="continuing \\(data.allow_tokenizer_change\\)"):
-        fit_text(tmp_path / "b", other_corpus, 4, f"--ckpt_path={text_run}", "--data.init_args.allow_tokenizer_change=true")
+        fit_text(tmp_path / "b", other_corpus, 4, f"--ckpt_path={text_run}",
+                 "--data.init_args.allow_tokenizer_change=true")
     assert torch.load(tmp_path / "b" / "version_0" / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 4
 
 

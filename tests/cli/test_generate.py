@@ -11,7 +11,7 @@ CFG3F = GrammarTokenizer("cfg3f")  # the spelling of the runs' grammar: ^ BOS, 1
 
 
 def generate(args: list[str], capsys) -> list[str]:
-    capsys.readouterr()  # what came before (the fixture's training run, when it trained within this test)
+    capsys.readouterr()  # not what a fixture printed while training the checkpoint
     cli_main(["generate", *args])
     return capsys.readouterr().out.splitlines()
 

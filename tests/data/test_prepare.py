@@ -19,9 +19,7 @@ from lit_overtok.data import prepare as prepare_module
 from lit_overtok.data.prepare import PrepareConfig, PrepareError, main, prepare
 from lit_overtok.data.shards import Manifest, read_shard
 from lit_overtok.data.webdataset_datamodule import WebDatasetDataModule
-
-TOKENIZERS = Path(__file__).resolve().parents[3] / "shared/data/tokenizers"
-GPT2 = TOKENIZERS / "gpt2/tokenizer.json"
+from tests.fixtures import TEXT_EOS, TEXT_VOCAB
 
 TEXTS = [
     f"Document {i}: the quick brown fox jumps over {i} lazy dogs. Ünïcödé ✓, double  spaces.\nSecond line {i}."
@@ -48,20 +46,20 @@ def documents(output: Path, manifest: Manifest, split: str) -> list[list[int]]:
             for d in read_shard(str(output / info.file), info, manifest.dtype)]
 
 
-def test_tokens_round_trip_through_shards_and_the_data_module(tmp_path):
+def test_tokens_round_trip_through_shards_and_the_data_module(tmp_path, text_tokenizer):
     train = write_jsonl_gz(tmp_path / "train.jsonl.gz", TEXTS[:30])
     val = write_jsonl_gz(tmp_path / "val.jsonl.gz", TEXTS[30:])
-    output, manifest = run(tmp_path, tokenizer=str(GPT2), train=[str(train)], validation=[str(val)])
-    tokenizer = Tokenizer.from_file(str(GPT2))
-    assert (manifest.vocab_size, manifest.eos_id, manifest.dtype.name) == (50257, 50256, "uint16")
+    output, manifest = run(tmp_path, tokenizer=str(text_tokenizer), train=[str(train)], validation=[str(val)])
+    tokenizer = Tokenizer.from_file(str(text_tokenizer))
+    assert (manifest.vocab_size, manifest.eos_id, manifest.dtype.name) == (TEXT_VOCAB, TEXT_EOS, "uint16")
     assert len(manifest.splits["train"]) > 1  # 300-token shards
     for split, texts in (("train", TEXTS[:30]), ("validation", TEXTS[30:])):
         stored = documents(output, manifest, split)
-        assert stored == [tokenizer.encode(t, add_special_tokens=False).ids + [50256] for t in texts]
+        assert stored == [tokenizer.encode(t, add_special_tokens=False).ids + [TEXT_EOS] for t in texts]
         assert [tokenizer.decode(d[:-1]) for d in stored] == texts
     # The data module's validation batches are those tokens, concatenated and cut into windows.
     dm = WebDatasetDataModule(str(output), seq_len=20, batch_size=2, num_workers=0, val_batches=None,
-                              tokenizer=str(GPT2))
+                              tokenizer=str(text_tokenizer))
     dm.trainer = SimpleNamespace(global_rank=0, world_size=1)
     dm.setup("fit")
     windows = [row.tolist() + [batch["labels"][i, -1].item()]
@@ -84,12 +82,12 @@ def test_same_input_gives_byte_identical_output_whatever_the_process_count(tmp_p
     assert all(d[-1] == 0 and 0 not in d[:-1] for d in documents(two, manifest, "train"))
 
 
-def test_plain_text_units_zstd_and_parquet_inputs(tmp_path):
+def test_plain_text_units_zstd_and_parquet_inputs(tmp_path, text_tokenizer):
     text = tmp_path / "book.txt"
     text.write_text("para one\nstill one\n\npara two\n\n\npara three\n")
     counts = {}
     for unit in ("file", "line", "paragraph"):
-        output, manifest = run(tmp_path, unit, tokenizer=str(GPT2), train=[str(text)], text_unit=unit)
+        output, manifest = run(tmp_path, unit, tokenizer=str(text_tokenizer), train=[str(text)], text_unit=unit)
         counts[unit] = sum(info.documents for info in manifest.splits["train"])
     assert counts == {"file": 1, "line": 4, "paragraph": 3}
 
@@ -98,19 +96,33 @@ def test_plain_text_units_zstd_and_parquet_inputs(tmp_path):
     zst.write_bytes(zstandard.ZstdCompressor().compress(lines.encode()))
     parquet = tmp_path / "data.parquet"
     pq.write_table(pa.table({"body": TEXTS, "n": list(range(len(TEXTS)))}), parquet, row_group_size=7)
-    outputs = [run(tmp_path, name, tokenizer=str(GPT2), train=[str(path)], field="body")
+    outputs = [run(tmp_path, name, tokenizer=str(text_tokenizer), train=[str(path)], field="body")
                for name, path in (("zst", zst), ("parquet", parquet))]
     assert documents(*outputs[0], "train") == documents(*outputs[1], "train")
     assert len(documents(*outputs[0], "train")) == len(TEXTS)
 
 
+def large_vocabulary_tokenizer(path: Path) -> Path:
+    """A byte-level BPE of 70,257 ids whose 256 byte tokens are ids 70,000 and up (EOS last): every id it writes
+    needs more than 16 bits."""
+    from tokenizers import models, pre_tokenizers
+
+    tokenizer = prepare_module.byte_level_bpe()
+    vocab = {f"<unused{i}>": i for i in range(70_000)}
+    vocab |= {byte: 70_000 + i for i, byte in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
+    tokenizer.model = models.BPE(vocab=vocab, merges=[])
+    tokenizer.add_special_tokens(["<|endoftext|>"])
+    tokenizer.save(str(path))
+    return path
+
+
 def test_large_vocabularies_are_stored_as_uint32(tmp_path):
     train = write_jsonl_gz(tmp_path / "train.jsonl.gz", TEXTS[:3])
-    output, manifest = run(tmp_path, tokenizer=str(TOKENIZERS / "olmo/allenai_dolma2.json"), train=[str(train)])
-    assert manifest.dtype.name == "uint32" and manifest.vocab_size > 65536
-    tokenizer = Tokenizer.from_file(str(TOKENIZERS / "olmo/allenai_dolma2.json"))
-    assert documents(output, manifest, "train")[0] == tokenizer.encode(TEXTS[0], add_special_tokens=False).ids + [
-        manifest.eos_id]
+    path = large_vocabulary_tokenizer(tmp_path / "large.json")
+    output, manifest = run(tmp_path, tokenizer=str(path), train=[str(train)])
+    assert manifest.dtype.name == "uint32" and (manifest.vocab_size, manifest.eos_id) == (70_257, 70_256)
+    expected = Tokenizer.from_file(str(path)).encode(TEXTS[0], add_special_tokens=False).ids
+    assert min(expected) >= 70_000 and documents(output, manifest, "train")[0] == expected + [70_256]
 
 
 @pytest.mark.parametrize(
@@ -128,38 +140,39 @@ def test_large_vocabularies_are_stored_as_uint32(tmp_path):
          "cannot determine the end-of-text token"),
     ],
 )
-def test_bad_input_is_a_clear_error(tmp_path, make_input, options, message):
+def test_bad_input_is_a_clear_error(tmp_path, make_input, options, message, text_tokenizer):
     path = make_input(tmp_path)
     with pytest.raises(PrepareError, match=message):
-        run(tmp_path, tokenizer=str(GPT2), train=[str(path)], **options)
+        run(tmp_path, tokenizer=str(text_tokenizer), train=[str(path)], **options)
 
 
-def test_options_and_existing_output_are_checked(tmp_path):
+def test_options_and_existing_output_are_checked(tmp_path, text_tokenizer):
     train = write_jsonl_gz(tmp_path / "train.jsonl.gz", TEXTS[:2])
     with pytest.raises(PrepareError, match="exactly one of --tokenizer"):
         PrepareConfig(output=tmp_path, train=[str(train)])
-    run(tmp_path, tokenizer=str(GPT2), train=[str(train)])
+    run(tmp_path, tokenizer=str(text_tokenizer), train=[str(train)])
     with pytest.raises(PrepareError, match="already holds prepared data"):
-        run(tmp_path, tokenizer=str(GPT2), train=[str(train)])
-    run(tmp_path, tokenizer=str(GPT2), train=[str(train)], overwrite=True)
+        run(tmp_path, tokenizer=str(text_tokenizer), train=[str(train)])
+    run(tmp_path, tokenizer=str(text_tokenizer), train=[str(train)], overwrite=True)
     with pytest.raises(PrepareError, match="--train: input file"):
-        main(["--output", str(tmp_path / "x"), "--tokenizer", str(GPT2), "--train", str(tmp_path / "nope.jsonl")])
+        main(["--output", str(tmp_path / "x"), "--tokenizer", str(text_tokenizer), "--train",
+              str(tmp_path / "nope.jsonl")])
 
 
-def test_command_line_prepares_and_reports(tmp_path, capsys):
+def test_command_line_prepares_and_reports(tmp_path, capsys, text_tokenizer):
     train = write_jsonl_gz(tmp_path / "train.jsonl.gz", TEXTS[:5])
-    main(["--output", str(tmp_path / "out"), "--tokenizer", str(GPT2), "--train", str(train), "--validation",
+    main(["--output", str(tmp_path / "out"), "--tokenizer", str(text_tokenizer), "--train", str(train), "--validation",
           str(train), "--workers", "1", "--no-progress"])
     out = capsys.readouterr().out
     assert "train: 5 documents" in out and "validation: 5 documents" in out and "MB/s" in out
     assert Manifest.load(tmp_path / "out/manifest.json").dtype == np.dtype("<u2")
 
 
-def test_a_test_split_is_prepared_and_is_the_data_modules_held_out_set(tmp_path, capsys):
+def test_a_test_split_is_prepared_and_is_the_data_modules_held_out_set(tmp_path, capsys, text_tokenizer):
     train, val, test = (write_jsonl_gz(tmp_path / f"{name}.jsonl.gz", texts)
                         for name, texts in (("train", TEXTS[:20]), ("val", TEXTS[20:30]), ("test", TEXTS[30:])))
-    main(["--output", str(tmp_path / "out"), "--tokenizer", str(GPT2), "--train", str(train), "--validation", str(val),
-          "--test", str(test), "--workers", "1", "--no-progress"])
+    main(["--output", str(tmp_path / "out"), "--tokenizer", str(text_tokenizer), "--train", str(train),
+          "--validation", str(val), "--test", str(test), "--workers", "1", "--no-progress"])
     assert "test: 10 documents" in capsys.readouterr().out
     manifest = Manifest.load(tmp_path / "out/manifest.json")
     dm = WebDatasetDataModule(str(tmp_path / "out"), seq_len=20, batch_size=2, num_workers=0)
@@ -170,8 +183,8 @@ def test_a_test_split_is_prepared_and_is_the_data_modules_held_out_set(tmp_path,
     flat = [token for document in documents(tmp_path / "out", manifest, "test") for token in document]
     assert sum(windows, []) == flat[: 21 * len(windows)] and len(flat) - 21 * len(windows) < 42  # every full batch
     # Shards prepared without --test: train.py test says how to get a test split.
-    main(["--output", str(tmp_path / "no_test"), "--tokenizer", str(GPT2), "--train", str(train), "--validation",
-          str(val), "--workers", "1", "--no-progress"])
+    main(["--output", str(tmp_path / "no_test"), "--tokenizer", str(text_tokenizer), "--train", str(train),
+          "--validation", str(val), "--workers", "1", "--no-progress"])
     dm = WebDatasetDataModule(str(tmp_path / "no_test"), seq_len=20, batch_size=2, num_workers=0)
     with pytest.raises(ValueError, match=r"data.test_shards: .* lists no 'test' shards.*--test FILES"):
         dm.test_dataloader()

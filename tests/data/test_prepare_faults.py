@@ -19,10 +19,9 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from lit_overtok.data import encoding, shards
 from lit_overtok.data.prepare import PrepareConfig, PrepareError, main, prepare
 from lit_overtok.data.shard_writer import PROGRESS_NAME
-from lit_overtok.evaluation.benchmark_tasks import DEFAULT_DATA_DIR
+from tests.fixtures import real_data
 
 ROOT = Path(__file__).resolve().parents[2]
-TOKENIZERS = DEFAULT_DATA_DIR / "tokenizers"
 
 
 def corpus(tmp_path: Path, documents: int = 60) -> Path:
@@ -33,9 +32,9 @@ def corpus(tmp_path: Path, documents: int = 60) -> Path:
     return path
 
 
-def config(tmp_path: Path, name: str, train: Path, **options) -> PrepareConfig:
-    defaults = dict(output=tmp_path / name, train=[str(train)], validation=[str(train)],
-                    tokenizer=str(TOKENIZERS / "gpt2/tokenizer.json"), shard_tokens=700, workers=1, progress=False)
+def config(tmp_path: Path, name: str, train: Path, tokenizer: Path, **options) -> PrepareConfig:
+    defaults = dict(output=tmp_path / name, train=[str(train)], validation=[str(train)], tokenizer=str(tokenizer),
+                    shard_tokens=700, workers=1, progress=False)
     return PrepareConfig(**(defaults | options))
 
 
@@ -58,16 +57,16 @@ def fail_on_shard(monkeypatch, number: int, error: BaseException) -> None:
 
 
 # --------------------------------------------------------------------------------------------- bad text
-def test_text_that_is_not_utf8_is_an_error_naming_the_file_or_replaced_on_request(tmp_path):
+def test_text_that_is_not_utf8_is_an_error_naming_the_file_or_replaced_on_request(tmp_path, text_tokenizer):
     bad = tmp_path / "latin1.txt"
     bad.write_bytes("Straße und Käse\n".encode("latin-1"))
     with pytest.raises(PrepareError, match=f"{bad} is not UTF-8 text .* pass --encoding-errors replace"):
-        prepare(config(tmp_path, "a", bad, validation=[]))
-    prepare(config(tmp_path, "b", bad, validation=[], encoding_errors="replace"))
+        prepare(config(tmp_path, "a", bad, text_tokenizer, validation=[]))
+    prepare(config(tmp_path, "b", bad, text_tokenizer, validation=[], encoding_errors="replace"))
     manifest = shards.Manifest.load(tmp_path / "b" / "manifest.json")
     [document] = shards.read_shard(str(tmp_path / "b" / manifest.splits["train"][0].file),
                                    manifest.splits["train"][0], manifest.dtype)
-    assert Tokenizer.from_file(str(TOKENIZERS / "gpt2/tokenizer.json")).decode(document[:-1].tolist()).startswith(
+    assert Tokenizer.from_file(str(text_tokenizer)).decode(document[:-1].tolist()).startswith(
         "Stra\ufffde")
 
 
@@ -76,10 +75,12 @@ TRICKY = ("Caf\u00e9 cafe\u0301 na\u00efve it's we'll 12345678 3.14159 --- \u271
           "<|endoftext|> tabs\t\there  spaces   and\n\n\nnewlines \U0001F600 aaaaaaaaaaaaaaaaaaaaaaaaaaa, ok. ")
 
 
+# GPT-2's, GPT-NeoX's and OLMo-2's own tokenizers pre-tokenize differently, and the pieces must give exactly their
+# ids: the point is those real files, so they are used from the data folder when there is one (skipped otherwise).
 @pytest.mark.parametrize("name", ["gpt2/tokenizer.json", "gpt-neox-20b/tokenizer.json", "olmo/allenai_dolma2.json",
                                   "trained"])
 def test_long_documents_encode_in_pieces_to_exactly_the_ids_of_the_whole(name, text_corpus, monkeypatch):
-    path = text_corpus / "tokenizer.json" if name == "trained" else TOKENIZERS / name
+    path = text_corpus / "tokenizer.json" if name == "trained" else real_data(f"tokenizers/{name}")
     tokenizer = Tokenizer.from_file(str(path))
     assert encoding.can_cut(json.loads(path.read_text()))
     monkeypatch.setattr(encoding, "LONG_DOCUMENT_CHARS", 1000)
@@ -115,14 +116,14 @@ print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024)
 """
 
 
-def test_peak_memory_does_not_grow_with_the_document(tmp_path):
+def test_peak_memory_does_not_grow_with_the_document(tmp_path, text_tokenizer):
     runs = {}
     for megabytes in (0.05, 1.2):  # each in a fresh interpreter (the two side by side): its peak is this document's
         text = tmp_path / f"book{megabytes}.txt"  # one document (--text-unit file)
         text.write_text(((TRICKY + "Plain English prose follows here. ") * 8000)[: int(megabytes * 1e6)])
         runs[megabytes] = subprocess.Popen(
             [sys.executable, "-c", MEASURE, str(text), str(tmp_path / f"out{megabytes}"),
-             str(TOKENIZERS / "gpt2/tokenizer.json")], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+             str(text_tokenizer)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
             cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"})
     peaks = {}
     for megabytes, run in runs.items():
@@ -135,41 +136,43 @@ def test_peak_memory_does_not_grow_with_the_document(tmp_path):
 
 # -------------------------------------------------------------------------------------------- resuming
 @pytest.fixture(scope="module")
-def uninterrupted(tmp_path_factory) -> tuple[Path, dict[str, bytes]]:
+def uninterrupted(tmp_path_factory, text_tokenizer) -> tuple[Path, dict[str, bytes]]:
     """A corpus and the files an uninterrupted ``prepare`` writes for it."""
     folder = tmp_path_factory.mktemp("uninterrupted")
     train = corpus(folder)
-    prepare(config(folder, "reference", train))
+    prepare(config(folder, "reference", train, text_tokenizer))
     reference = files(folder / "reference")
     assert len([f for f in reference if f.startswith("train-")]) >= 6
     return train, reference
 
 
 @pytest.mark.parametrize("fault", ["ctrl-c", "full disk"])
-def test_an_interrupted_run_resumes_to_the_bytes_of_an_uninterrupted_one(tmp_path, monkeypatch, fault, uninterrupted):
+def test_an_interrupted_run_resumes_to_the_bytes_of_an_uninterrupted_one(tmp_path, monkeypatch, fault, uninterrupted,
+                                                                         text_tokenizer):
     train, reference = uninterrupted
 
     error = KeyboardInterrupt() if fault == "ctrl-c" else OSError(errno.ENOSPC, "No space left on device")
     fail_on_shard(monkeypatch, 4, error)
     if fault == "ctrl-c":
         with pytest.raises(KeyboardInterrupt):
-            prepare(config(tmp_path, "run", train))
+            prepare(config(tmp_path, "run", train, text_tokenizer))
     else:
         with pytest.raises(PrepareError, match=r"writing .*train-000003.tar failed \(No space left on device\); "
                                                r"the 3 train shards before it are complete.*--resume"):
-            prepare(config(tmp_path, "run", train))
+            prepare(config(tmp_path, "run", train, text_tokenizer))
     left = files(tmp_path / "run")
     assert "manifest.json" not in left and PROGRESS_NAME in left
     assert [n for n in left if n.endswith(".tar")] == ["train-000000.tar", "train-000001.tar", "train-000002.tar"]
     with pytest.raises(PrepareError, match="an interrupted run: continue it with --resume"):
-        prepare(config(tmp_path, "run", train))
+        prepare(config(tmp_path, "run", train, text_tokenizer))
 
     monkeypatch.undo()
-    prepare(config(tmp_path, "run", train, resume=True, workers=2))
+    prepare(config(tmp_path, "run", train, text_tokenizer, resume=True, workers=2))
     assert files(tmp_path / "run") == reference
 
 
-def test_a_sigkilled_run_resumes_to_the_same_bytes_and_a_changed_command_is_refused(tmp_path, uninterrupted):
+def test_a_sigkilled_run_resumes_to_the_same_bytes_and_a_changed_command_is_refused(tmp_path, uninterrupted,
+                                                                                    text_tokenizer):
     train, reference = uninterrupted
     script = ("import os, signal, sys\n"
               "from lit_overtok.data import shards\n"
@@ -182,7 +185,7 @@ def test_a_sigkilled_run_resumes_to_the_same_bytes_and_a_changed_command_is_refu
               "shards.write_shard = dying\n"
               "main(sys.argv[1:])\n")
     command = ["--output", str(tmp_path / "run"), "--train", str(train), "--validation", str(train), "--tokenizer",
-               str(TOKENIZERS / "gpt2/tokenizer.json"), "--shard-tokens", "700", "--workers", "1", "--no-progress"]
+               str(text_tokenizer), "--shard-tokens", "700", "--workers", "1", "--no-progress"]
     killed = subprocess.run([sys.executable, "-c", script, *command], cwd=ROOT, capture_output=True,
                             env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=300)
     assert killed.returncode == -signal.SIGKILL
@@ -195,8 +198,8 @@ def test_a_sigkilled_run_resumes_to_the_same_bytes_and_a_changed_command_is_refu
         main([*command, "--resume"])
 
 
-def test_the_manifest_records_each_shards_largest_id(tmp_path):
-    prepare(config(tmp_path, "out", corpus(tmp_path, 10)))
+def test_the_manifest_records_each_shards_largest_id(tmp_path, text_tokenizer):
+    prepare(config(tmp_path, "out", corpus(tmp_path, 10), text_tokenizer))
     manifest = shards.Manifest.load(tmp_path / "out" / "manifest.json")
     for info in manifest.splits["train"]:
         documents = shards.read_shard(str(tmp_path / "out" / info.file), info, manifest.dtype, manifest.vocab_size)

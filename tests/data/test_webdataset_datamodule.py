@@ -36,13 +36,13 @@ from lit_overtok.data.webdataset_datamodule import (
 )
 from lit_overtok.training.lightning_module import OverTokLM
 from lit_overtok.optim.config import OptimizerConfig
-
-GPT2_TOKENIZER = Path(__file__).resolve().parents[3] / "shared/data/tokenizers/gpt2/tokenizer.json"
-VOCAB, EOS = 50257, 50256
+from tests.fixtures import TEXT_EOS as EOS, TEXT_VOCAB as VOCAB
 
 
-def make_corpus(root: Path, train_shards: int = 8, val_shards: int = 1, docs_per_shard: int = 12) -> Path:
-    """Shards whose document number d is the token d repeated 5..39 times, then EOS: every token names its document."""
+def make_corpus(root: Path, tokenizer: Path, train_shards: int = 8, val_shards: int = 1,
+                docs_per_shard: int = 12) -> Path:
+    """Shards whose document number d is the token d repeated 5..39 times, then EOS: every token names its document.
+    ``tokenizer`` (``VOCAB`` ids) is the one they are said to be made with."""
     root.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(0)
     splits, number = {}, 0
@@ -55,7 +55,7 @@ def make_corpus(root: Path, train_shards: int = 8, val_shards: int = 1, docs_per
                 documents.append(np.array([number] * int(rng.integers(5, 40)) + [EOS], dtype="<u2"))
             infos.append(write_shard(root / shard_file_name(split, index), documents, first_document=first))
         splits[split] = infos
-    shutil.copyfile(GPT2_TOKENIZER, root / TOKENIZER_NAME)
+    shutil.copyfile(tokenizer, root / TOKENIZER_NAME)
     manifest = manifest_dict(file_sha256(root / TOKENIZER_NAME), VOCAB, EOS, splits, provenance={})
     (root / MANIFEST_NAME).write_text(json.dumps(manifest))
     return root
@@ -82,8 +82,8 @@ def shard_documents(root: Path, index: int) -> set[int]:
 
 
 @pytest.fixture
-def corpus(tmp_path) -> Path:
-    return make_corpus(tmp_path / "corpus")
+def corpus(tmp_path, text_tokenizer) -> Path:
+    return make_corpus(tmp_path / "corpus", text_tokenizer)
 
 
 # ----------------------------------------------------------------------------------------------- the stream
@@ -287,8 +287,8 @@ def test_corrupt_shard_stops_the_run_naming_it_when_configured(corpus):
         take(dm.train_dataloader(), 200)
 
 
-def test_when_every_shard_is_corrupt_the_stream_fails_instead_of_spinning(tmp_path):
-    corpus = make_corpus(tmp_path / "corpus", train_shards=2)
+def test_when_every_shard_is_corrupt_the_stream_fails_instead_of_spinning(tmp_path, text_tokenizer):
+    corpus = make_corpus(tmp_path / "corpus", text_tokenizer, train_shards=2)
     for index in range(2):
         truncate(corpus / shard_file_name("train", index))
     dm = as_rank(WebDatasetDataModule(str(corpus), seq_len=15, batch_size=2, num_workers=0), 0, 1)
@@ -308,17 +308,17 @@ def test_modified_shard_of_the_same_size_is_detected(corpus):
 
 
 # ---------------------------------------------------------------------------------------- manifest checks
-def test_tokenizer_that_is_not_the_manifests_is_refused(corpus, tmp_path):
-    WebDatasetDataModule(str(corpus), tokenizer=str(GPT2_TOKENIZER))  # the one the shards were made with
+def test_tokenizer_that_is_not_the_manifests_is_refused(corpus, tmp_path, text_tokenizer):
+    WebDatasetDataModule(str(corpus), tokenizer=str(text_tokenizer))  # the one the shards were made with
     other = tmp_path / "other.json"
-    other.write_text(GPT2_TOKENIZER.read_text().replace("<|endoftext|>", "<|end|>"))
+    other.write_text(text_tokenizer.read_text().replace("<|endoftext|>", "<|end|>"))
     with pytest.raises(ManifestError, match="not the tokenizer the shards were made with"):
         WebDatasetDataModule(str(corpus), tokenizer=str(other))
 
 
 def test_model_with_another_vocabulary_is_refused(corpus, tmp_path):
     dm = WebDatasetDataModule(str(corpus), seq_len=15, batch_size=2, num_workers=0)
-    with pytest.raises(ManifestError, match="vocab_size 1000.*50257"):
+    with pytest.raises(ManifestError, match=f"vocab_size 1000.*{VOCAB}"):
         trainer(tmp_path, 1, []).fit(tiny_module(vocab_size=1000), datamodule=dm)
 
 
@@ -348,17 +348,17 @@ def test_shards_can_be_urls_with_an_explicit_manifest(corpus):
         WebDatasetDataModule(f"pipe:cat {corpus}/train-000000.tar", val_shards=str(corpus))
 
 
-def test_manifests_of_train_and_validation_must_agree(corpus, tmp_path):
-    other = make_corpus(tmp_path / "other")
+def test_manifests_of_train_and_validation_must_agree(corpus, tmp_path, text_tokenizer):
+    other = make_corpus(tmp_path / "other", text_tokenizer)
     (other / TOKENIZER_NAME).write_text("{}")
     manifest = (other / MANIFEST_NAME).read_text()
-    changed = manifest.replace(file_sha256(GPT2_TOKENIZER), file_sha256(other / TOKENIZER_NAME))
+    changed = manifest.replace(file_sha256(text_tokenizer), file_sha256(other / TOKENIZER_NAME))
     (other / MANIFEST_NAME).write_text(changed)
     with pytest.raises(ManifestError, match="disagree on the tokenizer"):
         WebDatasetDataModule(str(corpus), val_shards=str(other))
 
 
-def test_fewer_shards_than_readers_is_an_error(tmp_path):
-    corpus = make_corpus(tmp_path / "corpus", train_shards=3)
+def test_fewer_shards_than_readers_is_an_error(tmp_path, text_tokenizer):
+    corpus = make_corpus(tmp_path / "corpus", text_tokenizer, train_shards=3)
     with pytest.raises(ValueError, match="3 shards cannot feed 4 readers"):
         as_rank(WebDatasetDataModule(str(corpus), num_workers=2), 0, 2)

@@ -31,6 +31,10 @@ MODELS = {
     # statistics, computed per rank's micro-batch (as OLMoE trains), so it cannot equal one process's on the
     # concatenated batch; it is off here, and the z-loss (a mean over tokens) on.
     "moe_oe": {"preset": "moe-tiny", "over_encoding": {**OE, "sparse": False}, "moe": {"lb_loss_weight": 0.0}},
+    # LongCat's N-gram Embedding on the same sharded tables (rows 301 + 303 by its rule), id 2 ignored. (Its
+    # combine: sqrt variant gives √3x larger logits, whose float rounding at the probe reached 1.6e-5 > atol.)
+    "dense_ne": {"preset": "tiny", "over_encoding": {**OE, "m": 300, "sparse": True, "flavor": "longcat",
+                                                     "ignore_ids": [2]}},
 }
 # eps 1e-6 rather than 1e-8: Adam's step g/(|g| + eps) turns the float rounding of a gradient near eps into a
 # change of up to lr (a table row whose gradient is 7e-9 in one process and 7.4e-9 summed over 3 ranks moved 1e-4

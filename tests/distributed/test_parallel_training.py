@@ -140,6 +140,12 @@ def test_two_nodes_under_ddp_train_the_ot_model_as_one_process(two_nodes, refere
     assert len(list((two_nodes / "checkpoints" / "step=4.ckpt").glob("*.distcp"))) == 2
 
 
+def test_ne_with_sharded_sparse_tables_at_two_ranks_trains_as_one_process(runs, reference):
+    run_ranks(2, fit_on_rank, [dict(model="dense_ne", strategy="ddp", out=str(runs / "ne_at_2"), steps=STEPS)],
+              init_process_group=False)
+    assert_matches_one_process(_record(runs / "ne_at_2"), reference("dense_ne"))
+
+
 def test_fsdp2_at_two_ranks_trains_the_moe_model_as_one_process(two_ranks, reference):
     assert_matches_one_process(_record(two_ranks / "fsdp2_moe_at_2"), reference("moe_oe"))
 
@@ -167,14 +173,13 @@ def test_a_checkpoint_saved_at_two_ranks_resumes_at_two_and_three(two_ranks, thr
 
 @pytest.mark.parametrize("folder", ["checkpoints", "fsdp2_checkpoints"])
 def test_a_sharded_checkpoint_loads_in_one_process_for_evaluation(two_ranks, reference, folder):
-    sys.path.insert(0, str(REPO / "evaluation"))
-    from evaluate import load_checkpoint
+    from lit_overtok.evaluation.score_checkpoints import load_checkpoint
 
     model = "dense_ot" if folder == "checkpoints" else "moe_oe"
-    module, meta = load_checkpoint(two_ranks / folder / "step=4.ckpt", "cpu")
+    network, meta = load_checkpoint(two_ranks / folder / "step=4.ckpt", "cpu")
     assert meta["global_step"] == STEPS
     expected = reference(model)
-    for name, value in module.transformer.named_parameters():
+    for name, value in network.named_parameters():
         assert_close(value.detach(), expected["params"][name], rtol=1e-4, atol=5e-5, msg=name)
     with torch.no_grad():
-        assert_close(module.transformer(probe_ids()), expected["logits"], rtol=1e-4, atol=1e-5)
+        assert_close(network(probe_ids()), expected["logits"], rtol=1e-4, atol=1e-5)

@@ -3,7 +3,6 @@ tasks; missing data; fixed subsets."""
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
@@ -15,19 +14,11 @@ from lm_eval.tasks._yaml_loader import load_yaml
 
 from lit_overtok.data.grammar import Grammar
 from lit_overtok.evaluation.runner import expand_task_names, TaskSuite
-from lit_overtok.evaluation.benchmark_tasks import DEFAULT_DATA_DIR, mmlu_var_docs, read_split
+from lit_overtok.evaluation.benchmark_tasks import mmlu_var_docs
 from lit_overtok.evaluation.grammar_tasks import cfg_generation_results, cfg_next_token_results
+from tests.fixtures import mmlu_questions, mmlu_subjects, rows, write_split as write
 
 OFFICIAL = Path(lm_eval.__file__).parent / "tasks"
-
-
-def rows(folder: str, split: str, count: int) -> list[dict]:
-    return read_split(str(DEFAULT_DATA_DIR), folder, split)[:count]
-
-
-def write(data_dir: Path, folder: str, split: str, docs: list[dict]) -> None:
-    (data_dir / folder).mkdir(parents=True, exist_ok=True)
-    (data_dir / folder / f"{split}.jsonl").write_text("".join(json.dumps(d) + "\n" for d in docs))
 
 
 def official_task(yaml_path: Path, splits: dict[str, list[dict]], num_fewshot: int) -> ConfigurableTask:
@@ -72,11 +63,10 @@ def test_offline_prompts_choices_and_gold_equal_lm_evals_official_task(tmp_path,
 
 
 def test_offline_mmlu_continuation_equals_every_official_subject_task_with_first_n_shots(tmp_path):
-    validation = read_split(str(DEFAULT_DATA_DIR), "mmlu", "validation")
-    dev = read_split(str(DEFAULT_DATA_DIR), "mmlu", "dev")
-    subjects = sorted({row["subject"] for row in validation})
+    subjects = mmlu_subjects()
     assert len(subjects) == 57
-    picked = {s: [r for r in validation if r["subject"] == s][:1] for s in subjects}
+    picked = {s: mmlu_questions(s, "validation", 1) for s in subjects}
+    dev = [row for s in subjects for row in mmlu_questions(s, "dev", 5)]
     write(tmp_path, "mmlu", "validation", [r for s in subjects for r in picked[s]])
     write(tmp_path, "mmlu", "dev", dev)
     suite = TaskSuite(["mmlu_continuation"], data_dir=tmp_path, num_fewshot=2)
@@ -106,7 +96,7 @@ def test_mmlu_var_asks_each_question_in_olmos_seven_prompt_variants():
 
 def test_mmlu_var_task_scores_answer_texts_after_a_space(tmp_path):
     write(tmp_path, "mmlu", "validation", rows("mmlu", "validation", 2))
-    write(tmp_path, "mmlu", "dev", read_split(str(DEFAULT_DATA_DIR), "mmlu", "dev")[:5])
+    write(tmp_path, "mmlu", "dev", mmlu_questions("abstract_algebra", "dev", 5))
     task = TaskSuite(["mmlu_var"], data_dir=tmp_path).task_dict["tasks"]["mmlu_var"]
     assert len(task.eval_docs) == 14
     (context, continuation) = requests(task)[0][2]
@@ -148,15 +138,12 @@ def test_grammar_tasks_docs_and_generation_metric():
 
 
 def test_fixed_subsets_are_stable_and_spread_over_a_groups_tasks(tmp_path):
-    validation = read_split(str(DEFAULT_DATA_DIR), "mmlu", "validation")
-    by_subject: dict[str, list[dict]] = {}
-    for row in validation:
-        by_subject.setdefault(row["subject"], []).append(row)
-    # Every subject (a group needs all its tasks): the first three whole, the others one row each.
-    uneven = [row for i, subject_rows in enumerate(by_subject.values()) for row in subject_rows[: None if i < 3 else 1]]
+    subjects = mmlu_subjects()
+    # Every subject (a group needs all its tasks): the first three with 20 questions, the others one each.
+    uneven = [row for i, s in enumerate(subjects) for row in mmlu_questions(s, "validation", 20 if i < 3 else 1)]
     write(tmp_path, "mmlu", "validation", uneven)
-    write(tmp_path, "mmlu", "dev", read_split(str(DEFAULT_DATA_DIR), "mmlu", "dev"))
-    write(tmp_path, "piqa", "validation", rows("piqa", "validation", 40))
+    write(tmp_path, "mmlu", "dev", [row for s in subjects for row in mmlu_questions(s, "dev", 5)])
+    write(tmp_path, "piqa", "validation", rows("piqa", "validation"))
     suite = TaskSuite(["piqa", "mmlu_continuation"], data_dir=tmp_path)
     limits = {"piqa": 10, "mmlu_continuation": 10}
     first, again = suite.fixed_samples(limits), suite.fixed_samples(limits)
@@ -167,7 +154,7 @@ def test_fixed_subsets_are_stable_and_spread_over_a_groups_tasks(tmp_path):
     largest = max(mmlu, key=sizes.get)
     assert len(mmlu[largest]) > 1  # the subsets follow the subjects' sizes
     subset = TaskSuite(["piqa"], data_dir=tmp_path, subset=10).task_dict["tasks"]["piqa"]
-    assert [d["goal"] for d in subset.eval_docs] == [rows("piqa", "validation", 40)[i]["goal"] for i in first["piqa"]]
+    assert [d["goal"] for d in subset.eval_docs] == [rows("piqa", "validation")[i]["goal"] for i in first["piqa"]]
     # Sizes per task: the grammar tasks are drawn at the largest size, then each is cut to its own.
     grammar = TaskSuite(["grammar"], subset={"cfg_generation": 3, "cfg_next_token_validity": 5}).task_dict["tasks"]
     assert len(grammar["cfg_generation"].eval_docs) == 3 and len(grammar["cfg_next_token_validity"].eval_docs) == 5

@@ -17,14 +17,11 @@ from lm_eval.api.instance import Instance
 
 from lit_overtok.nn.config import ModelConfig
 from lit_overtok.evaluation.runner import task_scores, TaskSuite
-from lit_overtok.evaluation.benchmark_tasks import DEFAULT_DATA_DIR
 from lit_overtok.evaluation.tokenizers import GrammarTokenizer, TextTokenizer
 from lit_overtok.evaluation.adapter import OverTokEvalLM
 from lit_overtok.evaluation.grammar_tasks import cfg_generation_dataset
 from lit_overtok.nn.transformer import Transformer
-
-GPT2 = DEFAULT_DATA_DIR / "tokenizers" / "gpt2" / "tokenizer.json"
-
+from tests.fixtures import TEXT_VOCAB
 
 
 def tiny_model(vocab_size: int = 7, **overrides) -> Transformer:
@@ -48,9 +45,14 @@ def instance(request_type: str, args: tuple) -> Instance:
     return Instance(request_type=request_type, doc={}, arguments=args, idx=0)
 
 
-@pytest.mark.parametrize("loss_chunk_logits", [None, 3 * 7], ids=["one_chunk", "chunks_of_3_positions"])
-def test_loglikelihood_tokens_equal_a_direct_forward_with_truncation_dedup_and_batching(loss_chunk_logits):
-    model = tiny_model(loss_chunk_logits=loss_chunk_logits)
+# LongCat's N-gram Embedding with ids 1 and 4 ignored (they cut the n-gram history inside the scored windows).
+NE = {"m": 40, "n": 3, "k": 2, "flavor": "longcat", "combine": "unigram_full", "ignore_ids": [1, "4:5"]}
+
+
+@pytest.mark.parametrize("loss_chunk_logits,over_encoding", [(None, None), (3 * 7, None), (3 * 7, NE)],
+                         ids=["one_chunk", "chunks_of_3_positions", "ne_chunks_of_3_positions"])
+def test_loglikelihood_tokens_equal_a_direct_forward_with_truncation_dedup_and_batching(loss_chunk_logits, over_encoding):
+    model = tiny_model(loss_chunk_logits=loss_chunk_logits, over_encoding=over_encoding)
     rng = random.Random(0)
     requests = []
     for _ in range(12):
@@ -98,7 +100,7 @@ def test_loglikelihood_rolling_scores_every_token_once_over_disjoint_windows():
     assert windowed.loglikelihood_rolling([instance("loglikelihood_rolling", (text,))])[0] == pytest.approx(expected, abs=1e-4)
 
 
-@pytest.mark.parametrize("over_encoding", [None, {"m": 41, "n": 3, "k": 2}])
+@pytest.mark.parametrize("over_encoding", [None, {"m": 41, "n": 3, "k": 2}, NE])
 def test_generate_until_greedy_matches_an_uncached_argmax_loop_and_cuts_at_stops(over_encoding):
     model = tiny_model(over_encoding=over_encoding)
     tokenizer = GrammarTokenizer("cfg3f")
@@ -136,9 +138,9 @@ def test_sampled_generation_is_reproducible_for_a_seed():
             [instance("generate_until", ("^", {"top_p": 0.9}))])
 
 
-def test_rejects_a_tokenizer_larger_than_the_model_vocabulary():
-    with pytest.raises(ValueError, match="tokenizer .* has 50257 tokens"):
-        OverTokEvalLM(tiny_model(), TextTokenizer(GPT2))
+def test_rejects_a_tokenizer_larger_than_the_model_vocabulary(text_tokenizer):
+    with pytest.raises(ValueError, match=f"tokenizer .* has {TEXT_VOCAB} tokens"):
+        OverTokEvalLM(tiny_model(), TextTokenizer(text_tokenizer))
 
 
 # ------------------------------------------------------------------------------------ a task with known answers
@@ -179,25 +181,25 @@ def write_known_answer_arc(data_dir: Path, scores: list[list[float]]) -> tuple[f
 
 
 def text_model() -> Transformer:
-    return tiny_model(vocab_size=50257)
+    return tiny_model(vocab_size=TEXT_VOCAB)
 
 
-def test_offline_task_accuracy_is_exactly_the_known_answer(tmp_path):
-    model, tokenizer = text_model(), TextTokenizer(GPT2)
+def test_offline_task_accuracy_is_exactly_the_known_answer(tmp_path, text_tokenizer):
+    model, tokenizer = text_model(), TextTokenizer(text_tokenizer)
     expected_acc, expected_norm = write_known_answer_arc(tmp_path, arc_scores(model, tokenizer))
     assert expected_acc == 0.5
     results = TaskSuite(["arc_easy"], data_dir=tmp_path).evaluate(OverTokEvalLM(model, tokenizer, progress=False))
     assert task_scores(results, ["arc_easy"])["arc_easy"] == {"acc": expected_acc, "acc_norm": expected_norm}
 
 
-def _distributed_worker(rank: int, world_size: int, port: int, data_dir: str, out_dir: str) -> None:
+def _distributed_worker(rank: int, world_size: int, port: int, data_dir: str, out_dir: str, tokenizer: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world_size)
     torch.set_num_threads(1)
     try:
         suite = TaskSuite(["arc_easy"], data_dir=data_dir)
         model = text_model()
-        lm = OverTokEvalLM(model, TextTokenizer(GPT2), batch_size=1, progress=False)
+        lm = OverTokEvalLM(model, TextTokenizer(tokenizer), batch_size=1, progress=False)
         assert (lm.rank, lm.world_size) == (rank, world_size)
         arc = suite.evaluate(lm)
         grammar = TaskSuite(["cfg_generation"], cfg_num_docs=5).evaluate(
@@ -212,10 +214,12 @@ def _distributed_worker(rank: int, world_size: int, port: int, data_dir: str, ou
         dist.destroy_process_group()
 
 
-def test_two_gloo_ranks_shard_the_documents_and_agree_with_one_process(tmp_path):
-    expected_acc, expected_norm = write_known_answer_arc(tmp_path, arc_scores(text_model(), TextTokenizer(GPT2)))
+def test_two_gloo_ranks_shard_the_documents_and_agree_with_one_process(tmp_path, text_tokenizer):
+    scores = arc_scores(text_model(), TextTokenizer(text_tokenizer))
+    expected_acc, expected_norm = write_known_answer_arc(tmp_path, scores)
     port = 29500 + os.getpid() % 1000
-    mp.start_processes(_distributed_worker, args=(2, port, str(tmp_path), str(tmp_path)), nprocs=2, start_method="spawn")
+    mp.start_processes(_distributed_worker, args=(2, port, str(tmp_path), str(tmp_path), str(text_tokenizer)), nprocs=2,
+                       start_method="spawn")
     arc, grammar, counts = json.loads((tmp_path / "scores.json").read_text())
     assert arc["arc_easy"] == {"acc": expected_acc, "acc_norm": expected_norm}
     assert set(grammar["cfg_generation"]) == {"acc"}

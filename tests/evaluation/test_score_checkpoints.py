@@ -16,6 +16,7 @@ from lit_overtok.evaluation.runner import PAPER_TASKS, task_scores, TaskSuite
 from lit_overtok.evaluation.tokenizers import TextTokenizer
 from lit_overtok.training.lightning_module import OverTokLM
 from lit_overtok.evaluation.adapter import OverTokEvalLM
+from tests.fixtures import TEXT_VOCAB
 
 
 def train(tmp_path: Path, max_steps: int, **model) -> Path:
@@ -28,12 +29,13 @@ def train(tmp_path: Path, max_steps: int, **model) -> Path:
     return tmp_path / "checkpoints"
 
 
-def test_scores_a_text_checkpoint_on_the_five_paper_tasks(tmp_path, paper_data, gpt2_tokenizer):
-    [checkpoint] = train(tmp_path, 1, vocab_size=50257).glob("*.ckpt")
+def test_scores_a_text_checkpoint_on_the_five_paper_tasks(tmp_path, paper_data, text_tokenizer):
+    [checkpoint] = train(tmp_path, 1, vocab_size=TEXT_VOCAB).glob("*.ckpt")
     out = tmp_path / "out"
-    # A GPT-2-vocabulary model trained on grammar ids: only the vocabulary matters here, so the change is allowed.
+    # A model of the tokenizer's vocabulary trained on grammar ids: only the vocabulary matters, so the change is
+    # allowed.
     rows = evaluate.main(["--checkpoint", str(checkpoint), "--tasks", "paper", "--limit", "2", "--data-dir",
-                          str(paper_data), "--tokenizer", str(gpt2_tokenizer), "--allow-tokenizer-change",
+                          str(paper_data), "--tokenizer", str(text_tokenizer), "--allow-tokenizer-change",
                           "--output-dir", str(out)])
     results = json.loads((out / f"{checkpoint.stem}.json").read_text())
     assert set(PAPER_TASKS) <= set(results["results"])
@@ -42,7 +44,7 @@ def test_scores_a_text_checkpoint_on_the_five_paper_tasks(tmp_path, paper_data, 
     # The script's numbers are those of the checkpoint's weights, scored directly.
     module, _ = evaluate.load_checkpoint(checkpoint, "cpu")
     direct = TaskSuite(["paper"], data_dir=str(paper_data)).evaluate(
-        OverTokEvalLM(module, TextTokenizer(gpt2_tokenizer), progress=False), limit=2)
+        OverTokEvalLM(module, TextTokenizer(text_tokenizer), progress=False), limit=2)
     assert task_scores(results, PAPER_TASKS) == task_scores(direct, PAPER_TASKS) == rows[0]["scores"]
     assert results["downstream"] == pytest.approx(rows[0]["downstream"])
     assert "|piqa" in (out / f"{checkpoint.stem}.md").read_text().replace(" ", "")

@@ -35,13 +35,14 @@ def assert_same_logits(checkpoint: Path, folder: Path, remote_code: bool) -> flo
     return delta
 
 
-@pytest.mark.parametrize("family, architecture", [("dense", "Olmo2ForCausalLM"), ("moe", "OlmoeForCausalLM")])
+@pytest.mark.parametrize("family, architecture", [("dense", "Olmo2ForCausalLM"), ("moe", "OlmoeForCausalLM"),
+                                                  ("ne", "OverTokOlmo2ForCausalLM")])
 def test_train_py_export_round_trip(family, architecture, trained_checkpoint, tmp_path, capsys):
     checkpoint = trained_checkpoint(family)
     cli_main(["export", "--checkpoint", str(checkpoint), "--out", str(tmp_path / "hf")])
     assert "wrote" in capsys.readouterr().out
     assert f'"{architecture}"' in (tmp_path / "hf" / "config.json").read_text()
-    assert_same_logits(checkpoint, tmp_path / "hf", remote_code=False)
+    assert_same_logits(checkpoint, tmp_path / "hf", remote_code=architecture.startswith("OverTok"))
 
 
 def test_train_py_export_of_an_over_encoding_model_with_its_tokenizer(trained_checkpoint, tmp_path):

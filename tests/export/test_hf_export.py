@@ -39,6 +39,9 @@ def build(preset: str, vocab_size: int = 61, **fields) -> Transformer:
 
 
 OE = dict(over_encoding=OverEncodingConfig(m=97, n=3, k=2))
+# LongCat's N-gram Embedding with every option away from Algorithm 1 (ids 3, 5 and 6 ignored).
+NE = dict(over_encoding=OverEncodingConfig(m=96, n=3, k=2, flavor="longcat", combine="sqrt", scale=2.5,
+                                           ignore_ids=[3, "5:7"]))
 # OLMo2's blocks around OLMoE's experts (the MoE presets are OLMoE's pre-norm blocks): FlexOlmo.
 FLEX = dict(block="reordered_norm", rope_theta=500_000.0, norm_eps=1e-6)
 CASES = {
@@ -59,6 +62,10 @@ CASES = {
     "oe_moe_pre_norm_reset_at_eos": (
         dict(preset="moe-tiny", over_encoding=OverEncodingConfig(m=97, n=3, k=2, reset_at_eos=True, eos_id=3)),
         {}, "OverTokOlmoeForCausalLM"),
+    "ne_dense": (dict(preset="tiny", tie_embeddings=True, **NE), {}, "OverTokOlmo2ForCausalLM"),
+    "ne_moe_pre_norm_unigram_full": (
+        dict(preset="moe-tiny", over_encoding=OverEncodingConfig(m=100, n=5, k=1, flavor="longcat", combine="unigram_full",
+                                                                 ignore_ids=[3])), {}, "OverTokOlmoeForCausalLM"),
     "joint_head": (dict(preset="tiny", vocab_size=7, vocab_pad_multiple=1, multi_token=MultiTokenConfig(mode="joint", n=2)),
                    {}, "OverTokOlmo2ForCausalLM"),
     "oe_exact_joint_head": (dict(preset="tiny", vocab_size=7, vocab_pad_multiple=1, multi_token=MultiTokenConfig(mode="joint", n=3),
@@ -85,6 +92,8 @@ def test_logits_equal_ours(name, tmp_path):
     ids_BT = torch.randint(0, V, (3, 24), generator=torch.Generator().manual_seed(2))
     if ours.cfg.over_encoding is not None and ours.cfg.over_encoding.reset_at_eos:
         ids_BT[:, [5, 6, 15]] = ours.cfg.over_encoding.eos_id
+    if ours.cfg.over_encoding is not None and ours.cfg.over_encoding.ignore_ids:
+        ids_BT[:, [0, 5, 6, 15]] = ours.cfg.over_encoding.ignored_token_ids()[-1]  # at the start, adjacent, alone
     with torch.no_grad():
         ours_BTV, theirs_BTV = ours(ids_BT), theirs(ids_BT).logits
     assert theirs_BTV.shape == ours_BTV.shape == (3, 24, V)
@@ -93,13 +102,17 @@ def test_logits_equal_ours(name, tmp_path):
     assert delta <= TOLERANCE
 
 
-def test_oe_generation_with_kv_cache_equals_full_recomputation(tmp_path):
+@pytest.mark.parametrize("family", ["oe", "ne"])
+def test_oe_generation_with_kv_cache_equals_full_recomputation(family, tmp_path):
     """transformers' generate() (KV cache) on an exported OE model takes the same greedy tokens as our model
-    recomputing the whole sequence; a 1-token prompt (n-gram history shorter than n-1) included."""
-    ours = build("tiny", **OE)
-    theirs = load(export_to_hf(ours, tmp_path / "oe"), trust_remote_code=True)
+    recomputing the whole sequence; a 1-token prompt (n-gram history shorter than n-1) included. NE: with ignored
+    ids in the prompt, whose cut of the n-gram history the cached steps must see."""
+    ours = build("tiny", **(OE if family == "oe" else NE))
+    theirs = load(export_to_hf(ours, tmp_path / family), trust_remote_code=True)
     for prompt_length in (1, 5):
         prompt_BT = torch.randint(0, 61, (2, prompt_length), generator=torch.Generator().manual_seed(prompt_length))
+        if family == "ne":
+            prompt_BT[:, -1] = 5  # the first generated token's 2- and 3-grams start after it
         with torch.no_grad():
             generated_BT = theirs.generate(prompt_BT, max_new_tokens=8, do_sample=False, eos_token_id=None,
                                            pad_token_id=0)
@@ -165,10 +178,14 @@ def test_bf16_export_loads_in_bf16(tmp_path):
     assert delta < 0.5  # bf16 rounding only; no layout error (those give O(1) differences)
 
 
-def test_oe_hand_written_decoding_loop_reuses_the_returned_cache(tmp_path):
-    ours = build("moe-tiny", over_encoding=OverEncodingConfig(m=101, n=5, k=1))
+@pytest.mark.parametrize("flavor", ["paper", "longcat"])
+def test_oe_hand_written_decoding_loop_reuses_the_returned_cache(flavor, tmp_path):
+    ignore = dict(ignore_ids=[7, 9]) if flavor == "longcat" else {}
+    ours = build("moe-tiny", over_encoding=OverEncodingConfig(m=101, n=5, k=1, flavor=flavor, **ignore))
     theirs = load(export_to_hf(ours, tmp_path / "oe"), trust_remote_code=True)
     ids_BT = torch.randint(0, 61, (2, 12), generator=torch.Generator().manual_seed(3))
+    if ignore:
+        ids_BT[0, [1, 6]], ids_BT[1, [4, 5]] = 7, 9  # inside the prefill, and within n-1 of later steps
     with torch.no_grad():
         full_BTV = ours(ids_BT)
         out = theirs(ids_BT[:, :2], use_cache=True)  # a prefill shorter than the n-gram order

@@ -13,6 +13,7 @@ import lightning.pytorch as pl
 
 from lit_overtok.data.cfg_datamodule import CFGDataModule
 from lit_overtok.training.lightning_module import OverTokLM
+from tests.fixtures import TEXT_VOCAB
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -24,8 +25,8 @@ def run(args, cwd, env):
 
 
 def text_checkpoint(tmp_path: Path) -> Path:
-    """A GPT-2-vocabulary model after one step (its data is grammar ids; only the vocabulary matters here)."""
-    module = OverTokLM(model_config={"preset": "tiny", "vocab_size": 50257})
+    """A text-vocabulary model after one step (its data is grammar ids; only the vocabulary matters here)."""
+    module = OverTokLM(model_config={"preset": "tiny", "vocab_size": TEXT_VOCAB})
     trainer = pl.Trainer(max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
                          enable_model_summary=False, limit_val_batches=0, use_distributed_sampler=False)
     trainer.fit(module, CFGDataModule(seq_len=16, batch_size=2, val_sentences=2))
@@ -33,7 +34,7 @@ def text_checkpoint(tmp_path: Path) -> Path:
     return tmp_path / "text.ckpt"
 
 
-def test_installed_package_trains_and_evaluates_from_another_directory(tmp_path, paper_data, gpt2_tokenizer):
+def test_installed_package_trains_and_evaluates_from_another_directory(tmp_path, paper_data, text_tokenizer):
     source, site = tmp_path / "source", tmp_path / "site"
     # A copy of what the wheel is built from, so the build leaves nothing in the checkout.
     source.mkdir()
@@ -59,6 +60,6 @@ def test_installed_package_trains_and_evaluates_from_another_directory(tmp_path,
     scores = json.loads((elsewhere / "grammar" / "last.json").read_text())["results"]
     assert 0.0 <= scores["cfg_next_token_validity"]["acc,none"] <= 1.0
     run([sys.executable, str(REPO / "evaluation" / "evaluate.py"), "--checkpoint", str(text_checkpoint(tmp_path)),
-         "--tasks", "arc_easy", "--data-dir", str(paper_data), "--tokenizer", str(gpt2_tokenizer),
+         "--tasks", "arc_easy", "--data-dir", str(paper_data), "--tokenizer", str(text_tokenizer),
          "--allow-tokenizer-change", "--output-dir", "arc"], elsewhere, env)
     assert 0.0 <= json.loads((elsewhere / "arc" / "text.json").read_text())["results"]["arc_easy"]["acc,none"] <= 1.0

@@ -21,6 +21,10 @@ MODES = {
 }
 
 
+# Input embeddings: the plain table, and LongCat's N-gram Embedding with ignored ids (MTP-DS reads its output).
+EMBEDDINGS = {"plain": None, "ne": {"m": 40, "n": 3, "k": 2, "flavor": "longcat", "combine": "sqrt", "ignore_ids": [2, 5]}}
+
+
 def model_pair(multi_token, chunk_logits, **overrides):
     """The plain model and one computing its losses by chunks, with equal weights."""
     cfg = ModelConfig(preset="tiny", vocab_size=V, multi_token=multi_token, vocab_pad_multiple=8, **overrides)
@@ -47,12 +51,13 @@ def loss_and_grads(model, ids_BT, labels_BT):
     return loss.detach(), parts, {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
 
 
+@pytest.mark.parametrize("embedding", EMBEDDINGS)
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_chunked_loss_and_gradients_equal_the_plain_path(mode, dtype):
+def test_chunked_loss_and_gradients_equal_the_plain_path(mode, dtype, embedding):
     # 9 positions' worth of logits per chunk (7 for the joint head's 37^2 columns is 1 position): many chunks,
     # the last one partial.
-    plain, chunked = model_pair(MODES[mode], chunk_logits=9 * 40)
+    plain, chunked = model_pair(MODES[mode], chunk_logits=9 * 40, over_encoding=EMBEDDINGS[embedding])
     ids_BT, labels_BT = batch()
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
         plain_loss, plain_parts, plain_grads = loss_and_grads(plain, ids_BT, labels_BT)

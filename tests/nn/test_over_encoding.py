@@ -2,6 +2,7 @@
 
 import glob
 import itertools
+import math
 import os
 import subprocess
 import sys
@@ -364,3 +365,116 @@ def test_single_form_hashes_when_m_is_smaller_than_v_to_the_n():
     ids_BT = torch.tensor([[5, 7, 2]])
     assert embed.lookup_rows(ids_BT)[0, :, 0].tolist() == [5, (7 + 5 * V) % 101, (2 + 7 * V) % 101]
 
+
+
+# ------------------------------------------------------------- LongCat N-gram Embedding (NE) options and flavor
+def literal_embedding(ids_BT, embed: OverEncoding, oe: OverEncodingConfig, d_model: int) -> torch.Tensor:
+    """OE_FAMILY.md §1 read literally, one position at a time: rows int(r·V + 2i + 1) (``longcat``) or m + 2i,
+    g-gram ids from the ids since the last ignored id before t (0 before it), one projection per table, the chosen
+    combination, the amplification scale; an ignored position gets scale·E(x_t) alone."""
+    V, N, width = embed.vocab_size, oe.n_tables, oe.slice_width(d_model)
+    rows = [oe.m + 2 * i + (1 if oe.row_rule == "longcat" else 0) for i in range(N)]
+    orders = [2 + i // oe.k for i in range(N)]
+    ignored = set(oe.ignored_token_ids())
+    out = []
+    for b in range(ids_BT.shape[0]):
+        seq = ids_BT[b].tolist()
+        for t, x in enumerate(seq):
+            unigram = embed.wte.weight[x]
+            if x in ignored:
+                out.append(oe.scale * unigram)
+                continue
+            start = max([s + 1 for s in range(t) if seq[s] in ignored], default=0)
+            ngram = 0
+            for i, (g, M) in enumerate(zip(orders, rows)):
+                h = sum(seq[t - r] * V**r for r in range(g) if t - r >= start)
+                row = embed.tables.weight[sum(rows[:i]) + h % M]
+                ngram = ngram + embed.proj.weight[:, i * width:(i + 1) * width] @ row
+                if oe.proj_bias:
+                    ngram = ngram + embed.proj.bias / N  # the fused bias is the sum of the N tables' biases
+            e = {"mean": (unigram + ngram) / (1 + N), "unigram_full": unigram + ngram / (1 + N),
+                 "sqrt": (unigram + ngram) / math.sqrt(1 + N)}[oe.combine]
+            out.append(oe.scale * e)
+    return torch.stack(out).view(*ids_BT.shape, d_model)
+
+
+NE_CASES = {
+    "longcat": dict(flavor="longcat"),
+    "longcat_sparse_k3": dict(flavor="longcat", k=3, sparse=True),
+    "unigram_full": dict(flavor="longcat", combine="unigram_full"),
+    "sqrt": dict(flavor="longcat", combine="sqrt", n=4, k=1),
+    "scale": dict(flavor="longcat", scale=3.5),
+    "ignore_ids": dict(flavor="longcat", ignore_ids=[3, "5:7"], n=4, k=1),
+    "paper_with_ne_options": dict(combine="sqrt", scale=0.5, ignore_ids=[4], proj_bias=True),
+    "paper": dict(),
+}
+
+
+@pytest.mark.parametrize("case", NE_CASES)
+def test_ne_options_equal_a_literal_per_position_reading(case):
+    options = {"m": 40, "n": 3, "k": 2, **NE_CASES[case]}
+    torch.manual_seed(0)
+    cfg = ModelConfig(preset="tiny", vocab_size=V, d_model=24, over_encoding=OverEncodingConfig(**options))
+    oe = cfg.over_encoding
+    embed = OverEncoding(oe, V, cfg.padded_vocab_size, cfg.d_model).double()
+    with torch.no_grad():
+        for p in embed.parameters():
+            p.normal_()  # biases too, which start at zero
+    ids_BT = torch.randint(0, V, (3, 12), generator=torch.Generator().manual_seed(1))
+    ids_BT[0, [0, 4, 5, 9]] = torch.tensor([3, 5, 3, 6])  # ignored ids at the start, adjacent, and mid-sequence
+    target_BTD = torch.randn(3, 12, cfg.d_model, dtype=torch.float64)
+    fast, literal = embed(ids_BT), literal_embedding(ids_BT, embed, oe, cfg.d_model)
+    torch.testing.assert_close(fast, literal, rtol=1e-12, atol=1e-12)
+    params = [p for p in embed.parameters()]
+    grads_fast = torch.autograd.grad((fast * target_BTD).sum(), params)
+    grads_literal = torch.autograd.grad((literal * target_BTD).sum(), params)
+    for p, g_fast, g_literal in zip(params, grads_fast, grads_literal):
+        torch.testing.assert_close(g_fast.to_dense(), g_literal, rtol=1e-12, atol=1e-12)
+    assert (embed.proj.bias is not None) == oe.proj_bias
+
+
+def test_longcat_flavor_sets_the_options_and_explicit_fields_win():
+    longcat = OverEncodingConfig(m=40, flavor="longcat")
+    assert (longcat.row_rule, longcat.proj_bias, longcat.combine, longcat.scale) == ("longcat", False, "mean", 1.0)
+    assert longcat.row_counts() == [41, 43] and longcat.family == "ne"
+    paper = OverEncodingConfig(m=40)
+    assert (paper.row_rule, paper.proj_bias, paper.combine, paper.scale, paper.ignore_ids) == ("paper", True, "mean", 1.0, [])
+    assert paper.row_counts() == [40, 42] and paper.family == "oe"
+    assert OverEncodingConfig(m=40, flavor="longcat", combine="sqrt", proj_bias=True).proj_bias is True
+    assert OverEncodingConfig(m=40, ignore_ids=[1, "4:7", "9:10"]).ignored_token_ids() == [1, 4, 5, 6, 9]
+
+
+def test_longcat_row_rule_matches_released_sizes():
+    from lit_overtok.nn.table_budget import longcat_m
+    # OE_FAMILY.md §1: r = 59.604, V = 163,840 gives 9,765,520 rows for table 0: int(r·V + 2i + 1).
+    r, vocab = 59.604, 163_840
+    oe = OverEncodingConfig(m=longcat_m(r, vocab), n=3, k=2, flavor="longcat")
+    assert oe.row_counts() == [int(r * vocab + 2 * i + 1) for i in range(4)]
+    assert oe.row_counts()[0] == 9_765_520
+
+
+def test_ignored_ids_delimit_the_history_like_a_sequence_start():
+    oe = OverEncodingConfig(m=1000, n=3, k=1, flavor="longcat", ignore_ids=[3])
+    cfg = ModelConfig(preset="tiny", vocab_size=V, over_encoding=oe)
+    embed = OverEncoding(oe, V, cfg.padded_vocab_size, cfg.d_model)
+    doc = [5, 6, 7, 8]
+    after = embed(torch.tensor([[9, 8, 3] + doc]))
+    alone = embed(torch.tensor([doc]))
+    torch.testing.assert_close(after[:, 3:], alone, rtol=0, atol=0)
+    torch.testing.assert_close(after[0, 2], embed.wte.weight[3], rtol=0, atol=0)  # the ignored position: E(x_t)
+    assert not torch.equal(embed(torch.tensor([[9, 8, 4] + doc]))[:, 3:], alone)  # 4 is not ignored: no cut
+
+
+@pytest.mark.parametrize("changes,message", [
+    (dict(flavor="meituan"), r"model_config\.over_encoding\.flavor"),
+    (dict(combine="max"), r"combine must be one of"),
+    (dict(scale=0.0), r"model_config\.over_encoding\.scale"),
+    (dict(ignore_ids=["4-7"]), r"model_config\.over_encoding\.ignore_ids: '4-7'"),
+    (dict(ignore_ids=[V]), r"model_config\.over_encoding\.ignore_ids: 13 is not a token id"),
+    (dict(ignore_ids=["-2:1"]), r"model_config\.over_encoding\.ignore_ids: -2 is not a token id"),
+    (dict(ignore_ids=[True]), r"model_config\.over_encoding\.ignore_ids: True"),
+    (dict(form="single", k=1, ignore_ids=[2]), r"ignore_ids needs form 'hierarchical'"),
+])
+def test_bad_ne_settings_are_clear_errors(changes, message):
+    with pytest.raises(ValueError, match=message):
+        oe_config(**changes)

@@ -15,6 +15,7 @@ from lit_overtok.data.cfg_datamodule import CFGDataModule
 from lit_overtok.training.lm_eval_callback import LMEvalCallback
 from lit_overtok.evaluation.runner import PAPER_TASKS, PRIMARY_METRICS
 from lit_overtok.training.lightning_module import OverTokLM
+from tests.fixtures import TEXT_VOCAB
 
 
 def scalars(log_dir: Path) -> dict[str, list[tuple[int, float]]]:
@@ -61,11 +62,11 @@ def test_final_tasks_are_scored_at_the_end_of_fit_only(tmp_path):
     assert set(callback.last_metrics) >= {"eval/cfg_generation/acc", "eval/cfg_next_token_validity/acc"}
 
 
-def test_paper_tasks_log_acc_acc_norm_and_the_downstream_mean(tmp_path, paper_data, gpt2_tokenizer):
-    # A GPT-2-vocabulary model on grammar data: only the vocabulary matters here, so the change is allowed.
-    callback = LMEvalCallback(tasks=["paper"], every_n_steps=1, data_dir=str(paper_data), tokenizer=str(gpt2_tokenizer),
+def test_paper_tasks_log_acc_acc_norm_and_the_downstream_mean(tmp_path, paper_data, text_tokenizer):
+    # A model of the tokenizer's vocabulary on grammar data: only the vocabulary matters here, so the change is allowed.
+    callback = LMEvalCallback(tasks=["paper"], every_n_steps=1, data_dir=str(paper_data), tokenizer=str(text_tokenizer),
                               allow_tokenizer_change=True)
-    logged = fit(tmp_path / "logs", callback, max_steps=1, vocab_size=50257)
+    logged = fit(tmp_path / "logs", callback, max_steps=1, vocab_size=TEXT_VOCAB)
     for task in PAPER_TASKS:
         assert [step for step, _ in logged[f"eval/{task}/acc"]] == [1]
         assert [step for step, _ in logged[f"eval/{task}/acc_norm"]] == [1]

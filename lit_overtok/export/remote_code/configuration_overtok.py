@@ -5,7 +5,9 @@ Each is the configuration of its OLMo-family backbone plus two optional fields:
 - ``over_encoding``: Over-Encoding of the input (Huang et al., ICML 2025, Algorithm 1), a dict with
   ``vocab_size`` (V of the n-gram hash), ``orders`` (the n-gram order g of each hashed table), ``moduli`` (the rows of
   each table, which are also its hash moduli), ``slice_width`` (columns of every table) and ``eos_id`` (None, or the
-  token at which n-gram histories stop: they never reach back across it);
+  token at which n-gram histories stop: they never reach back across it); LongCat's N-gram Embedding adds
+  ``proj_bias`` (default true), ``combine`` ("mean", "unigram_full" or "sqrt"), ``scale`` (default 1) and
+  ``ignore_ids`` (ids that get the word embedding alone and stop n-gram histories like an EOS);
 - ``joint_head_n``: None, or n for a joint next-n-token head whose first-token marginal gives the logits.
 """
 

@@ -10,6 +10,9 @@ over I hashed tables T_i of M_i rows (table i hashes the g_i-gram ending at t), 
 ``h_g(t) = x_t + x_{t-1}·V + ... + x_{t-g+1}·V^(g-1)`` with ids before the sequence start taken as 0 (and, when the
 config names an ``eos_id``, ids at or before the last EOS preceding t too). All tables are stored as one weight,
 ``over_encoding.tables``, table i starting at row M_0 + ... + M_{i-1}; ``over_encoding.proj`` is W with bias b.
+LongCat's N-gram Embedding is the same with options in the config: no bias b (``proj_bias``), the combination
+(``combine``: "mean" as above, "unigram_full" E + S/(1 + I), "sqrt" dividing by sqrt(1 + I)), a factor ``scale`` on
+e_t, and ``ignore_ids``: at those ids e_t = scale·E(x_t), and no n-gram reaches back across one (as across an EOS).
 
 Because e_t needs the n-1 ids before t, a forward with a KV cache needs those ids too. ``generate`` hands them over
 (``prepare_inputs_for_generation`` passes the whole sequence as ``history_ids``); a hand-written decoding loop either
@@ -37,12 +40,16 @@ _HISTORY_ATTRIBUTE = "overtok_recent_ids"  # where a cache keeps the last n-1 id
 
 
 def hashed_ngram_rows(ids_BT: torch.Tensor, vocab_size: int, orders: list[int], moduli: list[int],
-                      eos_id: Optional[int] = None) -> torch.Tensor:
-    """(B, T, I) int64: for each position and table, the row ``h_g(t) mod M`` (within the table)."""
+                      eos_id: Optional[int] = None, delimiters: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """(B, T, I) int64: for each position and table, the row ``h_g(t) mod M`` (within the table); histories stop at
+    an EOS and at any id in ``delimiters``."""
     B, T = ids_BT.shape
     ids_BT = ids_BT.long()
-    if eos_id is not None:
-        eos_BT = (ids_BT == eos_id).long()
+    boundary_BT = None if eos_id is None else ids_BT == eos_id
+    if delimiters is not None:
+        boundary_BT = torch.isin(ids_BT, delimiters) if boundary_BT is None else boundary_BT | torch.isin(ids_BT, delimiters)
+    if boundary_BT is not None:
+        eos_BT = boundary_BT.long()
         segment_BT = eos_BT.cumsum(1) - eos_BT  # EOS tokens strictly before t; equal values: same document
     tables = []
     for order, modulus in zip(orders, moduli):
@@ -51,7 +58,7 @@ def hashed_ngram_rows(ids_BT: torch.Tensor, vocab_size: int, orders: list[int], 
             kept = max(T - lag, 0)
             # x_{t-lag}, 0 where t-lag < 0 (and across an EOS).
             lagged_BT = torch.cat([ids_BT.new_zeros(B, T - kept), ids_BT[:, :kept]], dim=1)
-            if eos_id is not None and lag > 0:
+            if boundary_BT is not None and lag > 0:
                 lagged_segment_BT = torch.cat([segment_BT.new_full((B, T - kept), -1), segment_BT[:, :kept]], dim=1)
                 lagged_BT = lagged_BT * (lagged_segment_BT == segment_BT)
             # Digit by digit, each term below V·M: exact in int64 whatever n is.
@@ -69,10 +76,12 @@ class OverEncodingEmbedding(nn.Module):
         self.orders = [int(g) for g in spec["orders"]]
         self.moduli = [int(m) for m in spec["moduli"]]
         self.eos_id = spec.get("eos_id")
+        self.ignore_ids = [int(i) for i in spec.get("ignore_ids") or []]
+        self.combine, self.scale = spec.get("combine", "mean"), float(spec.get("scale", 1.0))
         self.offsets = [sum(self.moduli[:i]) for i in range(len(self.moduli))]
         width = int(spec["slice_width"])
         self.tables = nn.Embedding(sum(self.moduli), width)
-        self.proj = nn.Linear(len(self.moduli) * width, hidden_size, bias=True)
+        self.proj = nn.Linear(len(self.moduli) * width, hidden_size, bias=spec.get("proj_bias", True))
 
     @property
     def context(self) -> int:
@@ -80,10 +89,20 @@ class OverEncodingEmbedding(nn.Module):
         return max(self.orders) - 1
 
     def forward(self, ids_BT: torch.Tensor, unigram_BTD: torch.Tensor) -> torch.Tensor:
-        rows_BTI = hashed_ngram_rows(ids_BT, self.vocab_size, self.orders, self.moduli, self.eos_id)
+        ignored = torch.tensor(self.ignore_ids, dtype=torch.long, device=ids_BT.device) if self.ignore_ids else None
+        rows_BTI = hashed_ngram_rows(ids_BT, self.vocab_size, self.orders, self.moduli, self.eos_id, ignored)
         rows_BTI = rows_BTI + torch.tensor(self.offsets, dtype=torch.long, device=ids_BT.device)
         ngram_BTD = self.proj(self.tables(rows_BTI).flatten(2))
-        return (unigram_BTD + ngram_BTD) / (1 + len(self.moduli))
+        contributions = 1 + len(self.moduli)
+        if self.combine == "unigram_full":
+            embeds_BTD = unigram_BTD + ngram_BTD / contributions
+        elif self.combine == "sqrt":
+            embeds_BTD = (unigram_BTD + ngram_BTD) / contributions**0.5
+        else:
+            embeds_BTD = (unigram_BTD + ngram_BTD) / contributions
+        if ignored is not None:
+            embeds_BTD = torch.where(torch.isin(ids_BT, ignored)[..., None], unigram_BTD, embeds_BTD)
+        return embeds_BTD * self.scale if self.scale != 1.0 else embeds_BTD
 
 
 class JointMarginalHead(nn.Linear):
