@@ -97,6 +97,8 @@ RUN_FAMILIES = {
     # LongCat's N-gram Embedding, cfg3f's id 0 (BOS) ignored.
     "ne": ["--model.init_args.model_config.preset=tiny",
            '--model.init_args.model_config.over_encoding={"m": 96, "n": 3, "k": 2, "flavor": "longcat", "ignore_ids": [0]}'],
+    "engram": ["--model.init_args.model_config.preset=tiny",
+               '--model.init_args.model_config.engram={"layers": [0, 1], "table_size": 31, "heads": 2, "ngram_width": 8}'],
     "od": ["--model.init_args.model_config.preset=tiny",
            '--model.init_args.model_config.multi_token={"mode": "od", "n": 2}'],
 }

@@ -123,6 +123,12 @@ def map_state_dict(model: Transformer, expert_layout: str = "per_expert") -> dic
     if cfg.over_encoding is not None:
         for name in ("tables.weight", "proj.weight", "proj.bias")[:3 if cfg.over_encoding.proj_bias else 2]:
             out[f"model.over_encoding.{name}"] = take(f"embed.{name}")
+    if cfg.engram is not None:  # its map and multipliers go to config.json (``engram_fields``)
+        used.update(name for name in ours if name.startswith("engram.")
+                    and (name == "engram.compressed_ids" or name.endswith(".multipliers")))
+        for name in ours:
+            if name.startswith("engram.") and name not in used:
+                out[f"model.{name}"] = take(name)
     for i in range(cfg.n_layer):
         src, dst = f"blocks.{i}.", f"model.layers.{i}."
         for proj in ("q_proj", "k_proj", "v_proj", "o_proj", "q_norm", "k_norm"):
@@ -194,7 +200,7 @@ def export_to_hf(
         raise ExportError("model_config.block: a dense model with pre-norm blocks has no transformers class with "
                           "OLMo's QK-norm; only reordered_norm dense models (Olmo2) and MoE models export")
     architecture, model_type = _NATIVE[key]
-    remote = cfg.over_encoding is not None or is_joint(cfg)
+    remote = cfg.over_encoding is not None or cfg.engram is not None or is_joint(cfg)
     config = hf_config(cfg, model_type, architecture)
     config.update(eos_token_id=eos_token_id, bos_token_id=bos_token_id, pad_token_id=pad_token_id)
     if remote:
@@ -203,6 +209,8 @@ def export_to_hf(
         # (conversion_mapping.py: olmoe, flex_olmo), not for remote ones, which would load with random experts.
         expert_layout = "fused"
     tensors = {k: v.to(dtype) for k, v in map_state_dict(model, expert_layout).items()}
+    if cfg.engram is not None:
+        config["engram"] = engram_fields(model)
     config["dtype"] = str(dtype).removeprefix("torch.")
 
     out = Path(out_dir)
@@ -245,6 +253,18 @@ def remote_code_fields(cfg: ModelConfig, model_type: str) -> dict:
     if is_joint(cfg):
         fields["joint_head_n"] = cfg.multi_token.n
     return fields
+
+
+def engram_fields(model: Transformer) -> dict:
+    """config.json's ``engram``: its shape and the integers it hashes with (compressed ids, primes, multipliers)."""
+    engram, cfg = model.engram, model.cfg
+    return {
+        "layers": list(engram.cfg.layers), "max_n": engram.cfg.max_n, "heads": engram.cfg.heads,
+        "head_width": engram.cfg.head_width(), "kernel_size": engram.cfg.kernel_size, "norm_eps": cfg.norm_eps,
+        "pad_id": engram.cfg.pad_id, "compressed_ids": engram.compressed_ids.tolist(),
+        "primes": {str(layer): primes for layer, primes in engram.cfg.head_primes().items()},
+        "multipliers": {name: layer.multipliers.tolist() for name, layer in engram.layers.items()},
+    }
 
 
 def write_json(path: Path, value: dict) -> None:

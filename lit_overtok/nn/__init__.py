@@ -5,6 +5,8 @@ One module per concept, read in the order of a forward pass:
 - ``config`` (``ModelConfig``) and ``presets`` (the paper's model sizes);
 - ``embedding``: the input-embedding seam, the plain table or ``over_encoding`` (Over-Encoding, paper §3.2, App. A);
 - ``norms``, ``rotary``, ``attention`` (with the KV cache), ``feed_forward`` (dense SwiGLU or ``moe``), ``block``;
+- ``engram``: DeepSeek's Engram memory, added to the hidden state before chosen blocks (``docs/engram.md``), over
+  the compressed ids of ``token_compression``;
 - ``transformer``: embedding -> blocks -> final norm -> ``heads`` (next token) [+ ``over_decoding`` (App. C) or
   ``mtp`` (MTP-DS, with Over-Encoding the paper's OT)], and its training loss (``losses``; by chunks of positions
   without full logits: ``chunked_loss``); ``recompute``: activation checkpointing of the blocks;

@@ -21,6 +21,8 @@ class KVCache:
     k_BHTC: torch.Tensor
     v_BHTC: torch.Tensor
     length: int = 0
+    memory: Optional[object] = None
+    """Decoding state of a module run before this block (Engram's convolution window, ``nn.engram.EngramCache``)."""
 
     def append(self, k_BHTC: torch.Tensor, v_BHTC: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         end = self.length + k_BHTC.shape[2]

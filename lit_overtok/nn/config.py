@@ -2,7 +2,7 @@
 
 A field left ``None`` takes the preset's value and a field given explicitly wins. The vocabulary size normally comes
 from the data module (the CLI links it). The sub-configs sit beside the modules they build: ``over_encoding``
-(``OverEncodingConfig``), ``moe`` (``MoEConfig``), ``heads`` (``MultiTokenConfig``). Parameter counts and FLOPs per
+(``OverEncodingConfig``), ``engram`` (``EngramConfig``), ``moe`` (``MoEConfig``), ``heads`` (``MultiTokenConfig``). Parameter counts and FLOPs per
 token are in ``counts`` (they build the model).
 """
 
@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 from lit_overtok.configuration import config_from
+from lit_overtok.nn.engram import EngramConfig
 from lit_overtok.nn.heads import MultiTokenConfig
 from lit_overtok.nn.moe import MoEConfig, resolve_moe_config
 from lit_overtok.nn.over_encoding import OverEncodingConfig
@@ -52,6 +53,8 @@ class ModelConfig:
     init_std: float = 0.02
     over_encoding: Optional[OverEncodingConfig] = None
     """Hashed n-gram input embeddings (Over-Encoding, paper §3.2); None = the plain 1-gram table."""
+    engram: Optional[EngramConfig] = None
+    """DeepSeek's Engram: a hashed n-gram memory added to the hidden state before chosen blocks (``nn.engram``)."""
     moe: Optional[MoEConfig] = None
     """Mixture-of-experts feed-forward in every block (None: dense, unless the preset has experts)."""
     multi_token: Optional[MultiTokenConfig] = None
@@ -73,6 +76,8 @@ class ModelConfig:
             self.multi_token = config_from(MultiTokenConfig, self.multi_token, "model_config.multi_token")
         if self.over_encoding is not None:
             self.over_encoding = config_from(OverEncodingConfig, self.over_encoding, "model_config.over_encoding")
+        if self.engram is not None:
+            self.engram = config_from(EngramConfig, self.engram, "model_config.engram")
         if self.preset is not None:
             if self.preset not in PRESETS:
                 raise ValueError(
@@ -110,6 +115,8 @@ class ModelConfig:
             raise ValueError("model_config.init_std, model_config.norm_eps and model_config.rope_theta must be positive")
         if self.over_encoding is not None:
             self.over_encoding.validate(self.d_model, self.vocab_size, self.tie_embeddings)
+        if self.engram is not None:
+            self.engram.validate(self.n_layer, self.vocab_size)
         if self.multi_token is not None:
             self.multi_token.check_model(self.d_model, self.vocab_size, self.tie_embeddings)
 

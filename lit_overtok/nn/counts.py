@@ -1,9 +1,9 @@
 """Parameter counts and training FLOPs per token of a configuration, from a meta-device build (exact, no memory).
 
 Lookups cost no FLOPs, so the 1-gram and Over-Encoding tables are excluded from the FLOPs (docs/method.md §4.11: OE adds
-only its projections, 2·D² per token); the output unembedding is a matmul and counts whether tied or not.
-``ParameterCounts.memory_tables`` lists the hashed n-gram memory tables per family (OE, LongCat NE, Engram), which
-``nn.table_budget`` uses to build arms of equal table parameters or equal totals (``docs/oe_family.md``).
+only its projections, 2·D² per token); the output unembedding is a matmul and counts whether tied or not. Engram
+(``nn.engram``) adds its key and value projections and its depthwise convolution (each weight used once per token);
+its gate's dot product (D per token) is left out, as the norms' products are.
 """
 
 from __future__ import annotations

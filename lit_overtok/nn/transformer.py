@@ -26,6 +26,7 @@ from lit_overtok.nn.attention import KVCache
 from lit_overtok.nn.block import Block
 from lit_overtok.nn.config import ModelConfig
 from lit_overtok.nn.embedding import build_input_embedding
+from lit_overtok.nn.engram import Engram
 from lit_overtok.nn.heads import NextTokenHead
 from lit_overtok.nn.moe import pop_auxiliary_losses
 from lit_overtok.nn.mtp import MultiTokenPredictionDS
@@ -67,6 +68,8 @@ class Transformer(nn.Module):
         self.embed = build_input_embedding(cfg)
         self.rotary = RotaryEmbedding(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
         self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layer))
+        # Engram's memory, added to the hidden state before the blocks it names (``nn.engram``).
+        self.engram = None if cfg.engram is None else Engram(cfg.engram, cfg.vocab_size, cfg.d_model, cfg.norm_eps)
         if cfg.compile_blocks:
             for block in self.blocks:
                 block.compile()  # in place: parameter names and checkpoints stay those of the eager model
@@ -82,13 +85,21 @@ class Transformer(nn.Module):
         The embedding always sees the whole id sequence, because an Over-Encoding lookup at position t needs the
         ids before t; with a KV cache only the new positions go through the blocks.
         """
-        return self.backbone(self.embed(input_ids_BT)[:, start:], caches, start)
+        return self.backbone(self.embed(input_ids_BT)[:, start:], caches, start, input_ids_BT)
 
-    def backbone(self, x_BTD: torch.Tensor, caches: Optional[list[KVCache]] = None, start: int = 0) -> torch.Tensor:
-        """Blocks and final norm over embedded positions ``start .. start + T``."""
+    def backbone(self, x_BTD: torch.Tensor, caches: Optional[list[KVCache]] = None, start: int = 0,
+                 input_ids_BT: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Blocks and final norm over embedded positions ``start .. start + T``; Engram also reads the ids (all of
+        them from position 0, as the embedding)."""
         cos_TC, sin_TC = self.rotary(start, x_BTD.shape[1])
         recompute = self.cfg.activation_checkpointing and self.training and caches is None and torch.is_grad_enabled()
+        memory = self.engram.layers if self.engram is not None else {}
+        if memory:
+            compressed_BT, pad = self.engram.compress(input_ids_BT)
         for i, block in enumerate(self.blocks):
+            if str(i) in memory:
+                args = (x_BTD, compressed_BT, pad, start, None if caches is None else caches[i].memory)
+                x_BTD = x_BTD + (checkpointed(memory[str(i)], *args) if recompute else memory[str(i)](*args))
             if recompute:
                 x_BTD = checkpointed(block, x_BTD, cos_TC, sin_TC)
             else:
@@ -106,7 +117,7 @@ class Transformer(nn.Module):
         """
         # Embedded once: MTP-DS feeds the next token's input embedding (Over-Encoding's, in OT) to its modules.
         embedded_BTD = self.embed(input_ids_BT)
-        hidden_BTD = self.backbone(embedded_BTD)
+        hidden_BTD = self.backbone(embedded_BTD, input_ids_BT=input_ids_BT)
         loss_next1 = self.lm_head.loss(hidden_BTD, labels_BT)
         parts = {"loss_next1": loss_next1.detach()}
         total = loss_next1
@@ -122,8 +133,9 @@ class Transformer(nn.Module):
 
     def new_kv_caches(self, batch_size: int, max_len: int, dtype: torch.dtype, device: torch.device) -> list[KVCache]:
         shape = (batch_size, self.cfg.n_head, max_len, self.cfg.head_dim)
-        return [KVCache(torch.empty(shape, dtype=dtype, device=device), torch.empty(shape, dtype=dtype, device=device))
-                for _ in self.blocks]
+        memory = {} if self.engram is None else self.engram.new_cache(batch_size, self.cfg.d_model, dtype, device)
+        return [KVCache(torch.empty(shape, dtype=dtype, device=device), torch.empty(shape, dtype=dtype, device=device),
+                        memory=memory.get(i)) for i in range(len(self.blocks))]
 
     @torch.no_grad()
     def init_weights(self) -> None:

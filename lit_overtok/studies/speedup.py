@@ -2,140 +2,42 @@
 
     python evaluation/speedup.py --baseline runs/base/version_0 --treatment runs/oe/version_0
 
-For each metric both runs logged (the next-token training loss ``train/loss_next1``, ``eval/downstream`` and every
-``eval/<task>/<metric>``; or ``--metrics``):
+For each metric both runs logged (the next-token training loss ``train/loss_next1``, ``val/loss``,
+``eval/downstream`` and every ``eval/<task>/<metric>``; or ``--metrics``): the logged steps are mapped to training
+tokens through ``train/tokens_seen``, and the speedup is measured as ``lit_overtok.studies.convergence`` defines it
+(docs/studies.md, "Reading a speedup"): the baseline's final value is its fitted value at its last point (a straight
+line in log tokens through its last ``--window`` = 25% of tokens); the treatment reaches it where the monotone
+regression of its own fit does; speedup = baseline tokens / treatment tokens, with a 95% bootstrap interval. A
+treatment already past the target at its first point is reported as "≥ X (censored at the first point)", one that
+never reaches it as "never (best value v)". Lower is better for losses and perplexities, higher for accuracies
+(explicit lists in ``convergence``); any other metric needs ``--lower-is-better`` or ``--higher-is-better``.
 
-1. map the logged steps to training tokens through ``train/tokens_seen`` (linear between logged points);
-2. smooth each curve with TensorBoard's debiased EMA on the *optimizer-step* axis, with the paper's weights: 0.99 per
-   step for losses (``--loss-ema``, ``--loss-ema-steps 1``), 0.9 for evaluation metrics per evaluation interval of
-   the baseline (``--eval-ema``; ``--eval-ema-steps`` fixes the unit instead), i.e. per evaluation point as the paper
-   draws them. Between two logged points the curve is taken as linear and every step in between enters the average
-   as if it had been logged, so the result does not depend on how often a run logged (a per-point EMA, as
-   TensorBoard draws it, makes a 0.99 weight span 100 steps at ``log_every_n_steps: 1`` and 5,000 at 50);
-3. place each smoothed value at the same EMA of the tokens (the centre of mass of its averaging window): an EMA lags
-   its curve by w/(1-w) steps, and against the raw tokens that lag would shift the two crossings by different
-   fractions of their token counts (5.57x read for a true 5.7x over 20k steps); what remains is second order, the
-   curve's bend over the window (1% on the tests' curves);
-4. target = the baseline's final smoothed value, reached by the baseline at its last point (the paper's "reaches the
-   baseline's final loss with N x fewer tokens"; not where its noisy smoothed curve first touches that value);
-5. the treatment *reaches* the target at the first point where its smoothed curve is <= the target for losses (and
-   perplexities), >= for everything else, the crossing placed by linear interpolation between that point and the
-   one before; speedup = baseline tokens / treatment tokens.
-
-[UNCONFIRMED] the paper does not define the speedup; this is its most plausible reading (docs/method.md §4.2). Our
-choices: the step axis for the EMA, the linear curve between logged points, the lag removed by step 3, and the
-evaluation EMA's unit. A reading's noise grows as logging thins out (a value logged every 50 steps carries the
-information of one step, not of 50): log the loss often for speedups.
-Writes a markdown table (stdout and ``--output``) and a PNG (``--plot``) with both curves and the crossings
-marked; a treatment that never reaches the target is reported as such, with its best smoothed value.
+Writes a markdown table (stdout and ``--output``), the same as JSON (``--json``, default beside it) and a PNG (``--plot``) with both
+curves, their fits, the target and the crossing.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
 import numpy as np
 
+from lit_overtok.studies import convergence
+from lit_overtok.studies.convergence import Curve, Speedup
 from lit_overtok.studies.run_logs import read_run_scalars
 
 TOKENS_TAG = "train/tokens_seen"
 DEFAULT_LOSS_TAG = "train/loss_next1"
-
-
-@dataclass
-class Curve:
-    tokens: np.ndarray
-    values: np.ndarray
-    steps: np.ndarray
-    """The optimizer step of every point (smoothing runs on this axis)."""
-
-
-@dataclass
-class Speedup:
-    metric: str
-    lower_is_better: bool
-    target: float
-    baseline_tokens: float  # at its last point, on the smoothed token axis
-    treatment_tokens: Optional[float]  # None: never reached
-    treatment_best: float
-
-    @property
-    def ratio(self) -> Optional[float]:
-        if self.treatment_tokens is None:
-            return None
-        return math.inf if self.treatment_tokens == 0 else self.baseline_tokens / self.treatment_tokens
-
-
-def is_loss(metric: str) -> bool:
-    return "loss" in metric or "ppl" in metric
-
-
-def ema(values: np.ndarray, weight: float, steps: Optional[np.ndarray] = None) -> np.ndarray:
-    """TensorBoard's debiased exponential moving average, with ``weight`` per optimizer step (0 = no smoothing).
-
-    ``steps`` (increasing) are the points' optimizer steps; None means consecutive steps, which is exactly
-    TensorBoard's smoothing of the points. Between two points Δ steps apart the curve is linear, and each of the Δ
-    steps enters the average as if it had been logged, in closed form (O(points), not O(steps)): with a = the
-    previous value and b = this one, the Δ updates ``s <- w·s + (1 - w)·f_j`` with f_j = a + (b - a)·j/Δ sum to
-    ``w^Δ·s + (1 - w^Δ)·b - (b - a)·c``, ``c = w·(1 - Δ·w^(Δ-1) + (Δ-1)·w^Δ) / ((1 - w)·Δ)``; the debiasing
-    normaliser takes ``w^Δ·n + (1 - w^Δ)``.
-    """
-    if not 0 <= weight < 1:
-        raise ValueError(f"EMA weight must be in [0, 1), got {weight}")
-    steps = np.arange(len(values), dtype=np.float64) if steps is None else np.asarray(steps, dtype=np.float64)
-    out = np.empty(len(values), dtype=np.float64)
-    total = norm = 0.0
-    for i, value in enumerate(values):
-        if i == 0:
-            total, norm = (1 - weight) * value, 1 - weight
-        else:
-            gap = steps[i] - steps[i - 1]
-            if gap <= 0:
-                raise ValueError(f"steps must increase, got {steps[i - 1]} then {steps[i]}")
-            decay = weight**gap
-            ramp = weight * (1 - gap * weight ** (gap - 1) + (gap - 1) * decay) / ((1 - weight) * gap)
-            total = decay * total + (1 - decay) * value - (value - values[i - 1]) * ramp
-            norm = decay * norm + (1 - decay)
-        out[i] = total / norm
-    return out
-
-
-def first_reach(curve: Curve, target: float, lower_is_better: bool) -> Optional[float]:
-    """Tokens at which the curve first reaches ``target`` (interpolated), or None if it never does."""
-    reached = curve.values <= target if lower_is_better else curve.values >= target
-    hits = np.flatnonzero(reached)
-    if hits.size == 0:
-        return None
-    i = int(hits[0])
-    if i == 0:
-        return float(curve.tokens[0])
-    (t0, t1), (v0, v1) = curve.tokens[i - 1:i + 1], curve.values[i - 1:i + 1]
-    return float(t0 + (t1 - t0) * (target - v0) / (v1 - v0))
-
-
-def measure(metric: str, baseline: Curve, treatment: Curve, weight: float,
-            weight_steps: float = 1.0) -> tuple[Speedup, Curve, Curve]:
-    """Smooth both curves on the step axis (``weight`` per ``weight_steps`` steps; tokens with the same EMA, steps 2-3
-    of the module docstring) and measure the speedup of ``treatment`` at the baseline's final smoothed value, which
-    the baseline reaches at its last point."""
-    lower = is_loss(metric)
-    per_step = weight ** (1.0 / weight_steps)
-    base, treat = (Curve(ema(c.tokens, per_step, c.steps), ema(c.values, per_step, c.steps), c.steps)
-                   for c in (baseline, treatment))
-    target = float(base.values[-1])
-    best = float(treat.values.min() if lower else treat.values.max())
-    result = Speedup(metric, lower, target, float(base.tokens[-1]), first_reach(treat, target, lower), best)
-    return result, base, treat
-
-
-def logging_interval(curve: Curve) -> float:
-    """The median gap between a curve's logged steps (1 for a single point)."""
-    return float(np.median(np.diff(curve.steps))) if len(curve.steps) > 1 else 1.0
+HELD_OUT_TAG = "val/loss"
+DEFINITION = ("Target: the baseline's final value, i.e. its fitted value at its last point (a least-squares line in "
+              "log tokens through its points in the last {window:.0%} of its tokens). The treatment reaches it where "
+              "the monotone regression of the same fit does; speedup = baseline tokens / treatment tokens, "
+              "[95% interval]. docs/studies.md, 'Reading a speedup'.")
 
 
 # ------------------------------------------------------------------------------------------------ reading runs
@@ -151,25 +53,39 @@ def token_curve(scalars: dict[str, tuple[np.ndarray, np.ndarray]], metric: str, 
         tokens = steps * (known_tokens[0] / max(known_steps[0], 1.0))
     else:
         tokens = np.interp(steps, known_steps, known_tokens)
-        # Steps past the last logged one (an evaluation at the end of fit) continue the last tokens-per-step rate.
+        # Steps past the last logged one (an evaluation at the end of fit) continue the last tokens-per-step rate;
+        # steps before the first one scale its tokens per step (so distinct steps keep distinct tokens).
         rate = (known_tokens[-1] - known_tokens[-2]) / (known_steps[-1] - known_steps[-2])
         beyond = steps > known_steps[-1]
         tokens[beyond] = known_tokens[-1] + (steps[beyond] - known_steps[-1]) * rate
-    return Curve(tokens, values, steps)
+        before = steps < known_steps[0]
+        tokens[before] = steps[before] * (known_tokens[0] / max(known_steps[0], 1.0))
+    keep = tokens > 0  # a point logged before any token was seen has no place on a log-token axis
+    return Curve(tokens[keep], values[keep], steps[keep])
 
 
 def default_metrics(baseline: dict, treatment: dict) -> list[str]:
     common = set(baseline) & set(treatment)
     loss = [DEFAULT_LOSS_TAG] if DEFAULT_LOSS_TAG in common else (["train/loss"] if "train/loss" in common else [])
+    held_out = [HELD_OUT_TAG] if HELD_OUT_TAG in common else []
     evals = sorted(tag for tag in common if tag.startswith("eval/")
                    and not tag.endswith("_by_tokens") and tag != "eval/wall_time_s")
-    return loss + evals
+    return loss + held_out + evals
+
+
+def measure(metric: str, baseline: Curve, treatment: Curve, lower: bool, window: float = convergence.DEFAULT_WINDOW,
+            draws: int = convergence.DRAWS) -> tuple[Speedup, np.ndarray, np.ndarray]:
+    """``convergence.estimate``, with a one-line error for a curve too short to measure."""
+    for run, curve in (("baseline", baseline), ("treatment", treatment)):
+        if curve.tokens.size == 0:
+            raise ValueError(f"{metric}: the {run} logged it at no step with training tokens")
+    return convergence.estimate(metric, baseline, treatment, lower, window, draws)
 
 
 # ------------------------------------------------------------------------------------------------------ output
 def format_tokens(tokens: Optional[float]) -> str:
     if tokens is None:
-        return "not reached"
+        return "—"
     for unit, scale in (("B", 1e9), ("M", 1e6), ("k", 1e3)):
         if tokens >= scale:
             return f"{tokens / scale:.3g}{unit}"
@@ -177,45 +93,48 @@ def format_tokens(tokens: Optional[float]) -> str:
 
 
 def markdown(results: list[Speedup]) -> str:
-    lines = ["| metric | better | target (baseline final, smoothed) | baseline tokens | treatment tokens | speedup |",
+    window = results[0].window if results else convergence.DEFAULT_WINDOW
+    lines = [DEFINITION.format(window=window), "",
+             "| metric | better | target (baseline's fitted final value) | baseline tokens | treatment tokens | speedup |",
              "|---|---|---|---|---|---|"]
     for r in results:
-        ratio = "—" if r.ratio is None else f"{r.ratio:.2f}x"
         lines.append(f"| {r.metric} | {'lower' if r.lower_is_better else 'higher'} | {r.target:.4f} | "
-                     f"{format_tokens(r.baseline_tokens)} | {format_tokens(r.treatment_tokens)} | {ratio} |")
+                     f"{format_tokens(r.baseline_tokens)} | {format_tokens(r.treatment_tokens)} | {r.text()} |")
     return "\n".join(lines) + "\n"
 
 
-def plot(panels: list[tuple[Speedup, Curve, Curve, Curve, Curve]], path: Path, labels: tuple[str, str]) -> None:
-    import matplotlib
+def plot(panels: list[tuple[Speedup, Curve, Curve, np.ndarray, np.ndarray]], path: Path,
+         labels: tuple[str, str]) -> None:
+    from lit_overtok.studies.figures import DPI, pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     cols = min(3, len(panels))
     rows = math.ceil(len(panels) / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(5.5 * cols, 4 * rows), squeeze=False)
-    for ax, (result, raw_base, raw_treat, base, treat) in zip(axes.flat, panels):
-        for raw, smooth, label, color in ((raw_base, base, labels[0], "tab:blue"), (raw_treat, treat, labels[1], "tab:orange")):
-            ax.plot(raw.tokens, raw.values, color=color, alpha=0.25, linewidth=0.8)
-            ax.plot(smooth.tokens, smooth.values, color=color, label=label)
-        ax.axhline(result.target, color="gray", linestyle=":", linewidth=1)
-        ax.axvline(result.baseline_tokens, color="tab:blue", linestyle="--", linewidth=1)
-        ax.plot([result.baseline_tokens], [result.target], "o", color="tab:blue")
+    fig, axes = plt.subplots(rows, cols, figsize=(6.5 * cols, 5 * rows), squeeze=False)
+    for ax, (result, base, treat, base_fit, treat_fit) in zip(axes.flat, panels):
+        for curve, fit, label, colour in ((base, base_fit, labels[0], "C0"), (treat, treat_fit, labels[1], "C1")):
+            ax.plot(curve.tokens, curve.values, color=colour, alpha=0.3, linewidth=0.8)
+            ax.plot(curve.tokens, fit, color=colour, linewidth=2, label=f"{label} (fitted)")
+        ax.axhline(result.target, color="gray", linestyle=":", linewidth=1, label="target: baseline's final value")
+        ax.plot([result.baseline_tokens], [result.target], "o", color="C0")
         if result.treatment_tokens is not None:
-            ax.axvline(result.treatment_tokens, color="tab:orange", linestyle="--", linewidth=1)
-            ax.plot([result.treatment_tokens], [result.target], "o", color="tab:orange")
-            title = f"{result.metric}: {result.ratio:.2f}x"
-        else:
-            title = f"{result.metric}: not reached"
-        ax.set_title(title, fontsize=10)
+            ax.axvline(result.treatment_tokens, color="C1", linestyle="--", linewidth=1)
+            ax.plot([result.treatment_tokens], [result.target], "o", color="C1")
+        ax.set_title(f"{result.metric}: {result.text()}")
+        ax.set_xscale("log")
         ax.set_xlabel("training tokens")
-        ax.legend(fontsize=8)
+        ax.set_ylabel(result.metric)
+        ax.grid(True, which="both", alpha=0.25)
+        ax.legend()
     for ax in list(axes.flat)[len(panels):]:
         ax.axis("off")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=DPI)
     plt.close(fig)
+
+
+def metric_list(values: list[str]) -> tuple[str, ...]:
+    return tuple(m for value in values for m in value.split(",") if m)
 
 
 def main(argv: Optional[list[str]] = None) -> list[Speedup]:
@@ -223,44 +142,41 @@ def main(argv: Optional[list[str]] = None) -> list[Speedup]:
     parser.add_argument("--baseline", required=True,
                         help="baseline run folder (TensorBoard event files; its version_* folders are read as one run)")
     parser.add_argument("--treatment", required=True, help="treatment run folder")
-    parser.add_argument("--metrics", default=None, help="comma-separated scalar tags (default: loss and eval/*)")
-    parser.add_argument("--loss-ema", type=float, default=0.99, help="EMA weight for losses (paper: 0.99)")
-    parser.add_argument("--eval-ema", type=float, default=0.9, help="EMA weight for evaluation metrics (paper: 0.9)")
-    parser.add_argument("--loss-ema-steps", type=float, default=1.0,
-                        help="optimizer steps the loss EMA weight applies to (default 1: per step)")
-    parser.add_argument("--eval-ema-steps", type=float, default=None,
-                        help="optimizer steps the evaluation EMA weight applies to (default: the baseline's interval "
-                             "between evaluations of that metric, i.e. per evaluation point)")
+    parser.add_argument("--metrics", default=None,
+                        help="comma-separated scalar tags (default: the training loss, val/loss and eval/*)")
+    parser.add_argument("--window", type=float, default=convergence.DEFAULT_WINDOW,
+                        help="the fit's window, as a fraction of the baseline's tokens (0: values as logged)")
+    parser.add_argument("--lower-is-better", action="append", default=[], metavar="METRIC[,METRIC]",
+                        help="metrics whose smaller values are better, beyond the known losses and perplexities")
+    parser.add_argument("--higher-is-better", action="append", default=[], metavar="METRIC[,METRIC]",
+                        help="metrics whose larger values are better, beyond the known accuracies")
+    parser.add_argument("--draws", type=int, default=convergence.DRAWS, help="bootstrap draws of the interval")
     parser.add_argument("--output", default="speedup.md", help="markdown table")
+    parser.add_argument("--json", default=None, help="the table's numbers as JSON (default: --output's name, .json)")
     parser.add_argument("--plot", default="speedup.png", help="PNG of the curves with the crossings marked")
     args = parser.parse_args(argv)
+    lower, higher = metric_list(args.lower_is_better), metric_list(args.higher_is_better)
 
     baseline, treatment = read_run_scalars(args.baseline), read_run_scalars(args.treatment)
     metrics = args.metrics.split(",") if args.metrics else default_metrics(baseline, treatment)
     if not metrics:
         parser.error("the runs share no loss or eval/* scalars; name them with --metrics")
+    directions = {metric: convergence.lower_is_better(metric, lower, higher) for metric in metrics}
     results, panels = [], []
     for metric in metrics:
-        raw_base = token_curve(baseline, metric, f"baseline {args.baseline}")
-        raw_treat = token_curve(treatment, metric, f"treatment {args.treatment}")
-        if is_loss(metric):
-            weight, weight_steps = args.loss_ema, args.loss_ema_steps
-        else:
-            weight, weight_steps = args.eval_ema, args.eval_ema_steps or logging_interval(raw_base)
-        result, base, treat = measure(metric, raw_base, raw_treat, weight, weight_steps)
+        base = token_curve(baseline, metric, f"baseline {args.baseline}")
+        treat = token_curve(treatment, metric, f"treatment {args.treatment}")
+        result, base_fit, treat_fit = measure(metric, base, treat, directions[metric], args.window, args.draws)
         results.append(result)
-        panels.append((result, raw_base, raw_treat, base, treat))
-        if first_reach(base, result.target, result.lower_is_better) == base.tokens[0]:
-            print(f"{metric}: the baseline's smoothed curve starts at or beyond its final value {result.target:.4f}, "
+        panels.append((result, base, treat, base_fit, treat_fit))
+        if result.uninformative:
+            print(f"{metric}: the baseline's fitted curve starts at or beyond its final value {result.target:.4f}, "
                   "so reaching it says nothing about speed", file=sys.stderr)
-        if result.treatment_tokens is None:
-            print(f"{metric}: the treatment never reaches the baseline's final smoothed value {result.target:.4f} "
-                  f"within its {format_tokens(float(treat.tokens[-1]))} tokens (its best: {result.treatment_best:.4f})",
-                  file=sys.stderr)
     table = markdown(results)
     print(table)
     Path(args.output).write_text(table)
+    json_path = Path(args.json) if args.json else Path(args.output).with_suffix(".json")
+    json_path.write_text(json.dumps([r.as_dict() for r in results], indent=1))
     plot(panels, Path(args.plot), ("baseline", "treatment"))
-    print(f"table: {args.output}, plot: {args.plot}", file=sys.stderr)
+    print(f"table: {args.output}, JSON: {json_path}, plot: {args.plot}", file=sys.stderr)
     return results
-

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from pathlib import Path
 from typing import Any, Optional
 
 import lightning.pytorch as pl
@@ -26,6 +27,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torchmetrics import MeanMetric
 
 from lit_overtok.configuration import config_from
+from lit_overtok.data.shards import file_sha256
 from lit_overtok.errors import InputError
 from lit_overtok.training.lm_eval_callback import log_by_tokens
 from lit_overtok.distributed.memory import check_fits, device_capacity, estimate_per_rank
@@ -157,6 +159,7 @@ class OverTokLM(pl.LightningModule):
         if seq_len is not None and seq_len > self.model_config.max_seq_len:
             raise InputError(f"data.seq_len={seq_len} exceeds model_config.max_seq_len={self.model_config.max_seq_len}"
                              "; raise model_config.max_seq_len or lower data.seq_len")
+        check_engram_tokenizer(self.model_config, getattr(self.trainer.datamodule, "tokenizer_record", None))
         strategy = self.trainer.strategy
         check_strategy(self.model_config, strategy)
         if stage == "fit":
@@ -228,3 +231,17 @@ class OverTokLM(pl.LightningModule):
 
     def on_test_epoch_end(self) -> None:
         self._log_loss(self.test_loss, "test")
+
+
+def check_engram_tokenizer(model_config: ModelConfig, tokenizer_record) -> None:
+    """Engram's compressed ids must come from the tokenizer the data was made with (a config that moves
+    ``data.train_shards`` must move ``engram.tokenizer`` too); a file that is gone (a resumed run: the map is in the
+    checkpoint) or data without a tokenizer file (grammars) is not checked."""
+    engram = model_config.engram
+    if engram is None or engram.tokenizer is None or tokenizer_record is None or not Path(engram.tokenizer).is_file():
+        return
+    record = tokenizer_record()
+    if file_sha256(engram.tokenizer) != record["sha256"]:
+        raise InputError(f"model_config.engram.tokenizer {engram.tokenizer} is not the tokenizer the data was made "
+                         f"with ({record['file'] or record['manifest']}); give that file, so the compressed ids "
+                         "match the data's ids")

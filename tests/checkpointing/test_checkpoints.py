@@ -69,3 +69,38 @@ def test_an_ne_run_strips_and_resumes_with_its_options(trained_checkpoint, tmp_p
     assert info.global_step == 3 and resumed.cfg.over_encoding == oe
     with torch.no_grad():
         assert not torch.equal(resumed(ids_BT), trained(ids_BT))  # it trained on from the checkpoint
+
+
+def test_an_engram_checkpoint_carries_its_compressed_ids_through_strip_and_resume(text_corpus, tmp_path):
+    # The compressed ids are built from the tokenizer file at the start of training; afterwards the checkpoint alone
+    # must give them (evaluation and generation on a machine without the file, a resumed run).
+    import shutil
+
+    from tokenizers import Tokenizer
+
+    from lit_overtok.nn.token_compression import compressed_id_map
+
+    tokenizer = tmp_path / "tokenizer.json"
+    shutil.copyfile(text_corpus / "tokenizer.json", tokenizer)
+    engram = f'{{"layers": [1], "table_size": 61, "heads": 2, "ngram_width": 8, "sparse": true, "tokenizer": "{tokenizer}"}}'
+    args = ["fit", f"--trainer.default_root_dir={tmp_path / 'run'}", "--trainer.limit_val_batches=1",
+            "--trainer.val_check_interval=2", "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false",
+            "--model.init_args.model_config.preset=tiny", f"--model.init_args.model_config.engram={engram}",
+            "--data=lit_overtok.data.webdataset_datamodule.WebDatasetDataModule",
+            f"--data.init_args.train_shards={text_corpus}", "--data.init_args.seq_len=16", "--data.init_args.batch_size=2",
+            "--data.init_args.num_workers=0", "--data.init_args.val_batches=1"]
+    cli_main([*args, "--trainer.max_steps=2"])
+    tokenizer.unlink()
+    last = tmp_path / "run" / "version_0" / "checkpoints" / "last.ckpt"
+    out = tmp_path / "model.ckpt"
+    cli_main(["strip", "--checkpoint", str(last), "--out", str(out)])
+    trained, _ = load_transformer(last)
+    stripped, _ = load_transformer(out)
+    expected = compressed_id_map(Tokenizer.from_file(str(text_corpus / "tokenizer.json")), trained.cfg.vocab_size)
+    assert stripped.engram.compressed_ids.tolist() == expected and max(expected) + 1 < len(expected)
+    ids_BT = torch.randint(0, trained.cfg.vocab_size, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(trained(ids_BT), stripped(ids_BT))
+    cli_main([*args, "--trainer.max_steps=4", f"--ckpt_path={last}"])
+    resumed, info = load_transformer(last)
+    assert info.global_step == 4 and resumed.engram.compressed_ids.tolist() == expected

@@ -165,3 +165,13 @@ def test_a_tokenizer_changed_on_disk_since_training_is_refused(text_run, tmp_pat
     with pytest.raises(TokenizerMismatch, match="does not exist any more"):
         TokenizerBinding.of_checkpoint(read_checkpoint(moved), moved).resolve()
 
+
+def test_engram_refuses_a_tokenizer_other_than_the_datas(tmp_path, text_corpus, other_corpus, capsys):
+    # Engram's compressed ids built from another tokenizer would merge the wrong ids, silently.
+    engram = f'{{"layers": [1], "table_size": 31, "heads": 2, "ngram_width": 8, "tokenizer": "{other_corpus / "tokenizer.json"}"}}'
+    with pytest.raises(SystemExit):
+        fit_text(tmp_path / "wrong", text_corpus, 1, f"--model.init_args.model_config.engram={engram}")
+    assert "model_config.engram.tokenizer" in capsys.readouterr().err
+    fit_text(tmp_path / "right", text_corpus, 1, "--model.init_args.model_config.engram=" + engram.replace(
+        str(other_corpus), str(text_corpus)))
+    assert (tmp_path / "right" / "version_0" / "checkpoints" / "last.ckpt").is_file()

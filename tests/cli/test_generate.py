@@ -11,7 +11,7 @@ CFG3F = GrammarTokenizer("cfg3f")  # the spelling of the runs' grammar: ^ BOS, 1
 
 
 def generate(args: list[str], capsys) -> list[str]:
-    capsys.readouterr()  # not what a fixture printed while training the checkpoint
+    capsys.readouterr()  # drop earlier output: the summary of the fit that made the checkpoint, if it ran just now
     cli_main(["generate", *args])
     return capsys.readouterr().out.splitlines()
 
@@ -32,8 +32,9 @@ def test_samples_stop_at_eos_and_respect_the_token_budget(trained_checkpoint, ca
     assert again == samples  # seeded
 
 
-def test_greedy_equals_top_1_and_continues_the_prompt(trained_checkpoint, capsys):
-    checkpoint = str(trained_checkpoint("oe"))
+@pytest.mark.parametrize("family", ["oe", "engram"])
+def test_greedy_equals_top_1_and_continues_the_prompt(trained_checkpoint, capsys, family):
+    checkpoint = str(trained_checkpoint(family))
     greedy = generate(["--checkpoint", checkpoint, "--prompt", "^31", "--temperature", "0", "--num-samples", "2",
                        "--max-new-tokens", "10"], capsys)
     top1 = generate(["--checkpoint", checkpoint, "--prompt", "^31", "--top-k", "1", "--num-samples", "2",

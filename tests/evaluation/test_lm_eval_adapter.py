@@ -23,6 +23,8 @@ from lit_overtok.evaluation.grammar_tasks import cfg_generation_dataset
 from lit_overtok.nn.transformer import Transformer
 from tests.fixtures import TEXT_VOCAB
 
+ENGRAM = {"layers": [0, 1], "table_size": 31, "heads": 2, "ngram_width": 8}
+
 
 def tiny_model(vocab_size: int = 7, **overrides) -> Transformer:
     torch.manual_seed(0)
@@ -49,10 +51,11 @@ def instance(request_type: str, args: tuple) -> Instance:
 NE = {"m": 40, "n": 3, "k": 2, "flavor": "longcat", "combine": "unigram_full", "ignore_ids": [1, "4:5"]}
 
 
-@pytest.mark.parametrize("loss_chunk_logits,over_encoding", [(None, None), (3 * 7, None), (3 * 7, NE)],
-                         ids=["one_chunk", "chunks_of_3_positions", "ne_chunks_of_3_positions"])
-def test_loglikelihood_tokens_equal_a_direct_forward_with_truncation_dedup_and_batching(loss_chunk_logits, over_encoding):
-    model = tiny_model(loss_chunk_logits=loss_chunk_logits, over_encoding=over_encoding)
+@pytest.mark.parametrize("loss_chunk_logits, memory", [(None, {}), (3 * 7, {}), (None, {"engram": ENGRAM}),
+                                                       (3 * 7, {"over_encoding": NE})],
+                         ids=["one_chunk", "chunks_of_3_positions", "engram", "ne_chunks_of_3_positions"])
+def test_loglikelihood_tokens_equal_a_direct_forward_with_truncation_dedup_and_batching(loss_chunk_logits, memory):
+    model = tiny_model(loss_chunk_logits=loss_chunk_logits, **memory)
     rng = random.Random(0)
     requests = []
     for _ in range(12):
@@ -100,9 +103,10 @@ def test_loglikelihood_rolling_scores_every_token_once_over_disjoint_windows():
     assert windowed.loglikelihood_rolling([instance("loglikelihood_rolling", (text,))])[0] == pytest.approx(expected, abs=1e-4)
 
 
-@pytest.mark.parametrize("over_encoding", [None, {"m": 41, "n": 3, "k": 2}, NE])
-def test_generate_until_greedy_matches_an_uncached_argmax_loop_and_cuts_at_stops(over_encoding):
-    model = tiny_model(over_encoding=over_encoding)
+@pytest.mark.parametrize("memory", [{}, {"over_encoding": {"m": 41, "n": 3, "k": 2}}, {"engram": ENGRAM},
+                                    {"over_encoding": NE}], ids=["plain", "oe", "engram", "ne"])
+def test_generate_until_greedy_matches_an_uncached_argmax_loop_and_cuts_at_stops(memory):
+    model = tiny_model(**memory)
     tokenizer = GrammarTokenizer("cfg3f")
     lm = OverTokEvalLM(model, tokenizer, batch_size=2, progress=False)
     # cfg_generation's prompt is BOS alone: one token, shorter than an Over-Encoding model's n-gram order.

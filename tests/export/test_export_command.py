@@ -45,8 +45,9 @@ def test_train_py_export_round_trip(family, architecture, trained_checkpoint, tm
     assert_same_logits(checkpoint, tmp_path / "hf", remote_code=architecture.startswith("OverTok"))
 
 
-def test_train_py_export_of_an_over_encoding_model_with_its_tokenizer(trained_checkpoint, tmp_path):
-    checkpoint = trained_checkpoint("oe")
+@pytest.mark.parametrize("family", ["oe", "engram"])
+def test_train_py_export_of_an_over_encoding_model_with_its_tokenizer(trained_checkpoint, tmp_path, family):
+    checkpoint = trained_checkpoint(family)
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     done = subprocess.run([sys.executable, str(REPO / "train.py"), "export", "--checkpoint", str(checkpoint), "--out",
                            str(tmp_path / "hf")], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)

@@ -35,6 +35,8 @@ def build(preset: str, vocab_size: int = 61, **fields) -> Transformer:
                 param.copy_(1 + 0.2 * torch.randn(param.shape, generator=generator))
             elif name.endswith("bias"):
                 param.copy_(0.1 * torch.randn(param.shape, generator=generator))
+    if model.engram is not None:  # a map that merges ids (pairs), as a tokenizer's does: the export must carry it
+        model.engram.set_compressed_ids([i // 2 for i in range(vocab_size)])
     return model.eval()
 
 
@@ -42,6 +44,7 @@ OE = dict(over_encoding=OverEncodingConfig(m=97, n=3, k=2))
 # LongCat's N-gram Embedding with every option away from Algorithm 1 (ids 3, 5 and 6 ignored).
 NE = dict(over_encoding=OverEncodingConfig(m=96, n=3, k=2, flavor="longcat", combine="sqrt", scale=2.5,
                                            ignore_ids=[3, "5:7"]))
+ENGRAM = dict(engram=dict(layers=[0, 1], table_size=[31, 37], heads=2, ngram_width=8, pad_id=2))
 # OLMo2's blocks around OLMoE's experts (the MoE presets are OLMoE's pre-norm blocks): FlexOlmo.
 FLEX = dict(block="reordered_norm", rope_theta=500_000.0, norm_eps=1e-6)
 CASES = {
@@ -66,6 +69,10 @@ CASES = {
     "ne_moe_pre_norm_unigram_full": (
         dict(preset="moe-tiny", over_encoding=OverEncodingConfig(m=100, n=5, k=1, flavor="longcat", combine="unigram_full",
                                                                  ignore_ids=[3])), {}, "OverTokOlmoeForCausalLM"),
+    "engram_dense": (dict(preset="tiny", **ENGRAM), {}, "OverTokOlmo2ForCausalLM"),
+    "engram_n4_moe_pre_norm": (dict(preset="moe-tiny", engram=dict(layers=[1], max_n=4, table_size=23, kernel_size=2)),
+                               {}, "OverTokOlmoeForCausalLM"),
+    "engram_oe_moe_reordered_norm": (dict(preset="moe-tiny", **FLEX, **OE, **ENGRAM), {}, "OverTokFlexOlmoForCausalLM"),
     "joint_head": (dict(preset="tiny", vocab_size=7, vocab_pad_multiple=1, multi_token=MultiTokenConfig(mode="joint", n=2)),
                    {}, "OverTokOlmo2ForCausalLM"),
     "oe_exact_joint_head": (dict(preset="tiny", vocab_size=7, vocab_pad_multiple=1, multi_token=MultiTokenConfig(mode="joint", n=3),
@@ -102,16 +109,17 @@ def test_logits_equal_ours(name, tmp_path):
     assert delta <= TOLERANCE
 
 
-@pytest.mark.parametrize("family", ["oe", "ne"])
-def test_oe_generation_with_kv_cache_equals_full_recomputation(family, tmp_path):
-    """transformers' generate() (KV cache) on an exported OE model takes the same greedy tokens as our model
-    recomputing the whole sequence; a 1-token prompt (n-gram history shorter than n-1) included. NE: with ignored
-    ids in the prompt, whose cut of the n-gram history the cached steps must see."""
-    ours = build("tiny", **(OE if family == "oe" else NE))
-    theirs = load(export_to_hf(ours, tmp_path / family), trust_remote_code=True)
-    for prompt_length in (1, 5):
+@pytest.mark.parametrize("memory", [OE, ENGRAM, {**OE, **ENGRAM}, NE], ids=["oe", "engram", "oe_engram", "ne"])
+def test_oe_generation_with_kv_cache_equals_full_recomputation(tmp_path, memory):
+    """transformers' generate() (KV cache) on an exported OE or Engram model takes the same greedy tokens as our model
+    recomputing the whole sequence; a 1-token prompt (n-gram history shorter than n-1) included. Engram's
+    convolution reads (4 - 1)·3 = 9 earlier positions: the cache must carry them. NE: with ignored ids in the
+    prompt, whose cut of the n-gram history the cached steps must see."""
+    ours = build("tiny", **memory)
+    theirs = load(export_to_hf(ours, tmp_path / "oe"), trust_remote_code=True)
+    for prompt_length in (1, 2, 5):
         prompt_BT = torch.randint(0, 61, (2, prompt_length), generator=torch.Generator().manual_seed(prompt_length))
-        if family == "ne":
+        if memory is NE:
             prompt_BT[:, -1] = 5  # the first generated token's 2- and 3-grams start after it
         with torch.no_grad():
             generated_BT = theirs.generate(prompt_BT, max_new_tokens=8, do_sample=False, eos_token_id=None,

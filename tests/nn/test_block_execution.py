@@ -12,8 +12,14 @@ from lit_overtok.nn.transformer import Transformer
 V = 29
 
 
-def model_pair(preset, over_encoding=None, **option):
-    cfg = ModelConfig(preset=preset, vocab_size=V, multi_token=MultiTokenConfig(mode="mtp_ds"), over_encoding=over_encoding)
+# Hashed n-gram memories: Engram inside the backbone; LongCat's N-gram Embedding with an ignored id (3), whose output
+# feeds the checkpointed blocks and MTP-DS.
+MEMORIES = {"": {}, "engram": {"engram": {"layers": [0, 1], "table_size": 31, "heads": 2, "ngram_width": 8}},
+            "ne": {"over_encoding": {"m": 40, "n": 3, "k": 2, "flavor": "longcat", "ignore_ids": [3]}}}
+
+
+def model_pair(preset, memory=None, **option):
+    cfg = ModelConfig(preset=preset, vocab_size=V, multi_token=MultiTokenConfig(mode="mtp_ds"), **(memory or {}))
     plain = Transformer(cfg)
     other = Transformer(cfg.replace(**option))
     other.load_state_dict(plain.state_dict())
@@ -38,14 +44,10 @@ def assert_same_training_step(plain, other, ids_BT, **tol):
         torch.testing.assert_close(grads[name], plain_grads[name], **tol, msg=lambda m: f"{name}: {m}")
 
 
-# LongCat's N-gram Embedding with an ignored id (3), whose output feeds the checkpointed blocks and MTP-DS.
-NE = {"m": 40, "n": 3, "k": 2, "flavor": "longcat", "ignore_ids": [3]}
-
-
-@pytest.mark.parametrize("preset,over_encoding", [("tiny", None), ("moe-tiny", None), ("moe-tiny", NE)],
-                         ids=["tiny", "moe-tiny", "moe-tiny-ne"])
-def test_activation_checkpointing_gives_the_plain_gradients(preset, over_encoding):
-    plain, checkpointed = model_pair(preset, over_encoding, activation_checkpointing=True)
+@pytest.mark.parametrize("memory", MEMORIES)
+@pytest.mark.parametrize("preset", ["tiny", "moe-tiny"])
+def test_activation_checkpointing_gives_the_plain_gradients(preset, memory):
+    plain, checkpointed = model_pair(preset, MEMORIES[memory], activation_checkpointing=True)
     ids_BT = torch.randint(0, V, (2, 17), generator=torch.Generator().manual_seed(0))
     # The rerun in backward repeats the same ops on the same inputs: equal bit for bit.
     assert_same_training_step(plain, checkpointed, ids_BT, rtol=0, atol=0)

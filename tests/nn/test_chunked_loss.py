@@ -19,10 +19,11 @@ MODES = {
     "mtp_ds": MultiTokenConfig(mode="mtp_ds", n=3),
     "joint": MultiTokenConfig(mode="joint", n=2),
 }
-
-
-# Input embeddings: the plain table, and LongCat's N-gram Embedding with ignored ids (MTP-DS reads its output).
-EMBEDDINGS = {"plain": None, "ne": {"m": 40, "n": 3, "k": 2, "flavor": "longcat", "combine": "sqrt", "ignore_ids": [2, 5]}}
+# A hashed n-gram memory changes nothing the heads see but the hidden states (MTP-DS also reads NE's embedding): two
+# modes suffice. NE: LongCat's N-gram Embedding with ignored ids.
+ENGRAM = {"engram": {"layers": [1], "table_size": 31, "heads": 2, "ngram_width": 8}}
+NE = {"over_encoding": {"m": 40, "n": 3, "k": 2, "flavor": "longcat", "combine": "sqrt", "ignore_ids": [2, 5]}}
+CASES = [(mode, {}) for mode in MODES] + [(mode, memory) for memory in (ENGRAM, NE) for mode in ("next_token", "mtp_ds")]
 
 
 def model_pair(multi_token, chunk_logits, **overrides):
@@ -51,13 +52,12 @@ def loss_and_grads(model, ids_BT, labels_BT):
     return loss.detach(), parts, {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
 
 
-@pytest.mark.parametrize("embedding", EMBEDDINGS)
-@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("mode, memory", CASES, ids=[mode + "".join(f"_{name}" for name in memory) for mode, memory in CASES])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_chunked_loss_and_gradients_equal_the_plain_path(mode, dtype, embedding):
+def test_chunked_loss_and_gradients_equal_the_plain_path(mode, memory, dtype):
     # 9 positions' worth of logits per chunk (7 for the joint head's 37^2 columns is 1 position): many chunks,
     # the last one partial.
-    plain, chunked = model_pair(MODES[mode], chunk_logits=9 * 40, over_encoding=EMBEDDINGS[embedding])
+    plain, chunked = model_pair(MODES[mode], chunk_logits=9 * 40, **memory)
     ids_BT, labels_BT = batch()
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
         plain_loss, plain_parts, plain_grads = loss_and_grads(plain, ids_BT, labels_BT)

@@ -10,6 +10,8 @@ from lit_overtok.nn.transformer import Transformer
 
 V = 13
 OE = dict(m=40, n=3, k=2)
+# Two Engram layers: the conv window (2 x 3 = 6 past inputs) is longer than the shortest prompts.
+ENGRAM = dict(layers=[0, 1], max_n=3, table_size=[17, 23], heads=2, ngram_width=8, pad_id=2)
 FAMILIES = {
     "dense": dict(),
     "oe": dict(over_encoding=OE),
@@ -26,6 +28,9 @@ FAMILIES = {
     "moe_oe": dict(preset="moe-tiny", over_encoding=OE),
     "moe_ne": dict(preset="moe-tiny", over_encoding=dict(m=40, n=3, k=2, flavor="longcat", combine="unigram_full",
                                                          ignore_ids=[4])),
+    "engram": dict(engram=ENGRAM),
+    "engram_n4_kernel2": dict(engram=dict(ENGRAM, max_n=4, table_size=11, kernel_size=2, layers=[1])),
+    "moe_engram": dict(preset="moe-tiny", engram=ENGRAM),
 }
 
 

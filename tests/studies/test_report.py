@@ -6,12 +6,11 @@ import json
 import math
 from pathlib import Path
 
-import numpy as np
 import pytest
 import yaml
 from torch.utils.tensorboard import SummaryWriter
 
-from lit_overtok.studies import report, speedup, sweep
+from lit_overtok.studies import report, sweep, verdicts
 from lit_overtok.studies.run_logs import event_folders, read_run_scalars
 from tests.studies.sweep_grids import REPOSITORY
 
@@ -19,7 +18,7 @@ V = 1000
 STEPS = 200
 # Input vocabularies V + m of 10^3 .. 10^6; the final validation loss follows L = 3 - 0.05 log10(V + m).
 ROWS = {"base": 0, "oe_a": 9_000, "oe_b": 99_000, "oe_c": 999_000}
-SEED_OFFSETS = {1: 0.01, 2: -0.01}
+SEED_OFFSETS = {1: 0.01, 2: -0.01, 3: 0.0}
 
 
 def final_val(m: int) -> float:
@@ -63,7 +62,7 @@ def write_point(folder: Path, m: int, seed: int, multi_token: bool = False, spli
 def synthetic_sweep(tmp_path) -> Path:
     arms = {name: {} for name in [*ROWS, "od"]}
     grid = {"name": "synthetic", "output": str(tmp_path / "out"), "config": str(REPOSITORY / "configs" / "default.yaml"),
-            "seeds": [1, 2], "arms": arms}
+            "seeds": list(SEED_OFFSETS), "arms": arms}
     (tmp_path / "grid.yaml").write_text(yaml.safe_dump(grid))
     for seed in SEED_OFFSETS:
         for name, m in ROWS.items():
@@ -72,39 +71,66 @@ def synthetic_sweep(tmp_path) -> Path:
     return tmp_path / "grid.yaml"
 
 
-def test_known_law_spread_speedups_and_cpu_hours_of_a_synthetic_sweep(synthetic_sweep, tmp_path):
+def test_known_law_verdicts_speedups_and_cpu_hours_of_a_synthetic_sweep(synthetic_sweep, tmp_path):
     result = report.build(str(synthetic_sweep), str(tmp_path / "report"), evaluate=False)
-    # The arms that differ from the baseline only in over_encoding: not the od arm.
+    # The arms that differ from the baseline only in over_encoding: not the od arm. Every seed's point is fitted.
     law = result["law"]
     assert law["arms"] == list(ROWS)
     assert law["val/loss"]["slope"] == pytest.approx(-0.05) and law["val/loss"]["intercept"] == pytest.approx(3.0)
-    assert law["val/loss"]["r2"] == pytest.approx(1.0) and law["val/loss"]["points"] == 4
+    assert (law["val/loss"]["points"], law["val/loss"]["distinct"]) == (12, 4) and law["val/loss"]["r2"] < 1
+    assert law["val/loss"]["slope_low"] < -0.05 < law["val/loss"]["slope_high"]
     for name, m in ROWS.items():
         row = result["final"][name]
-        assert row["input_vocab"] == V + m
-        assert row["val/loss"]["per_seed"] == pytest.approx([final_val(m) + 0.01, final_val(m) - 0.01])
+        assert row["input_vocab"] == V + m and row["seeds"] == [1, 2, 3]
+        # Validations at steps 150 and 200 in the last 25% of the tokens: the fitted line passes through both.
+        assert row["val/loss"]["per_seed"] == pytest.approx([final_val(m) + off for off in SEED_OFFSETS.values()])
         assert row["val/loss"]["mean"] == pytest.approx(final_val(m)) and row["val/loss"]["spread"] == pytest.approx(0.02)
-        # Final training loss: the points in the last 10% of tokens (steps 181..200).
-        assert row["train/loss_next1"]["mean"] == pytest.approx(np.mean([train_loss(s) for s in range(181, 201)]))
+        # The training loss's fitted final value: its line in log tokens over steps 150..200, read at step 200.
+        assert row["train/loss_next1"]["mean"] == pytest.approx(train_loss(STEPS), abs=0.02)
     assert result["final"]["od"]["val/loss"]["mean"] == pytest.approx(final_val(0) - 0.2)
-    # Same curve per step at twice the tokens per step: speedup.py's smoothed crossings are exactly 2x apart, for
-    # every seed, and the resumed baseline (seed 1: version_0 + version_1, a wrong tail replaced) gives the same.
+    # Same curve per step at twice the tokens per step: the treatment reaches the baseline's final value with exactly
+    # half its tokens, for every seed, and the resumed baseline (seed 1: version_0 + version_1, a wrong tail
+    # replaced) gives the same.
     rows = [r for r in result["speedups"] if r["metric"] == "train/loss_next1"]
-    assert len(rows) == 8 and all(r["ratio"] == pytest.approx(2.0) for r in rows)
-    # The held-out loss is measured too, for every arm and seed (lower final val/loss: the baseline's is reached).
+    assert len(rows) == 12 and all(r["ratio"] == pytest.approx(2.0) and r["status"] == "reached" for r in rows)
     held_out = [r for r in result["speedups"] if r["metric"] == "val/loss"]
-    assert len(held_out) == 8 and all(r["ratio"] is not None and r["ratio"] > 1 for r in held_out if r["arm"] != "base")
+    assert len(held_out) == 12 and all(r["ratio"] > 1 for r in held_out)
+    # Paired by seed: each OE arm's val/loss is below the baseline's by the law's amount in every seed.
+    [oe_c] = [p for p in result["paired"] if (p["arm"], p["metric"]) == ("oe_c", "val/loss")]
+    assert oe_c["differences"] == pytest.approx([final_val(999_000) - final_val(0)] * 3)
+    assert oe_c["verdict"] == verdicts.RESOLVED and oe_c["baseline"] == "base"
+    [train] = [m for m in result["multipliers"] if (m["arm"], m["metric"]) == ("oe_c", "train/loss_next1")]
+    assert train["summary"] == "geometric mean" and train["value"] == pytest.approx(2.0)
     base_seed1 = next(r for r in result["runs"] if (r["arm"], r["seed"]) == ("base", 1))
     assert base_seed1["versions"] == ["version_0", "version_1"] and base_seed1["last_step"] == STEPS
-    assert result["cpu_hours"] == pytest.approx(5 * (36 + 72) / 3600)
+    assert result["cpu_hours"] == pytest.approx(5 * 36 * (1 + 2 + 3) / 3600)
 
     text = (tmp_path / "report" / "report.md").read_text()
-    assert "L = 3.0000 -0.0500 · log10(V + m), R² = 1.000 over 4 arms" in text
-    assert "| base | 1000 | 200k | " in text and "2.8500 ± 0.0100 (2 seeds)" in text
-    assert "| oe_c | train/loss_next1 | 1: 2.00x, 2: 2.00x | 2.00x (2 of 2) |" in text and "†" not in text
+    assert verdicts.rules_markdown() in text
+    assert "L = 3.0000 -0.0500 [" in text and "over 12 runs at 4 input vocabularies" in text
+    assert "| base | " in text and "2.8500 ± 0.0100 (3 seeds)" in text
+    assert "| oe_c | base | val/loss | 1: -0.1500, 2: -0.1500, 3: -0.1500 | -0.1500 [-0.1500, -0.1500] (3 pairs): " \
+           "resolved |" in text
+    assert "| oe_c | base | train/loss_next1 | 1: 2.00x [" in text
     for figure in ("loss_curves.png", "vocab_law.png"):
         assert (tmp_path / "report" / figure).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert json.loads((tmp_path / "report" / "report.json").read_text())["law"]["val/loss"]["slope"] == pytest.approx(-0.05)
+    saved = json.loads((tmp_path / "report" / "report.json").read_text())
+    assert saved["law"]["val/loss"]["slope"] == pytest.approx(-0.05) and saved["verdict_rules"] == verdicts.VERDICT_RULES
+
+
+def test_censored_and_missing_crossings_are_counted_not_averaged(synthetic_sweep, tmp_path):
+    # Against oe_c (its grid.report.baselines), the base arm never reaches oe_c's final val/loss.
+    grid = yaml.safe_load(synthetic_sweep.read_text())
+    grid["report"] = {"baselines": {"base": "oe_c"}}
+    synthetic_sweep.write_text(yaml.safe_dump(grid))
+    result = report.build(str(synthetic_sweep), str(tmp_path / "report"), evaluate=False)
+    assert result["baselines"] == {"base": "oe_c", "oe_a": "base", "oe_b": "base", "oe_c": "base", "od": "base"}
+    slower = [r for r in result["speedups"] if (r["arm"], r["baseline"], r["metric"]) == ("base", "oe_c", "val/loss")]
+    assert len(slower) == 3 and all(r["status"] == "never" and r["text"].startswith("never (best value ") for r in slower)
+    [summary] = [m for m in result["multipliers"] if (m["arm"], m["metric"]) == ("base", "val/loss")]
+    assert summary["text"] == "median never (3 pairs; 3 never): direction consistent"
+    text = (tmp_path / "report" / "report.md").read_text()
+    assert "| base | oe_c | val/loss | 1: never (best value " in text
 
 
 def test_the_grid_can_name_the_arms_of_the_law_and_the_baseline(synthetic_sweep, tmp_path):
@@ -112,7 +138,10 @@ def test_the_grid_can_name_the_arms_of_the_law_and_the_baseline(synthetic_sweep,
     grid["report"] = {"law_arms": ["base", "oe_c"], "baseline": "oe_a"}
     synthetic_sweep.write_text(yaml.safe_dump(grid))
     result = report.build(str(synthetic_sweep), str(tmp_path / "report"), evaluate=False)
-    assert result["law"]["arms"] == ["base", "oe_c"] and result["law"]["val/loss"]["points"] == 2
+    # Two input vocabularies: no law (a line through two points says nothing), and no law figure.
+    assert result["law"]["arms"] == ["base", "oe_c"] and result["law"]["val/loss"] is None
+    assert not result["law_plot"] and not (tmp_path / "report" / "vocab_law.png").exists()
+    assert "fewer than 3 input vocabularies among the arms: no fit" in (tmp_path / "report" / "report.md").read_text()
     assert {r["arm"] for r in result["speedups"]} == {"base", "oe_b", "oe_c", "od"}
     grid["report"] = {"baseline": "nope"}
     synthetic_sweep.write_text(yaml.safe_dump(grid))
@@ -120,13 +149,6 @@ def test_the_grid_can_name_the_arms_of_the_law_and_the_baseline(synthetic_sweep,
         report.build(str(synthetic_sweep), str(tmp_path / "report"), evaluate=False)
 
 
-def test_seed_mean_and_band_on_the_shared_token_range():
-    a = speedup.Curve(np.array([0.0, 10, 20, 30]), np.array([4.0, 3, 2, 1]), np.array([0, 1, 2, 3]))
-    b = speedup.Curve(np.array([0.0, 20]), np.array([6.0, 2]), np.array([0, 2]))
-    tokens, mean, low, high = report.mean_band([a, b])
-    np.testing.assert_array_equal(tokens, [0, 20])
-    np.testing.assert_allclose(mean, [5, 2]) and np.testing.assert_allclose(low, [4, 2])
-    np.testing.assert_allclose(high, [6, 2])
 
 
 def test_the_report_of_a_real_sweep_matches_its_event_files_and_scores_its_checkpoints(tiny_sweep, tmp_path):
@@ -140,7 +162,7 @@ def test_the_report_of_a_real_sweep_matches_its_event_files_and_scores_its_check
         assert result["final"][arm]["input_vocab"] == vocabulary
     done = [json.loads((output / arm / "seed1" / "done.json").read_text()) for arm in ("base", "oe")]
     assert result["cpu_hours"] == pytest.approx(sum(d["cpu_seconds"] for d in done) / 3600)
-    assert result["law"]["val/loss"]["points"] == 2
+    assert result["law"]["val/loss"] is None  # two input vocabularies
 
     evaluation = result["evaluation"]
     assert evaluation["error"] is None and [(p["arm"], p["step"]) for p in evaluation["per_point"]] == [("base", 5), ("oe", 5)]
@@ -151,5 +173,5 @@ def test_the_report_of_a_real_sweep_matches_its_event_files_and_scores_its_check
     assert "| base | 1 | 5 | acc " in text
     # The in-training evaluation ran once, at the end: its "speedup" is flagged as saying nothing.
     flagged = [r for r in result["speedups"] if r["metric"].startswith("eval/")]
-    assert flagged and all(r["uninformative"] for r in flagged) and "† the baseline's smoothed curve" in text
+    assert flagged and all(r["uninformative"] for r in flagged) and "Uninformative readings" in text
     assert not any(r["uninformative"] for r in result["speedups"] if r["metric"] == "train/loss_next1")

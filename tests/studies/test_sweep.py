@@ -167,7 +167,7 @@ def test_dry_run_lists_the_commands_and_runs_nothing(tmp_path, capsys):
     assert sweep.main([str(grid), "--dry-run", "--jobs", "2"]) == 0
     printed = capsys.readouterr().out
     assert "base/seed1: new" in printed and "oe/seed1: new" in printed and "OMP_NUM_THREADS=" in printed
-    assert "train.py fit --config=" in printed and not (tmp_path / "out").exists()
+    assert "-m lit_overtok fit --config=" in printed and not (tmp_path / "out").exists()
 
 
 @pytest.mark.parametrize("change, message", [
