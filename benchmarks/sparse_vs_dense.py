@@ -30,7 +30,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from lit_overtok.studies.speedup import read_scalars  # noqa: E402
+from lit_overtok.studies.run_logs import read_run_scalars  # noqa: E402
 
 ARMS = {  # name: (sparse tables, row semantics, seed)
     "dense": (False, "adamw", 1234),
@@ -62,7 +62,7 @@ def train(arm: str, args: argparse.Namespace) -> Path:
 def curves(run: Path, val_every: int) -> dict[str, np.ndarray]:
     """val/loss at each validation (Lightning logs it at the index of the last step done, as train/*), and the mean
     train/loss_next1 over the ``val_every`` steps up to it."""
-    scalars = read_scalars(str(run))
+    scalars = read_run_scalars(str(run))
     val_steps, val = scalars["val/loss"]
     steps, train_loss = scalars["train/loss_next1"]
     means = [train_loss[(steps > s - val_every) & (steps <= s)].mean() for s in val_steps]

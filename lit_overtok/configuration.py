@@ -1,4 +1,4 @@
-"""From plain mappings to the dataclass configs: one conversion for YAML sections, CLI values and checkpoint hparams.
+"""Dict -> config dataclass conversion (``config_from``), the one for YAML sections, CLI values and checkpoints.
 
 Every config dataclass (``ModelConfig``, ``OverEncodingConfig``, ``MoEConfig``, ``MultiTokenConfig``,
 ``OptimizerConfig``...) reaches us either as an instance or as a dict: jsonargparse hands nested sections over as

@@ -62,6 +62,28 @@ def text_corpus(tmp_path_factory) -> Path:
     return prepare_corpus(tmp_path_factory.mktemp("text_corpus"))
 
 
+# A Wikipedia-like run: the real CLI on ``text_corpus``'s shards (its own BPE, recorded in every checkpoint).
+TEXT_FIT = ["--trainer.limit_val_batches=1", "--trainer.enable_progress_bar=false",
+            "--trainer.enable_model_summary=false", "--model.init_args.model_config.preset=tiny",
+            "--data=lit_overtok.data.webdataset_datamodule.WebDatasetDataModule", "--data.init_args.seq_len=16",
+            "--data.init_args.batch_size=2", "--data.init_args.num_workers=0", "--data.init_args.val_batches=1"]
+
+
+def fit_text(root: Path, corpus: Path, steps: int, *extra: str) -> None:
+    from lit_overtok.cli.main import main as cli_main
+
+    cli_main(["fit", f"--trainer.default_root_dir={root}", f"--trainer.max_steps={steps}", *TEXT_FIT,
+              f"--data.init_args.train_shards={corpus}", *extra])
+
+
+@pytest.fixture(scope="session")
+def text_run(tmp_path_factory, text_corpus) -> Path:
+    """``last.ckpt`` of a 2-step ``train.py fit`` on ``text_corpus`` (trained once per session)."""
+    root = tmp_path_factory.mktemp("text_run")
+    fit_text(root, text_corpus, 2)
+    return root / "version_0" / "checkpoints" / "last.ckpt"
+
+
 # A 2-step run of the real CLI per model family (tiny shapes, cfg3f), shared by the tests of the commands that read
 # checkpoints (generate, strip, export, lm-eval, evaluate).
 TINY_FIT = ["--trainer.max_steps=2", "--trainer.val_check_interval=2", "--trainer.limit_val_batches=1",

@@ -33,7 +33,6 @@ from lightning.fabric.plugins import CheckpointIO
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.fabric.utilities.cloud_io import _is_local_file_protocol
 
-from lit_overtok.data.shards import MANIFEST_NAME, TOKENIZER_NAME, Manifest, file_sha256
 from lit_overtok.errors import InputError
 
 PathLike = Union[str, os.PathLike]
@@ -85,15 +84,6 @@ def load_verified(path: PathLike, map_location: Any = "cpu", weights_only: Optio
     if not isinstance(checkpoint, dict):
         raise CheckpointError(f"{path} holds a {type(checkpoint).__name__}, not a checkpoint dictionary")
     return checkpoint
-
-
-def tokenizer_record(checkpoint: dict[str, Any]) -> Optional[dict[str, Any]]:
-    """The data's tokenizer as recorded by the data module (``{"sha256", "file"}``), or None if none was."""
-    for value in checkpoint.values():
-        record = value.get("tokenizer") if isinstance(value, dict) else None
-        if isinstance(record, dict) and "sha256" in record:
-            return record
-    return None
 
 
 # ---------------------------------------------------------------------------------------------------- writing
@@ -281,40 +271,3 @@ def with_atomic_checkpoint_io(plugins: Any) -> list[Any]:
     if not any(isinstance(p, CheckpointIO) for p in plugins):
         plugins.append(AtomicCheckpointIO())
     return plugins
-
-
-# ------------------------------------------------------------------------------------------------ tokenizers
-def checkpoint_tokenizer(checkpoint: dict[str, Any]) -> Optional[dict[str, Any]]:
-    """The tokenizer of the data a checkpoint was trained on (``{"sha256", "file"}``): recorded in the checkpoint,
-    else (checkpoints from before the record) read from the manifest its data module names; None if neither."""
-    record = tokenizer_record(checkpoint)
-    if record is not None:
-        return record
-    data = checkpoint.get("datamodule_hyper_parameters") or {}
-    manifest = data.get("manifest") or (Path(data["train_shards"]) / MANIFEST_NAME
-                                        if data.get("train_shards") and Path(data["train_shards"]).is_dir() else None)
-    if manifest is None or not Path(manifest).is_file():
-        return None
-    loaded = Manifest.load(manifest)
-    file = loaded.directory / loaded.tokenizer_file
-    return {"sha256": loaded.tokenizer_sha256, "file": str(file) if file.is_file() else None}
-
-
-def tokenizer_file_for(record: dict[str, Any], given: Optional[str], checkpoint: PathLike) -> str:
-    """The tokenizer file to score ``checkpoint`` with: ``given`` (or the recorded file) once its sha256 is the
-    recorded one; a CheckpointError naming both files otherwise."""
-    candidate = given if given is not None else record.get("file")
-    if candidate is None:
-        raise CheckpointError(f"{checkpoint}: the tokenizer file it was trained with is unknown (sha256 "
-                              f"{record['sha256'][:12]}…); pass --tokenizer with that file")
-    path = Path(candidate) / TOKENIZER_NAME if Path(candidate).is_dir() else Path(candidate)
-    if not path.is_file():
-        raise CheckpointError(f"{checkpoint}: its tokenizer {path} does not exist any more; pass --tokenizer with the "
-                              f"file whose sha256 is {record['sha256'][:12]}…")
-    digest = file_sha256(path)
-    if digest != record["sha256"]:
-        origin = "--tokenizer" if given is not None else "the recorded tokenizer"
-        raise CheckpointError(f"{origin} {path} (sha256 {digest[:12]}…) is not the tokenizer {checkpoint} was "
-                              f"trained with (sha256 {record['sha256'][:12]}…, {record.get('file')}); scoring with it "
-                              "would read the model's ids as other strings")
-    return str(path)

@@ -7,7 +7,8 @@ tokenizer). Generation and evaluation use only the next-token head (docs/method.
 keeps the config and weights of that model and drops the optimizer state and the training-only heads (Over-Decoding
 heads and MTP-DS modules: ``multi_token.mode`` ``od`` / ``mtp_ds`` becomes ``none``; a ``joint`` head is the
 next-token head and stays). It keeps the training checkpoint's layout, so ``evaluate.py``, ``generate``, ``export``,
-the lm-eval model and ``OverTokLM.load_from_checkpoint`` read either kind. Every read is CRC-verified and every
+the lm-eval model and ``OverTokLM.load_from_checkpoint`` read either kind; a text run's tokenizer record
+(``tokenizer_binding``) stays in it, so every reader still finds the tokenizer the model was trained with. Every read is CRC-verified and every
 write atomic (``checkpoint_files``).
 
     python train.py strip --checkpoint runs/x/version_0/checkpoints/last.ckpt --out model.ckpt
@@ -31,6 +32,7 @@ from typing import Any, Optional, Union
 import torch
 
 from lit_overtok.checkpointing.files import CheckpointError, load_verified, save_atomically
+from lit_overtok.checkpointing.tokenizer_binding import RECORD_KEY, TokenizerBinding
 from lit_overtok.configuration import config_from
 from lit_overtok.nn.config import ModelConfig
 from lit_overtok.nn.over_encoding import place_sharded_tables
@@ -51,8 +53,10 @@ class CheckpointInfo:
     path: str
     global_step: Optional[int]
     tokens_seen: Optional[int]
+    tokenizer: TokenizerBinding
+    """The tokenizer the model was trained with (``tokenizer.resolve(given)``: the one to read it with)."""
     data: dict[str, Any] = field(default_factory=dict)
-    """The data module's hyperparameters (``grammar`` or ``tokenizer`` name the tokenizer)."""
+    """The data module's hyperparameters."""
 
 
 def is_sharded_checkpoint(path: Union[str, Path]) -> bool:
@@ -88,6 +92,7 @@ def read_checkpoint(path: Union[str, Path], optimizer_states: bool = False) -> d
 
 def checkpoint_info(checkpoint: dict[str, Any], path: Union[str, Path]) -> CheckpointInfo:
     return CheckpointInfo(str(path), checkpoint.get("global_step"), checkpoint.get("tokens_seen"),
+                          TokenizerBinding.of_checkpoint(checkpoint, path),
                           dict(checkpoint.get("datamodule_hyper_parameters") or {}))
 
 
@@ -105,16 +110,6 @@ def load_transformer(path: Union[str, Path]) -> tuple[Transformer, CheckpointInf
     return network(checkpoint).eval(), checkpoint_info(checkpoint, path)
 
 
-def tokenizer_spec(data_hparams: dict[str, Any]) -> Optional[str]:
-    """The tokenizer a run trained with, from its data module's hyperparameters: ``grammar:<name>``, a tokenizers
-    JSON path, or None when the data module names none."""
-    if data_hparams.get("grammar"):
-        return f"grammar:{data_hparams['grammar']}"
-    if data_hparams.get("tokenizer"):
-        return str(data_hparams["tokenizer"])
-    return None
-
-
 def inference_checkpoint(checkpoint: dict[str, Any], source: str) -> dict[str, Any]:
     """``checkpoint`` without optimizer state and training-only heads (same layout; see the module docstring)."""
     hparams = copy.deepcopy(dict(checkpoint["hyper_parameters"]))
@@ -125,6 +120,9 @@ def inference_checkpoint(checkpoint: dict[str, Any], source: str) -> dict[str, A
     head_prefix = PREFIX + "multi_token_head."
     state_dict = {k: v for k, v in checkpoint["state_dict"].items() if not (drop_heads and k.startswith(head_prefix))}
     kept = {key: checkpoint[key] for key in _KEPT_KEYS if key in checkpoint}
+    # The data module's state (where a text run records its tokenizer) is dropped: the record stays, on its own.
+    record = TokenizerBinding.of_checkpoint(checkpoint, source).record()
+    kept.update({RECORD_KEY: record} if record is not None else {})
     dropped = sorted(set(checkpoint) - set(kept) - {"hyper_parameters", "state_dict"})
     return {**kept, "hyper_parameters": hparams, "state_dict": state_dict,
             "inference_only": {"source": source, "dropped": dropped,

@@ -1,4 +1,4 @@
-"""The keys a training config may hold: one-line errors for wrong ones, field help, the resolved model config.
+"""Checking ``train.py``'s config keys (command line and YAML) before jsonargparse: one-line errors, field help.
 
 jsonargparse reports a misspelt key under a subclass-mode argument (``--model.init_args.model_config.d_modle``, or
 the same in a ``--config`` file) inside ~20 lines of union-type errors, and cannot show help below ``--model.help``.

@@ -3,8 +3,10 @@
     python train.py export --checkpoint runs/x/version_0/checkpoints/last.ckpt --out hf_model
     python -c "from transformers import AutoModelForCausalLM as M; M.from_pretrained('hf_model')"   # + trust_remote_code=True for OE
 
-The tokenizer travels with the model: the one the checkpoint's data module names (a grammar is written as a
-one-character-per-id ``tokenizers`` JSON, as lit_overtok's evaluation spells it), or ``--tokenizer``.
+The tokenizer travels with the model, always: the one the checkpoint was trained with (``checkpointing/
+tokenizer_binding.py``; a grammar is written as a one-character-per-id ``tokenizers`` JSON, as lit_overtok's
+evaluation spells it), so ``AutoTokenizer.from_pretrained`` loads it. A checkpoint whose tokenizer cannot be found is
+refused in one line (pass ``--tokenizer`` with the recorded file).
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from typing import Optional
 
 import torch
 
-from lit_overtok.checkpointing.inference import load_transformer, tokenizer_spec
+from lit_overtok.checkpointing.inference import load_transformer
 from lit_overtok.evaluation.tokenizers import GrammarTokenizer, load_tokenizer, TextTokenizer
 from lit_overtok.export.hf import EXPERT_LAYOUTS, export_to_hf
 from lit_overtok.errors import entry_point
@@ -31,29 +33,30 @@ def main(argv: Optional[list[str]] = None) -> Path:
                         help="MoE experts: one Linear per expert (the published OLMoE files) or transformers 5's fused "
                              "tensors (remote-code models are always fused)")
     parser.add_argument("--tokenizer", default=None,
-                        help="a tokenizers JSON or grammar:<name> (default: the one the checkpoint's data module names)")
+                        help="a tokenizers JSON or grammar:<name> (default: the one the checkpoint was trained with; "
+                             "another one is refused)")
+    parser.add_argument("--allow-tokenizer-change", action="store_true",
+                        help="ship a --tokenizer other than the one the checkpoint was trained with")
     parser.add_argument("--eos-token", default="<|endoftext|>", help="the end-of-text token of a tokenizers JSON")
     args = parser.parse_args(argv)
 
     model, info = load_transformer(args.checkpoint)
     out = Path(args.out)
-    spec = args.tokenizer or tokenizer_spec(info.data)
-    tokens: dict = {}
-    if spec is not None:
-        tokenizer = load_tokenizer(spec) if spec.startswith("grammar:") else TextTokenizer(spec, args.eos_token)
-        if tokenizer.vocab_size > model.cfg.vocab_size:
-            raise ValueError(f"tokenizer {tokenizer.name} has {tokenizer.vocab_size} tokens but the model's vocabulary "
-                             f"is {model.cfg.vocab_size}; export with the tokenizer the model was trained with")
-        if isinstance(tokenizer, GrammarTokenizer):
-            out.mkdir(parents=True, exist_ok=True)
-            tokenizer.save_tokenizers_json(out / "tokenizer.json")
-            tokens = dict(tokenizer_file=out / "tokenizer.json", eos_token=tokenizer.chars[tokenizer.eot_id],
-                          bos_token=tokenizer.chars[tokenizer.bos_id], bos_token_id=tokenizer.bos_id)
-        else:
-            tokens = dict(tokenizer_file=tokenizer.name, eos_token=args.eos_token)
-        tokens["eos_token_id"] = tokenizer.eot_id
+    spec = info.tokenizer.resolve(args.tokenizer, args.allow_tokenizer_change)  # never an export without one
+    tokenizer = load_tokenizer(spec) if spec.startswith("grammar:") else TextTokenizer(spec, args.eos_token)
+    if tokenizer.vocab_size > model.cfg.vocab_size:
+        raise ValueError(f"tokenizer {tokenizer.name} has {tokenizer.vocab_size} tokens but the model's vocabulary "
+                         f"is {model.cfg.vocab_size}; export with the tokenizer the model was trained with")
+    if isinstance(tokenizer, GrammarTokenizer):
+        out.mkdir(parents=True, exist_ok=True)
+        tokenizer.save_tokenizers_json(out / "tokenizer.json")
+        tokens = dict(tokenizer_file=out / "tokenizer.json", eos_token=tokenizer.chars[tokenizer.eot_id],
+                      bos_token=tokenizer.chars[tokenizer.bos_id], bos_token_id=tokenizer.bos_id)
+    else:
+        tokens = dict(tokenizer_file=tokenizer.name, eos_token=args.eos_token)
+    tokens["eos_token_id"] = tokenizer.eot_id
     written = export_to_hf(model, out, dtype=getattr(torch, args.dtype), expert_layout=args.expert_layout, **tokens)
-    print(f"wrote {written}" + ("" if spec else " (no tokenizer: the checkpoint names none; pass --tokenizer)"))
+    print(f"wrote {written} (tokenizer {tokenizer.name})")
     return written
 
 

@@ -2,8 +2,8 @@
 
     python train.py generate --checkpoint runs/default/version_0/checkpoints/last.ckpt --num-samples 4
     python train.py generate --checkpoint last.ckpt --prompt "The history of" --temperature 0.8 --top-k 50 \\
-        --tokenizer ../shared/data/tokenizers/gpt2/tokenizer.json
 
+The tokenizer is the one the checkpoint was trained with (``checkpointing/tokenizer_binding.py``).
 Prints one line per sample: the prompt followed by its continuation, decoded (grammar models spell their ids as
 ``^`` BOS, terminals, ``$`` EOS). Sampling stops at the tokenizer's end-of-text unless ``--no-stop-at-eos``; with no
 ``--prompt`` it starts from BOS (grammars) or end-of-text (text tokenizers, as lm-eval does).
@@ -17,7 +17,7 @@ from typing import Optional
 
 import torch
 
-from lit_overtok.checkpointing.inference import load_transformer, tokenizer_spec
+from lit_overtok.checkpointing.inference import load_transformer
 from lit_overtok.evaluation.tokenizers import load_tokenizer
 from lit_overtok.nn.generation import generate
 
@@ -34,7 +34,10 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     parser.add_argument("--no-stop-at-eos", dest="stop_at_eos", action="store_false",
                         help="keep sampling after the end-of-text token")
     parser.add_argument("--tokenizer", default=None,
-                        help="a tokenizers JSON or grammar:<name> (default: the one the checkpoint's data module names)")
+                        help="a tokenizers JSON or grammar:<name> (default: the one the checkpoint was trained with; "
+                             "another one is refused)")
+    parser.add_argument("--allow-tokenizer-change", action="store_true",
+                        help="sample with a --tokenizer other than the one the checkpoint was trained with")
     parser.add_argument("--seed", type=int, default=1234)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--precision", choices=["32", "bf16-mixed"], default="32")
@@ -50,10 +53,7 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
 def main(argv: Optional[list[str]] = None) -> list[str]:
     args = parse_args(argv)
     model, info = load_transformer(args.checkpoint)
-    spec = args.tokenizer or tokenizer_spec(info.data)
-    if spec is None:
-        raise ValueError(f"{args.checkpoint} names no tokenizer; pass --tokenizer (a tokenizers JSON or grammar:<name>)")
-    tokenizer = load_tokenizer(spec)
+    tokenizer = load_tokenizer(info.tokenizer.resolve(args.tokenizer, args.allow_tokenizer_change))
     if tokenizer.vocab_size > model.cfg.vocab_size:
         raise ValueError(f"tokenizer {tokenizer.name} has {tokenizer.vocab_size} tokens but the model's vocabulary is "
                          f"{model.cfg.vocab_size}; use the tokenizer the model was trained with")

@@ -10,7 +10,6 @@ prints what happened and what to try next (``run_summary``). Model and data are 
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 from pathlib import Path
@@ -29,14 +28,13 @@ from lit_overtok.training.callbacks import StepProgressBar, TokenThroughputMonit
 from lit_overtok.checkpointing.files import resolve_ckpt_path, run_logger_kwargs, with_atomic_checkpoint_io
 from lit_overtok.cli.config_keys import check_keys, field_help, OPTIMIZER_MESSAGE, REFUSED_ROOTS, resolve_model_config
 from lit_overtok.data.cfg_datamodule import CFGDataModule
-from lit_overtok.errors import InputError
 from lit_overtok.training.lm_eval_callback import LMEvalCallback
 from lit_overtok.cli import export as export_command
 from lit_overtok.training.global_batch import GlobalBatch, apply_global_batch
 from lit_overtok.training.lightning_module import OverTokLM
 from lit_overtok.checkpointing.run_checkpoint import RunCheckpoint
 from lit_overtok.training.run_summary import run_summary
-from lit_overtok.errors import exit_on_user_error, one_line, USER_ERRORS
+from lit_overtok.errors import exit_on_user_error, InputError, one_line, USER_ERRORS
 
 # The default run ends within 5 minutes on an idle 2-core CPU, evaluations included (BENCHMARKS.md: the default run).
 DEFAULT_TRAINER = {
@@ -149,22 +147,22 @@ def _root_cause(error: BaseException) -> BaseException:
     return found
 
 
-def _fail(message: object) -> None:
-    sys.stderr.write(f"error: {one_line(message) if isinstance(message, BaseException) else message}\n")
-    raise SystemExit(2)
-
-
 def main(args=None) -> None:
+    """``train.py`` (console script ``lit-overtok-train``): bad input ends it in one line (``errors``)."""
+    return exit_on_user_error(_run, args)
+
+
+def _run(args=None) -> None:
     given, args = args, list(sys.argv[1:] if args is None else args)
     if args and args[0] in COMMANDS:
-        return exit_on_user_error(COMMANDS[args[0]][0], args[1:])
+        return COMMANDS[args[0]][0](args[1:])
     if args and args[0] == "predict":
-        _fail("train.py predict is not available; sample from a checkpoint with train.py generate "
-              "(train.py generate --help)")
+        raise InputError("train.py predict is not available; sample from a checkpoint with train.py generate "
+                         "(train.py generate --help)")
     try:
         asked_help = check_keys(args)
-    except (ValueError, OSError, yaml.YAMLError) as error:
-        _fail(error)
+    except (OSError, yaml.YAMLError) as error:  # a config file that cannot be read or parsed
+        raise InputError(one_line(error)) from error
     if asked_help is not None:
         sys.stdout.write(field_help(*asked_help))
         raise SystemExit(0)
@@ -185,6 +183,6 @@ def main(args=None) -> None:
     except USER_ERRORS as error:
         # jsonargparse wraps a config error from our classes in union-type noise; show the user our message. Bad
         # input met while running (a file, a checkpoint, a field checked at setup) is an InputError that says it all.
-        if os.environ.get("LIT_OVERTOK_TRACEBACK"):
+        if isinstance(error, InputError):
             raise
-        _fail(error if isinstance(error, InputError) else _root_cause(error))
+        raise InputError(one_line(_root_cause(error))) from error

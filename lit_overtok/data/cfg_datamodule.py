@@ -38,7 +38,8 @@ import lightning.pytorch as pl
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from lit_overtok.data.cfg_stream import MAX_TRAIN_SENTENCES, STATE_KEY, LaneState, PackedSentenceStream, StreamLayout
+from lit_overtok.data.cfg_stream import (MAX_TRAIN_SENTENCES, STATE_KEY, LaneState, PackedSentenceStream,
+                                         SentenceStreamLayout)
 from lit_overtok.data.grammar import Grammar
 from lit_overtok.nn.losses import IGNORE_INDEX
 
@@ -105,9 +106,9 @@ class CFGDataModule(pl.LightningDataModule):
     def workers(self) -> int:
         return max(1, self.hparams.num_workers)
 
-    def layout(self) -> StreamLayout:
+    def layout(self) -> SentenceStreamLayout:
         h = self.hparams
-        return StreamLayout(str(h.grammar), h.seed, h.train_sentences, self.world_size, self.workers,
+        return SentenceStreamLayout(str(h.grammar), h.seed, h.train_sentences, self.world_size, self.workers,
                             self._restart, self._base)
 
     def train_dataloader(self) -> DataLoader:
@@ -149,7 +150,7 @@ class CFGDataModule(pl.LightningDataModule):
         return {"train_batches": self._train_batches, "layout": asdict(self.layout()), "lanes": lanes}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        saved = StreamLayout(**state["layout"])
+        saved = SentenceStreamLayout(**state["layout"])
         lanes = [LaneState(**lane) for lane in state["lanes"]]
         if replace(saved, restart=None, base=0) == replace(self.layout(), restart=None, base=0):
             self._restart, self._base, self._train_batches = saved.restart, saved.base, state["train_batches"]

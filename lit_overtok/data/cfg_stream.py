@@ -32,9 +32,10 @@ from typing import Any, Optional
 
 import numpy as np
 import torch
-from torch.utils.data import IterableDataset, get_worker_info
+from torch.utils.data import IterableDataset
 
 from lit_overtok.data.grammar import Grammar
+from lit_overtok.data.lanes import current_lane
 
 # Each training batch carries its lane's state under this key; the data module pops it.
 STATE_KEY = "cfg_lane_state"
@@ -117,7 +118,7 @@ class _FreshSentences:
 
 
 @dataclass(frozen=True)
-class StreamLayout:
+class SentenceStreamLayout:
     """What the lanes' streams depend on; a saved lane state continues exactly only under the same layout."""
 
     grammar: str
@@ -134,7 +135,7 @@ class StreamLayout:
 class PackedSentenceStream(IterableDataset):
     """Endless batches of consecutive ``seq_len + 1`` windows over ``BOS s EOS`` documents, for one rank."""
 
-    def __init__(self, grammar: Grammar, layout: StreamLayout, rank: int, seq_len: int, batch_size: int,
+    def __init__(self, grammar: Grammar, layout: SentenceStreamLayout, rank: int, seq_len: int, batch_size: int,
                  lane_states: Optional[dict[int, LaneState]] = None, start_batch: int = 0) -> None:
         self.grammar, self.layout, self.rank = grammar, layout, rank
         self.seq_len, self.batch_size = seq_len, batch_size
@@ -144,13 +145,7 @@ class PackedSentenceStream(IterableDataset):
         """Batches of this rank already consumed, for the worker rotation."""
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
-        info = get_worker_info()
-        workers, running = self.layout.workers, (info.num_workers if info is not None else 1)
-        if running != workers:
-            raise RuntimeError(f"PackedSentenceStream built for {workers} workers runs in a DataLoader with {running}")
-        # The loader restarts its rotation at worker 0; renumber so the rotation over lanes continues.
-        worker = ((info.id if info is not None else 0) + self.start_batch) % workers
-        lane = self.rank * workers + worker
+        lane, worker = current_lane(self.rank, self.layout.workers, self.start_batch, type(self).__name__)
         state = self.lane_states.get(lane, LaneState(lane))
         return self._batches(lane, worker, state)
 

@@ -43,6 +43,7 @@ from lit_overtok.data.job_split import check_job, job_dir, job_inputs
 from lit_overtok.data.shard_writer import (PROGRESS_NAME, PrepareProgress, ShardWriter, SplitProgress,
                                            write_json_atomically)
 from lit_overtok.data.text_inputs import TEXT_UNITS, PrepareError, expand_inputs, input_format, read_documents
+from lit_overtok.errors import entry_point
 
 EOS_CANDIDATES = ("<|endoftext|>", "</s>", "<|end_of_text|>", "<eos>", "<|eos|>")
 TRAINED_EOS = "<|endoftext|>"
@@ -339,11 +340,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[list[str]] = None) -> None:
+    """Prepare the shards; bad input raises (``run``, the command, makes it one line)."""
     args = build_parser().parse_args(argv)
     try:
         result = prepare(PrepareConfig(**vars(args)))
-    except (PrepareError, OSError) as error:  # bad input, or an output folder that cannot be written
-        sys.exit(f"lit-overtok-prepare: error: {error}")
+    except OSError as error:  # an output folder that cannot be written (a full disk...): the user's to fix
+        raise PrepareError(str(error)) from error
     except KeyboardInterrupt:
         print(f"lit-overtok-prepare: interrupted; the complete shards in {args.output} are kept: rerun the same "
               "command with --resume to continue", file=sys.stderr)
@@ -356,5 +358,7 @@ def main(argv: Optional[list[str]] = None) -> None:
           f"-> {result['output']}/{shards.MANIFEST_NAME}")
 
 
+run = entry_point(main)  # the console script lit-overtok-prepare: bad input is one line, exit status 2 (errors.py)
+
 if __name__ == "__main__":
-    main()
+    run()

@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import sys
 from pathlib import Path
 from typing import Optional
 
@@ -37,6 +36,7 @@ from lit_overtok.data.job_split import JOBS_FOLDER, job_dir
 from lit_overtok.data.prepare import build_parser as prepare_parser, main as prepare_main
 from lit_overtok.data.shard_writer import ShardWriter, SplitProgress, write_json_atomically
 from lit_overtok.data.text_inputs import PrepareError
+from lit_overtok.errors import entry_point
 
 def merge(output: Path, count: Optional[int] = None, keep_parts: bool = False) -> dict:
     """Re-pack the job folders under ``output`` into its shards and manifest; returns the manifest."""
@@ -89,7 +89,7 @@ def submit(prepare_args: list[str], jobs: int, folder: Path, cluster: Optional[s
     try:
         import submitit
     except ImportError:
-        raise SystemExit("error: prepare_jobs submit needs submitit: pip install 'lit_overtok[cluster]'") from None
+        raise PrepareError("prepare_jobs submit needs submitit: pip install 'lit_overtok[cluster]'") from None
 
     output = Path(prepare_parser().parse_args(prepare_args).output)
     executor = submitit.AutoExecutor(folder=str(folder), cluster=cluster)
@@ -123,19 +123,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[list[str]] = None) -> None:
+    """Merge or submit; bad input raises (``run``, the command, makes it one line)."""
     args = build_parser().parse_args(argv)
-    try:
-        if args.command == "merge":
-            manifest = merge(Path(args.output), args.job_count, args.keep_parts)
-        else:
-            prepare_args = args.prepare_args[1:] if args.prepare_args[:1] == ["--"] else args.prepare_args
-            manifest = submit(prepare_args, args.jobs, Path(args.folder), args.cluster, args.partition,
-                              args.timeout_min, args.cpus_per_job, args.keep_parts)
-    except PrepareError as error:
-        sys.exit(f"lit-overtok-prepare: error: {error}")
+    if args.command == "merge":
+        manifest = merge(Path(args.output), args.job_count, args.keep_parts)
+    else:
+        prepare_args = args.prepare_args[1:] if args.prepare_args[:1] == ["--"] else args.prepare_args
+        manifest = submit(prepare_args, args.jobs, Path(args.folder), args.cluster, args.partition,
+                          args.timeout_min, args.cpus_per_job, args.keep_parts)
     for split, entry in manifest["splits"].items():
         print(f"{split}: {entry['documents']} documents, {entry['tokens']} tokens in {len(entry['shards'])} shards")
 
 
+run = entry_point(main)  # python -m lit_overtok.data.prepare_jobs: bad input is one line, exit status 2 (errors.py)
+
 if __name__ == "__main__":
-    main()
+    run()

@@ -35,7 +35,6 @@ from lit_overtok.errors import InputError
 FORMAT = "lit_overtok.token_shards/1"
 MANIFEST_NAME = "manifest.json"
 TOKENIZER_NAME = "tokenizer.json"
-SPLITS = ("train", "validation")
 MEMBER_SUFFIX = ".bin"
 
 

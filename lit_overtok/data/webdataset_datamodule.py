@@ -52,9 +52,10 @@ import lightning.pytorch as pl
 import numpy as np
 import torch
 from tokenizers import Tokenizer
-from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from torch.utils.data import DataLoader, IterableDataset
 
 from lit_overtok.data.encoding import vocabulary_size
+from lit_overtok.data.lanes import current_lane
 from lit_overtok.data.shards import (
     MANIFEST_NAME,
     CorruptShardError,
@@ -153,7 +154,7 @@ class _CorruptShards:
 
 
 @dataclass(frozen=True)
-class StreamLayout:
+class ShardStreamLayout:
     """Everything the training stream's content depends on; resume is exact only if it is unchanged."""
 
     seed: int
@@ -215,20 +216,14 @@ def as_batch(tokens: np.ndarray, batch_size: int) -> dict[str, torch.Tensor]:
 class TrainStream(IterableDataset):
     """Endless training batches for one rank; each DataLoader worker plays one lane (see the module docstring)."""
 
-    def __init__(self, shards: ShardSet, layout: StreamLayout, rank: int, on_corrupt: str, start_batch: int = 0):
+    def __init__(self, shards: ShardSet, layout: ShardStreamLayout, rank: int, on_corrupt: str, start_batch: int = 0):
         self.shards, self.layout, self.rank, self.on_corrupt = shards, layout, rank, on_corrupt
         self.start_batch = start_batch
         """Batches of this rank already consumed; the DataModule keeps it current so a new iterator continues."""
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
-        info = get_worker_info()
-        workers, running = self.layout.workers, (info.num_workers if info is not None else 1)
-        if running != workers:
-            raise RuntimeError(f"TrainStream built for {workers} workers runs in a DataLoader with {running}")
-        # The loader restarts its rotation at worker 0; renumber so the rotation over lanes continues.
-        worker = ((info.id if info is not None else 0) + self.start_batch) % workers
-        delivered = len(range(worker, self.start_batch, workers))
-        lane = self.rank * workers + worker
+        lane, worker = current_lane(self.rank, self.layout.workers, self.start_batch, type(self).__name__)
+        delivered = len(range(worker, self.start_batch, self.layout.workers))  # this lane's batches consumed so far
         batches = self.lane_batches(lane)
         for tokens, corrupt in itertools.islice(batches, delivered, None):
             yield {**as_batch(tokens, self.layout.batch_size), CORRUPT_KEY: torch.tensor(corrupt)}
@@ -366,10 +361,10 @@ class WebDatasetDataModule(pl.LightningDataModule):
             )
 
     # -------------------------------------------------------------------------------------------- training
-    def layout(self) -> StreamLayout:
+    def layout(self) -> ShardStreamLayout:
         digest = hashlib.sha256("".join(f"{i.file}:{i.sha256};" for i in self.train_set.infos).encode()).hexdigest()
         h = self.hparams
-        return StreamLayout(h.seed, self.world_size, self.workers, h.batch_size, h.seq_len, h.shuffle_buffer,
+        return ShardStreamLayout(h.seed, self.world_size, self.workers, h.batch_size, h.seq_len, h.shuffle_buffer,
                             digest[:16], self._restart)
 
     def train_dataloader(self) -> DataLoader:
@@ -413,7 +408,7 @@ class WebDatasetDataModule(pl.LightningDataModule):
                 raise ManifestError(f"{message}; resume on data of the same tokenizer, or set "
                                     "data.allow_tokenizer_change: true to continue anyway")
             warnings.warn(f"{message}; continuing (data.allow_tokenizer_change)")
-        saved = StreamLayout(**state["layout"])
+        saved = ShardStreamLayout(**state["layout"])
         if replace(saved, restart=None) == self.layout():
             self._restart, self._train_batches = saved.restart, state["train_batches"]
             return

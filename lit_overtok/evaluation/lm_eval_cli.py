@@ -13,7 +13,8 @@ package first (its registry can hold entry points, but no code scans an entry-po
   work.
 
 Model arguments: ``checkpoint`` (a training or inference checkpoint; required), ``tokenizer`` (a tokenizers JSON or
-``grammar:<name>``; default: the one the checkpoint's data module names), ``max_batch_tokens``, ``max_length``,
+``grammar:<name>``; default: the one the checkpoint was trained with, and another one is refused unless
+``allow_tokenizer_change=true``: ``checkpointing/tokenizer_binding.py``), ``max_batch_tokens``, ``max_length``,
 ``max_gen_toks``, ``seed``, ``precision`` (``32`` or ``bf16-mixed``); lm-eval's own ``--batch_size`` (a number, or
 ``auto`` = our default of 64 rows under the token budget) and ``--device`` (a CUDA device without CUDA means the CPU,
 as for lm-eval's HF model). No argument is named like a task option (lm-eval merges model arguments into every
@@ -29,7 +30,7 @@ from typing import Optional, Union
 
 import torch
 
-from lit_overtok.checkpointing.inference import load_transformer, tokenizer_spec
+from lit_overtok.checkpointing.inference import load_transformer
 from lit_overtok.evaluation.adapter import OverTokEvalLM
 from lit_overtok.evaluation.tokenizers import load_tokenizer
 from lit_overtok.errors import entry_point
@@ -64,16 +65,14 @@ class OverTokCheckpointLM(OverTokEvalLM):
     def __init__(self, checkpoint: str, tokenizer: Optional[str] = None, batch_size: Union[int, str, None] = None,
                  max_batch_size: Optional[int] = None, device: Optional[str] = None, max_batch_tokens: int = 32768,
                  max_length: Optional[int] = None, max_gen_toks: int = 256, seed: int = 1234,
-                 precision: str = "32") -> None:
+                 precision: str = "32", allow_tokenizer_change: Union[bool, str] = False) -> None:
         del max_batch_size  # lm-eval's bound for its 'auto' search; our batches are bounded by max_batch_tokens
         if str(precision) not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
         model, info = load_transformer(str(checkpoint))
-        spec = tokenizer or tokenizer_spec(info.data)
-        if spec is None:
-            raise ValueError(f"{checkpoint} names no tokenizer; pass --model_args ...,tokenizer=<tokenizers JSON or "
-                             "grammar:NAME>")
-        super().__init__(model.to(device_from(device)), load_tokenizer(str(spec)), batch_size=batch_size_from(batch_size),
+        spec = info.tokenizer.resolve(tokenizer, str(allow_tokenizer_change).lower() in ("true", "1"),
+                                      option="--model_args tokenizer")
+        super().__init__(model.to(device_from(device)), load_tokenizer(spec), batch_size=batch_size_from(batch_size),
                          max_batch_tokens=int(max_batch_tokens), max_length=max_length, max_gen_toks=int(max_gen_toks),
                          seed=int(seed))
         self.precision, self.checkpoint = str(precision), str(checkpoint)

@@ -10,8 +10,9 @@ world size; it is evaluated here in one process.
 Tasks: lm-eval names or groups (``hellaswag``, ``arc_easy``, ``arc_challenge``, ``piqa``, ``mmlu_continuation``,
 ``mmlu_var``, ``cfg_generation``, ``cfg_next_token_validity``) or the sets ``paper`` (the five downstream tasks)
 and ``grammar``. Offline they read ``<data-dir>/<task>/*.jsonl``; ``--online`` uses lm-eval's own task files.
-The tokenizer defaults to the one the checkpoint was trained with (its grammar, or the tokenizer file recorded in
-it or in its shards' manifest); a ``--tokenizer`` whose sha256 differs from the recorded one is refused.
+The tokenizer is the one the checkpoint was trained with (its grammar, or the tokenizer file recorded in it or in its
+shards' manifest: ``checkpointing/tokenizer_binding.py``); a ``--tokenizer`` that is not that one (another sha256,
+another grammar) is refused unless ``--allow-tokenizer-change``.
 Every checkpoint is verified before it is loaded (``lit_overtok.checkpointing.files``); among several, a damaged one
 (or a link to a removed file) is reported and the others are scored (exit status 1 when any was skipped); a single
 checkpoint that cannot be read is a one-line error (exit status 2). A ``last.ckpt`` link is
@@ -36,8 +37,8 @@ from typing import Any, Optional
 import torch
 from tqdm import tqdm
 
-from lit_overtok.checkpointing.files import checkpoint_tokenizer, tokenizer_file_for
-from lit_overtok.checkpointing.inference import is_sharded_checkpoint, network, read_checkpoint, tokenizer_spec as named_tokenizer
+from lit_overtok.checkpointing.inference import is_sharded_checkpoint, network, read_checkpoint
+from lit_overtok.checkpointing.tokenizer_binding import TokenizerBinding
 from lit_overtok.evaluation.runner import downstream_score, PRIMARY_METRICS, task_scores, TaskSuite
 from lit_overtok.evaluation.tokenizers import load_tokenizer
 from lit_overtok.errors import exit_on_user_error, InputError
@@ -52,7 +53,10 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser.add_argument("--limit", type=int, default=None, help="score only the first N documents of each task")
     parser.add_argument("--data-dir", default=None,
                         help="offline task data (default: $LIT_OVERTOK_DATA, else ../shared/data beside a checkout)")
-    parser.add_argument("--tokenizer", default=None, help="tokenizers JSON path or grammar:<name> (default: from the checkpoint)")
+    parser.add_argument("--tokenizer", default=None, help="tokenizers JSON path or grammar:<name> (default: from the "
+                        "checkpoint; another one is refused)")
+    parser.add_argument("--allow-tokenizer-change", action="store_true",
+                        help="score with a --tokenizer other than the one the checkpoint was trained with (a warning)")
     parser.add_argument("--grammar", default=None, help="grammar of the cfg tasks (default: the checkpoint's)")
     parser.add_argument("--cfg-num-docs", type=int, default=None, help="documents per grammar task (default 256)")
     parser.add_argument("--num-fewshot", type=int, default=None, help="few-shot examples (default: each task's, else 0)")
@@ -96,20 +100,10 @@ def load_checkpoint(path: Path, device: str) -> tuple[Transformer, dict[str, Any
         "global_step": checkpoint.get("global_step"),
         "tokens_seen": checkpoint.get("tokens_seen"),
         "data": dict(checkpoint.get("datamodule_hyper_parameters") or {}),
-        "tokenizer": checkpoint_tokenizer(checkpoint),
+        "tokenizer": TokenizerBinding.of_checkpoint(checkpoint, path),
         "model_config": checkpoint["hyper_parameters"]["model_config"],
     }
     return module.to(device).eval(), meta
-
-
-def tokenizer_spec(args: argparse.Namespace, meta: dict[str, Any], path: Path) -> str:
-    record = meta["tokenizer"]
-    if record is not None and not (args.tokenizer or "").startswith("grammar:"):
-        return tokenizer_file_for(record, args.tokenizer, path)
-    spec = args.tokenizer or named_tokenizer(meta["data"])
-    if spec is not None:
-        return spec
-    raise ValueError(f"{path}: the checkpoint names no tokenizer; pass --tokenizer (a tokenizers JSON or grammar:<name>)")
 
 
 def output_names(paths: list[Path]) -> list[str]:
@@ -159,7 +153,7 @@ def main(argv: Optional[list[str]] = None) -> list[dict[str, Any]]:
         start = time.perf_counter()
         try:
             module, meta = load_checkpoint(path, args.device)
-            tokenizer = load_tokenizer(tokenizer_spec(args, meta, path))
+            tokenizer = load_tokenizer(meta["tokenizer"].resolve(args.tokenizer, args.allow_tokenizer_change))
         except (InputError, ValueError, FileNotFoundError) as error:  # this checkpoint only: score the others
             if len(paths) == 1:
                 raise  # nothing else to score: the one-line error of a bad input (exit status 2)

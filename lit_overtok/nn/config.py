@@ -1,4 +1,4 @@
-"""``ModelConfig``: the architecture of one run, from a preset (``presets``) plus any fields given explicitly.
+"""The model's configuration dataclass, ``ModelConfig``: one run's architecture, a preset plus explicit fields.
 
 A field left ``None`` takes the preset's value and a field given explicitly wins. The vocabulary size normally comes
 from the data module (the CLI links it). The sub-configs sit beside the modules they build: ``over_encoding``

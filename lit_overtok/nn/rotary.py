@@ -22,10 +22,6 @@ class RotaryEmbedding(nn.Module):
         angles_TC = torch.cat([angles_Tc, angles_Tc], dim=-1)
         return angles_TC.cos(), angles_TC.sin()
 
-    def rebuild(self) -> None:
-        """Recompute the tables (after a meta-device construction has been materialised)."""
-        self.cos_TC, self.sin_TC = self._tables(self.cos_TC.device)
-
     def forward(self, start: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
         if start + length > self.max_seq_len:
             raise ValueError(

@@ -75,7 +75,6 @@ class RowSparseAdamW(torch.optim.AdamW):
             raise ValueError(f"row_semantics must be one of {ROW_SEMANTICS}, got {row_semantics!r}")
         super().__init__(params, *args, **kwargs)
         self.row_semantics = row_semantics
-        self._hook_handles: list = []
 
     def __getstate__(self):  # torch's keeps only defaults, state and groups (copy.deepcopy, pickling)
         return {**super().__getstate__(), "row_semantics": self.row_semantics}
@@ -83,7 +82,7 @@ class RowSparseAdamW(torch.optim.AdamW):
     def __setstate__(self, state) -> None:
         row_semantics = state.pop("row_semantics", "adamw")
         super().__setstate__(state)
-        self.row_semantics, self._hook_handles = row_semantics, []
+        self.row_semantics = row_semantics
 
     # ------------------------------------------------------------------------------------------------- public API
     @torch.no_grad()
@@ -129,8 +128,7 @@ class RowSparseAdamW(torch.optim.AdamW):
         A forward pre-hook catches up the rows about to be looked up (so a forward reads dense AdamW's values, in
         training, validation and generation alike); a state-dict pre-hook flushes the table, so ``model.state_dict()``
         (checkpoints, exports) holds dense AdamW's weights. Hooks an earlier optimizer put on the same table are
-        removed: its row state no longer describes the weights once this one steps. Returns the handles (also kept
-        for ``remove_catch_up_hooks``).
+        removed: its row state no longer describes the weights once this one steps. Returns the handles.
         """
         owned = {id(p) for g in self.param_groups for p in g["params"]}
         ref = weakref.ref(self)
@@ -143,13 +141,7 @@ class RowSparseAdamW(torch.optim.AdamW):
                     module.register_forward_pre_hook(_catch_up_before_lookup(ref), with_kwargs=True),
                     module.register_state_dict_pre_hook(_flush_before_state_dict(ref))]
                 handles.extend(module._row_catch_up_handles)
-        self._hook_handles.extend(handles)
         return handles
-
-    def remove_catch_up_hooks(self) -> None:
-        for handle in self._hook_handles:
-            handle.remove()
-        self._hook_handles.clear()
 
     def state_dict(self):
         """The optimizer state after ``flush()``: every row current, so it matches weights saved at the same time."""

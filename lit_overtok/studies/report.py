@@ -27,10 +27,10 @@ What it holds (docs/method.md §4.2, §4.7; docs/studies.md, "Reading a speedup"
 
 The grid file's optional ``report`` section: ``baseline`` (default: the first arm), ``baselines`` (a mapping arm ->
 the arm it is compared with, for arms that differ from another baseline by one switch), ``law_arms`` (a list),
-``tasks``, ``tokenizer`` (text runs whose data module names none), ``limit``, ``cfg_num_docs`` (documents per grammar
-task). A point resumed after an interruption has several ``version_N`` folders: they are stitched by step (for each
-tag a later version replaces the earlier ones from its first logged step on), and the report lists which versions
-each point used.
+``tasks``, ``tokenizer`` (text runs whose checkpoints record none), ``limit``, ``cfg_num_docs`` (documents per grammar
+task). A point resumed after an interruption has several ``version_N`` folders: they are read as one run
+(``run_logs``: a later version replaces what the earlier ones logged after its first step), and the report lists which
+versions each point used.
 """
 
 from __future__ import annotations
@@ -48,17 +48,17 @@ from typing import Any, Optional
 import numpy as np
 import yaml
 
+from lit_overtok.checkpointing.files import find_resume_checkpoint
 from lit_overtok.errors import InputError
 from lit_overtok.evaluation import score_checkpoints
 from lit_overtok.studies import convergence, figures, speedup, verdicts
 from lit_overtok.studies.convergence import Curve
-from lit_overtok.studies.sweep import GridError, latest_checkpoint, load_grid, version_folders
+from lit_overtok.studies.run_logs import event_folders, read_run_scalars, Scalars
+from lit_overtok.studies.sweep import GridError, load_grid
 
 LOSS_METRICS = ("train/loss_next1", "val/loss")
 REPORT_KEYS = {"baseline", "baselines", "law_arms", "tasks", "tokenizer", "limit", "cfg_num_docs"}
 PAPER_LAW_SLOPE = -0.0256
-
-Scalars = dict[str, tuple[np.ndarray, np.ndarray]]
 
 
 @dataclass
@@ -73,19 +73,6 @@ class Run:
 
 
 # ---------------------------------------------------------------------------------------------------- reading
-def stitch(parts: list[Scalars]) -> Scalars:
-    """One run's scalars from its version folders, oldest first: per tag, a later version wins from its first step."""
-    merged: Scalars = {}
-    for part in parts:
-        for tag, (steps, values) in part.items():
-            if tag in merged and steps.size:
-                old_steps, old_values = merged[tag]
-                keep = old_steps < steps[0]
-                steps, values = np.concatenate([old_steps[keep], steps]), np.concatenate([old_values[keep], values])
-            merged[tag] = (steps, values)
-    return merged
-
-
 class _HparamsLoader(yaml.SafeLoader):
     """hparams.yaml as Lightning writes it (tuples tagged !!python/tuple), without executing anything else."""
 
@@ -94,15 +81,15 @@ _HparamsLoader.add_constructor("tag:yaml.org,2002:python/tuple", lambda loader, 
 
 
 def read_run(arm: str, seed: int, folder: Path) -> Optional[Run]:
-    """A point's stitched scalars, or None when it has logged nothing yet."""
-    versions = [v for v in version_folders(folder) if any(v.glob("events.out.tfevents*"))]
-    if not versions:
+    """A point's stitched scalars (``run_logs``), or None when it has logged nothing yet."""
+    try:
+        versions = event_folders(str(folder))
+    except FileNotFoundError:
         return None
     hparams_files = [v / "hparams.yaml" for v in versions if (v / "hparams.yaml").is_file()]
     hparams = yaml.load(hparams_files[-1].read_text(), Loader=_HparamsLoader) if hparams_files else {}
     done = json.loads((folder / "done.json").read_text()) if (folder / "done.json").is_file() else None
-    return Run(arm, seed, folder, stitch([speedup.read_scalars(str(v)) for v in versions]), [v.name for v in versions],
-               done, hparams or {})
+    return Run(arm, seed, folder, read_run_scalars(str(folder)), [v.name for v in versions], done, hparams or {})
 
 
 def input_vocabulary(run: Run) -> Optional[int]:
@@ -226,8 +213,9 @@ def multipliers(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def evaluate_checkpoints(runs: list[Run], tasks: str, limit: Optional[int], tokenizer: Optional[str],
                          cfg_num_docs: Optional[int], out_dir: Path) -> dict[str, Any]:
-    """Score each finished point's final checkpoint with evaluation/evaluate.py; its files go to ``out_dir``."""
-    scored = [(run, latest_checkpoint(run.folder)) for run in runs]
+    """Score each finished point's final checkpoint (its newest sound one) with evaluation/evaluate.py; its files go
+    to ``out_dir``."""
+    scored = [(run, find_resume_checkpoint(run.folder)) for run in runs]
     scored = [(run, ckpt) for run, ckpt in scored if ckpt is not None]
     before = resource.getrusage(resource.RUSAGE_SELF)
     argv = ["--checkpoint", *[str(c) for _, c in scored], "--tasks", tasks, "--output-dir", str(out_dir)]
@@ -432,12 +420,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--no-eval", action="store_true", help="skip scoring the final checkpoints")
     parser.add_argument("--limit", type=int, default=None, help="score the first N documents of each task")
     parser.add_argument("--tasks", default=None, help="evaluate.py tasks (default: grammar for cfg runs, else paper)")
-    parser.add_argument("--tokenizer", default=None, help="tokenizer of text runs whose data module names none")
+    parser.add_argument("--tokenizer", default=None, help="tokenizer of text runs whose checkpoints record none")
     args = parser.parse_args(argv)
-    try:
-        report = build(args.grid, args.output, not args.no_eval, args.limit, args.tasks, args.tokenizer)
-    except (GridError, KeyError, FileNotFoundError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    # A bad grid or a missing run raises: the script (exit_on_user_error) makes it one line, exit status 2.
+    report = build(args.grid, args.output, not args.no_eval, args.limit, args.tasks, args.tokenizer)
     return 1 if (report.get("evaluation") or {}).get("error") else 0
 

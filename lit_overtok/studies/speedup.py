@@ -41,12 +41,6 @@ DEFINITION = ("Target: the baseline's final value, i.e. its fitted value at its 
 
 
 # ------------------------------------------------------------------------------------------------ reading runs
-def read_scalars(path: str) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """``{tag: (steps, values)}`` of a run's scalars, sorted by step; a run resumed into several version folders
-    is read as one (``lit_overtok.studies.run_logs``)."""
-    return read_run_scalars(path)
-
-
 def token_curve(scalars: dict[str, tuple[np.ndarray, np.ndarray]], metric: str, run: str) -> Curve:
     """The metric against training tokens: steps mapped through ``train/tokens_seen`` (linear, extrapolated)."""
     if metric not in scalars:
@@ -163,7 +157,7 @@ def main(argv: Optional[list[str]] = None) -> list[Speedup]:
     args = parser.parse_args(argv)
     lower, higher = metric_list(args.lower_is_better), metric_list(args.higher_is_better)
 
-    baseline, treatment = read_scalars(args.baseline), read_scalars(args.treatment)
+    baseline, treatment = read_run_scalars(args.baseline), read_run_scalars(args.treatment)
     metrics = args.metrics.split(",") if args.metrics else default_metrics(baseline, treatment)
     if not metrics:
         parser.error("the runs share no loss or eval/* scalars; name them with --metrics")

@@ -51,6 +51,9 @@ from typing import Any, Optional
 
 import yaml
 
+from lit_overtok.checkpointing.files import find_resume_checkpoint
+from lit_overtok.errors import InputError
+
 THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "NUMEXPR_NUM_THREADS",
                     "VECLIB_MAXIMUM_THREADS")
 GRID_KEYS = {"name", "output", "config", "overrides", "seeds", "seed_keys", "env", "arms", "report"}
@@ -59,7 +62,7 @@ SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 LOG_TAIL_LINES = 20
 
 
-class GridError(ValueError):
+class GridError(InputError):
     """A grid file that cannot be run; the message names the file and the field."""
 
 
@@ -220,24 +223,6 @@ def grid_points(grid: Grid, threads: int) -> list[Point]:
 
 
 # --------------------------------------------------------------------------------------------- a point's folder
-def version_folders(folder: str | Path) -> list[Path]:
-    """A run's ``version_N`` folders, oldest first (a resumed run adds one)."""
-    found = [p for p in Path(folder).glob("version_*") if p.is_dir() and p.name[len("version_"):].isdigit()]
-    return sorted(found, key=lambda p: int(p.name[len("version_"):]))
-
-
-def latest_checkpoint(folder: str | Path) -> Optional[Path]:
-    """The newest version's ``last.ckpt`` (else its newest checkpoint): where an interrupted point resumes."""
-    for version in reversed(version_folders(folder)):
-        last = version / "checkpoints" / "last.ckpt"
-        if last.is_file():
-            return last
-        others = sorted((version / "checkpoints").glob("*.ckpt"), key=lambda p: p.stat().st_mtime)
-        if others:
-            return others[-1]
-    return None
-
-
 def point_state(point: Point) -> str:
     """'done', 'changed' (run before with other arguments), 'resume' or 'new'."""
     folder = point.path
@@ -247,7 +232,7 @@ def point_state(point: Point) -> str:
                 return "changed"
             if marker == "done.json":
                 return "done"
-    return "resume" if latest_checkpoint(folder) is not None else "new"
+    return "resume" if find_resume_checkpoint(folder) is not None else "new"
 
 
 def log_tail(path: Path, lines: int = LOG_TAIL_LINES) -> str:
@@ -266,7 +251,9 @@ def _result(point: Point, status: str, **extra: Any) -> dict[str, Any]:
 def run_point(point: Point) -> dict[str, Any]:
     """Run (or skip, or resume) one point; never raises for a failed fit, returns its status and log tail.
 
-    Needs only the standard library, so submitit can ship it to a SLURM job as it is.
+    Needs the standard library and ``lit_overtok`` (the checkpoint search), which any job that trains has, so
+    submitit can ship it to a SLURM job as it is. It resumes from the newest checkpoint that verifies (a damaged
+    newest one is skipped with a warning, as ``--ckpt_path auto`` skips it).
     """
     folder = point.path
     folder.mkdir(parents=True, exist_ok=True)
@@ -282,7 +269,7 @@ def run_point(point: Point) -> dict[str, Any]:
             return _result(point, "failed", error=f"{folder} was run with other arguments (see its point.json); "
                            "delete the folder to rerun it, or give the arm another name")
         (folder / "point.json").write_text(json.dumps({"arm": point.arm, "seed": point.seed, "args": point.args}, indent=1))
-        checkpoint = latest_checkpoint(folder)
+        checkpoint = find_resume_checkpoint(folder)
         command = [point.python, *point.launcher, *point.args] + ([f"--ckpt_path={checkpoint}"] if checkpoint else [])
         log_path = folder / "train.log"
         with open(log_path, "ab") as log:
@@ -307,7 +294,7 @@ def run_point(point: Point) -> dict[str, Any]:
         done = {"arm": point.arm, "seed": point.seed, "args": point.args, "attempts": len(recorded),
                 "wall_seconds": sum(a["wall_seconds"] for a in recorded),
                 "cpu_seconds": sum(a["cpu_seconds"] for a in recorded),
-                "checkpoint": str(latest_checkpoint(folder)), "finished": time.strftime("%Y-%m-%d %H:%M:%S")}
+                "checkpoint": str(find_resume_checkpoint(folder)), "finished": time.strftime("%Y-%m-%d %H:%M:%S")}
         (folder / "done.json").write_text(json.dumps(done, indent=1))
         return _result(point, "done", returncode=0, wall_seconds=attempt["wall_seconds"],
                        cpu_seconds=attempt["cpu_seconds"])
@@ -343,7 +330,7 @@ def run_submitit(points: list[Point], args: argparse.Namespace, output: Path) ->
         import cloudpickle
         import submitit
     except ImportError:
-        raise SystemExit("error: --executor slurm/local needs submitit: pip install 'lit_overtok[cluster]'") from None
+        raise InputError("--executor slurm/local needs submitit: pip install 'lit_overtok[cluster]'") from None
 
     if __name__ != "__main__":  # ship run_point by value: the job need not import this file from the checkout
         cloudpickle.register_pickle_by_value(sys.modules[__name__])
@@ -407,12 +394,8 @@ def select_arms(grid: Grid, only: Optional[str]) -> list[str]:
 
 def main(argv: Optional[list[str]] = None) -> int:
     args = parse_args(argv)
-    try:
-        grid = load_grid(args.grid)
-        arms = select_arms(grid, args.only)
-    except GridError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    grid = load_grid(args.grid)  # a bad grid raises GridError: the script makes it one line, exit status 2
+    arms = select_arms(grid, args.only)
     points = [p for p in grid_points(grid, args.threads_per_job) if p.arm in arms]
     print(f"{grid.name}: {len(points)} points -> {grid.output}/ ({args.executor}, {args.jobs} at once, "
           f"{args.threads_per_job} thread(s) each)", flush=True)
@@ -420,7 +403,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         pins = " ".join(f"{k}={v}" for k, v in points[0].env.items()) if points else ""
         for point in points:
             state = point_state(point)
-            resume = f" from {latest_checkpoint(point.path)}" if state == "resume" else ""
+            resume = f" from {find_resume_checkpoint(point.path)}" if state == "resume" else ""
             print(f"{point.label}: {state}{resume}\n  {pins} {shlex.join([point.python, *point.launcher, *point.args])}")
         return 0
     grid.output.mkdir(parents=True, exist_ok=True)

@@ -26,10 +26,11 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
+from lit_overtok.checkpointing.tokenizer_binding import TokenizerBinding
 from lit_overtok.evaluation.adapter import OverTokEvalLM
 from lit_overtok.evaluation.grammar_tasks import cached_grammar, DEFAULT_GRAMMAR
 from lit_overtok.evaluation.runner import downstream_score, expand_task_names, task_scores, TaskSuite
-from lit_overtok.evaluation.tokenizers import EvalTokenizer, GrammarTokenizer, load_tokenizer
+from lit_overtok.evaluation.tokenizers import EvalTokenizer, load_tokenizer
 from lit_overtok.nn.collectives import is_split_over_ranks
 
 
@@ -57,6 +58,7 @@ class LMEvalCallback(Callback):
         seed: int = 1234,
         online: bool = False,
         task_root: Optional[str] = None,
+        allow_tokenizer_change: bool = False,
     ) -> None:
         """
         Args:
@@ -67,13 +69,15 @@ class LMEvalCallback(Callback):
                 per task; grammar tasks draw exactly this many.
             data_dir: folder of the offline task data; default ``$LIT_OVERTOK_DATA``, else ``../shared/data`` beside
                 the repository (``lit_overtok.data.locations``).
-            tokenizer: ``grammar:<name>`` or a ``tokenizers`` JSON path; default: the data module's grammar.
+            tokenizer: ``grammar:<name>`` or a ``tokenizers`` JSON path; default: the data's own (its grammar, or
+                the tokenizer of its shards). Another one is refused (``checkpointing/tokenizer_binding.py``).
             grammar: grammar of the cfg tasks; default the data module's.
             num_fewshot: few-shot examples for tasks that do not fix their own (default 0).
             batch_size, max_batch_tokens: adapter batching (see ``OverTokEvalLM``).
             seed: sampling seed of generation tasks (the same at every evaluation, so curves compare like with like).
             online: standard task names use lm-eval's own files and datasets (must be reachable).
             task_root: folder with the task files; default the package's task files (``runner.TASK_ROOT``).
+            allow_tokenizer_change: score with a ``tokenizer`` that is not the data's (a warning).
         """
         super().__init__()
         if every_n_steps <= 0:
@@ -82,7 +86,7 @@ class LMEvalCallback(Callback):
         self.final_tasks = list(final_tasks)
         self.data_dir, self.tokenizer_spec, self.grammar, self.num_fewshot = data_dir, tokenizer, grammar, num_fewshot
         self.batch_size, self.max_batch_tokens, self.seed = batch_size, max_batch_tokens, seed
-        self.online, self.task_root = online, task_root
+        self.online, self.task_root, self.allow_tokenizer_change = online, task_root, allow_tokenizer_change
         self.suite: Optional[TaskSuite] = None
         self.final_suite: Optional[TaskSuite] = None
         self.tokenizer: Optional[EvalTokenizer] = None
@@ -112,15 +116,9 @@ class LMEvalCallback(Callback):
             return
         datamodule = trainer.datamodule
         data_grammar = getattr(datamodule, "grammar", None)
-        if self.tokenizer_spec is not None:
-            self.tokenizer = load_tokenizer(self.tokenizer_spec)
-        elif data_grammar is not None:
-            self.tokenizer = GrammarTokenizer(data_grammar)
-        else:
-            raise ValueError(
-                "LMEvalCallback: give tokenizer= (the tokenizers JSON the model is trained with, or grammar:<name>); "
-                "the data module has no grammar to take it from"
-            )
+        binding = TokenizerBinding.of_datamodule(datamodule)
+        self.tokenizer = load_tokenizer(binding.resolve(self.tokenizer_spec, self.allow_tokenizer_change,
+                                                        option="LMEvalCallback tokenizer="))
         grammar = self.grammar
         if grammar is None and data_grammar is not None:
             grammar = getattr(datamodule, "hparams", {}).get("grammar", data_grammar.name)

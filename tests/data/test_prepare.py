@@ -154,7 +154,7 @@ def test_options_and_existing_output_are_checked(tmp_path, text_tokenizer):
     with pytest.raises(PrepareError, match="already holds prepared data"):
         run(tmp_path, tokenizer=str(text_tokenizer), train=[str(train)])
     run(tmp_path, tokenizer=str(text_tokenizer), train=[str(train)], overwrite=True)
-    with pytest.raises(SystemExit, match="lit-overtok-prepare: error: --train: input file"):
+    with pytest.raises(PrepareError, match="--train: input file"):
         main(["--output", str(tmp_path / "x"), "--tokenizer", str(text_tokenizer), "--train",
               str(tmp_path / "nope.jsonl")])
 

@@ -190,11 +190,11 @@ def test_a_sigkilled_run_resumes_to_the_same_bytes_and_a_changed_command_is_refu
                             env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=300)
     assert killed.returncode == -signal.SIGKILL
 
-    with pytest.raises(SystemExit, match="--resume: .* was prepared with other shard_tokens"):
+    with pytest.raises(PrepareError, match="--resume: .* was prepared with other shard_tokens"):
         main([*command[:-5], "--shard-tokens", "900", "--workers", "1", "--no-progress", "--resume"])
     main([*command, "--resume"])
     assert files(tmp_path / "run") == reference
-    with pytest.raises(SystemExit, match="a finished run \\(manifest.json\\), nothing to resume"):
+    with pytest.raises(PrepareError, match="a finished run \\(manifest.json\\), nothing to resume"):
         main([*command, "--resume"])
 
 

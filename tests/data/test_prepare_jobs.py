@@ -86,7 +86,7 @@ def test_jobs_take_contiguous_byte_balanced_shares_and_merge_checks_completion(t
     assert all(share["train"] or share["validation"] for share in shares)
     prepare(PrepareConfig(output=tmp_path / "out", train=train, validation=validation, vocab_size=300,
                           workers=1, progress=False, job_index=0, job_count=2))
-    with pytest.raises(SystemExit, match="job 1 of 2 has not finished"):
+    with pytest.raises(PrepareError, match="job 1 of 2 has not finished"):
         jobs_main(["merge", "--output", str(tmp_path / "out")])
     with pytest.raises(PrepareError, match="--job-index must be in"):
         PrepareConfig(output=tmp_path, train=train, vocab_size=300, job_index=2, job_count=2)

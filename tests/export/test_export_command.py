@@ -59,6 +59,21 @@ def test_train_py_export_of_an_over_encoding_model_with_its_tokenizer(trained_ch
     assert (tokenizer.bos_token_id, tokenizer.eos_token_id) == (0, 4)
 
 
+def test_the_export_of_a_text_run_carries_the_tokenizer_it_was_trained_with(text_run, tmp_path):
+    """A Wikipedia-like run (its shards' own BPE, recorded in the checkpoint): AutoTokenizer loads the folder and
+    spells text as the training tokenizer did. Before the binding the folder had no tokenizer at all."""
+    from tokenizers import Tokenizer
+
+    cli_main(["export", "--checkpoint", str(text_run), "--out", str(tmp_path / "hf")])
+    recorded = torch.load(text_run, weights_only=False)["WebDatasetDataModule"]["tokenizer"]["file"]
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "hf")
+    text = "the model reads every token of a sentence"
+    assert tokenizer(text)["input_ids"] == Tokenizer.from_file(recorded).encode(text).ids
+    assert tokenizer.eos_token == "<|endoftext|>" and tokenizer.eos_token_id == Tokenizer.from_file(
+        recorded).token_to_id("<|endoftext|>")
+    assert_same_logits(text_run, tmp_path / "hf", remote_code=False)
+
+
 def test_export_of_a_missing_checkpoint_is_one_line(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         cli_main(["export", "--checkpoint", str(tmp_path / "none.ckpt"), "--out", str(tmp_path / "hf")])

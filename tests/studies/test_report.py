@@ -6,12 +6,12 @@ import json
 import math
 from pathlib import Path
 
-import numpy as np
 import pytest
 import yaml
 from torch.utils.tensorboard import SummaryWriter
 
-from lit_overtok.studies import report, speedup, sweep, verdicts
+from lit_overtok.studies import report, sweep, verdicts
+from lit_overtok.studies.run_logs import event_folders, read_run_scalars
 from tests.studies.sweep_grids import REPOSITORY
 
 V = 1000
@@ -149,13 +149,6 @@ def test_the_grid_can_name_the_arms_of_the_law_and_the_baseline(synthetic_sweep,
         report.build(str(synthetic_sweep), str(tmp_path / "report"), evaluate=False)
 
 
-def test_stitching_lets_a_later_version_replace_each_tag_from_its_first_step():
-    old = {"a": (np.array([1.0, 2, 3, 4]), np.array([10.0, 20, 30, 40])), "b": (np.array([0.0]), np.array([7.0]))}
-    new = {"a": (np.array([3.0, 4, 5]), np.array([31.0, 41, 51]))}
-    merged = report.stitch([old, new])
-    np.testing.assert_array_equal(merged["a"][0], [1, 2, 3, 4, 5])
-    np.testing.assert_array_equal(merged["a"][1], [10, 20, 31, 41, 51])
-    np.testing.assert_array_equal(merged["b"][1], [7.0])
 
 
 def test_the_report_of_a_real_sweep_matches_its_event_files_and_scores_its_checkpoints(tiny_sweep, tmp_path):
@@ -163,8 +156,8 @@ def test_the_report_of_a_real_sweep_matches_its_event_files_and_scores_its_check
                           tasks="cfg_next_token_validity")
     output = Path(yaml.safe_load(tiny_sweep.read_text())["output"])
     for arm, vocabulary in (("base", 7), ("oe", 7 + 343)):
-        [version] = sweep.version_folders(output / arm / "seed1")
-        logged = speedup.read_scalars(str(version))
+        [version] = event_folders(str(output / arm / "seed1"))
+        logged = read_run_scalars(str(version))
         assert result["final"][arm]["val/loss"]["per_seed"] == [logged["val/loss"][1][-1]]
         assert result["final"][arm]["input_vocab"] == vocabulary
     done = [json.loads((output / arm / "seed1" / "done.json").read_text()) for arm in ("base", "oe")]

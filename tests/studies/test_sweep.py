@@ -15,16 +15,19 @@ import pytest
 import torch
 import yaml
 
-from lit_overtok.studies import report, speedup, sweep
+from lit_overtok.studies import report, sweep
+from lit_overtok.studies.run_logs import event_folders, read_run_scalars
+from lit_overtok.checkpointing.files import save_atomically
 from lit_overtok.cli.main import main as cli_main
+from lit_overtok.errors import exit_on_user_error
 from tests.studies.sweep_grids import REPOSITORY, TINY_ARMS, write_grid
 
 BAD_ARM = {"overrides": {"trainer.max_stepz": 5}}
 
 
 def scalars(point: Path) -> dict:
-    [version] = sweep.version_folders(point)
-    return speedup.read_scalars(str(version))
+    [version] = event_folders(str(point))
+    return read_run_scalars(str(version))
 
 
 def assert_same_losses(run_a: Path, run_b: Path) -> None:
@@ -102,10 +105,24 @@ def test_a_killed_point_resumes_from_its_last_checkpoint(tmp_path, capsys):
     assert [a["returncode"] for a in attempts] == [-9, 0] and attempts[1]["ckpt_path"] == str(checkpoint)
     done = json.loads((point / "done.json").read_text())
     assert done["attempts"] == 2 and done["cpu_seconds"] == pytest.approx(sum(a["cpu_seconds"] for a in attempts))
-    assert [v.name for v in sweep.version_folders(point)] == ["version_0"]  # the resumed run continued its folder
+    assert [v.name for v in event_folders(str(point))] == ["version_0"]  # the resumed run continued its folder
     assert len(list((point / "version_0").glob("events.out.tfevents*"))) == 2
-    resumed = speedup.read_scalars(str(point / "version_0"))
+    resumed = read_run_scalars(str(point / "version_0"))
     assert list(resumed["train/loss"][0]) == [1, 2, 3, 4, 5]  # at the optimizer step each completes, each once
+
+
+def test_a_point_resumes_from_its_newest_checkpoint_that_verifies(tmp_path, capsys):
+    """The sweep finds a point's checkpoint as ``--ckpt_path auto`` does (``find_resume_checkpoint``): a damaged
+    newest one (truncated by a crash) is skipped, not handed to the resumed fit."""
+    grid = write_grid(tmp_path / "grid.yaml", {"base": {}}, tmp_path / "out")
+    checkpoints = tmp_path / "out" / "base" / "seed1" / "version_0" / "checkpoints"
+    for step in (2, 4):
+        save_atomically({"global_step": step}, checkpoints / f"step={step}.ckpt")
+    damaged = checkpoints / "step=4.ckpt"
+    damaged.write_bytes(damaged.read_bytes()[:-100])
+    with pytest.warns(UserWarning, match="skipping it for resume"):
+        assert sweep.main([str(grid), "--dry-run"]) == 0
+    assert f"base/seed1: resume from {checkpoints / 'step=2.ckpt'}" in capsys.readouterr().out
 
 
 def test_the_submitit_path_with_the_local_executor(tiny_sweep, tmp_path, capsys):
@@ -165,8 +182,10 @@ def test_dry_run_lists_the_commands_and_runs_nothing(tmp_path, capsys):
 def test_bad_grid_files_get_one_line_naming_the_field(tmp_path, capsys, change, message):
     path = write_grid(tmp_path / "grid.yaml", TINY_ARMS, tmp_path / "out")
     path.write_text(yaml.safe_dump({**yaml.safe_load(path.read_text()), **change}))
-    assert sweep.main([str(path)]) == 2
+    with pytest.raises(SystemExit) as exit_info:
+        exit_on_user_error(sweep.main, [str(path)])
     error = capsys.readouterr().err
+    assert exit_info.value.code == 2
     assert error.startswith(f"error: {path}: ") and message in error and error.count("\n") == 1
 
 
