@@ -19,13 +19,14 @@ from typing import Optional
 import yaml
 
 from lightning.pytorch import LightningDataModule
-from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar
+from lightning.pytorch.callbacks import ModelCheckpoint, ModelSummary, ProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import TensorBoardLogger
 
 from lit_overtok.checkpointing import inference as checkpoints
 from lit_overtok.cli import generate
 from lit_overtok.training.callbacks import StepProgressBar, TokenThroughputMonitor
+from lit_overtok.training.console import ConsoleLine, QuietModelSummary, quiet_lightning
 from lit_overtok.checkpointing.files import resolve_ckpt_path, run_logger_kwargs, with_atomic_checkpoint_io
 from lit_overtok.cli.config_keys import check_keys, field_help, OPTIMIZER_MESSAGE, REFUSED_ROOTS, resolve_model_config
 from lit_overtok.data.cfg_datamodule import CFGDataModule
@@ -112,6 +113,11 @@ class OverTokCLI(LightningCLI):
             config["callbacks"] = [TokenThroughputMonitor()] + list(config.get("callbacks") or [])
         if config.get("enable_progress_bar") is not False and not any(isinstance(c, ProgressBar) for c in given):
             callbacks.append(StepProgressBar())
+        if not any(isinstance(c, ConsoleLine) for c in given):
+            callbacks.append(ConsoleLine())
+        if config.get("enable_model_summary") is not False and not any(isinstance(c, ModelSummary) for c in given):
+            callbacks.append(QuietModelSummary())
+            config["enable_model_summary"] = False  # Lightning would announce that it adds no summary of its own
         if not any(isinstance(c, ModelCheckpoint) for c in given):
             callbacks.append(RunCheckpoint(every_n_train_steps=100))
         # Grammar runs score the cfg tasks in-loop (eval/*); small subsets keep the default run within minutes.
@@ -168,6 +174,7 @@ def main(args=None) -> None:
     if asked_help is not None:
         sys.stdout.write(field_help(*asked_help))
         raise SystemExit(0)
+    quiet_lightning()
     try:
         OverTokCLI(
             OverTokLM,

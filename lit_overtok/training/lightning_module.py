@@ -211,7 +211,7 @@ class OverTokLM(pl.LightningModule):
         loss = metric.compute()
         metric.reset()
         self.log("step", float(self.global_step or self._checkpoint_step))  # after this many optimizer steps
-        self.log(f"{split}/loss", loss, sync_dist=False)
+        self.log(f"{split}/loss", loss, sync_dist=False, prog_bar=split == "val")  # the bar shows the last val/loss
         self.log(f"{split}/ppl", torch.exp(loss.clamp(max=50.0)))
         return float(loss)
 
