@@ -17,7 +17,7 @@ Every checkpoint is verified before it is loaded (``lit_overtok.checkpointing.fi
 checkpoint that cannot be read is a one-line error (exit status 2). A ``last.ckpt`` link is
 scored once, under its step file's name, when the glob lists both.
 
-For each checkpoint writes ``<output-dir>/<name>.json`` (lm-eval's results format, plus ``config`` with the
+For each checkpoint writes ``<output-dir>/<name>.json`` (default ``<run>/eval/`` of the run the checkpoints belong to) (lm-eval's results format, plus ``config`` with the
 checkpoint, step and tokens) and ``<name>.md`` (lm-eval's tables); ``summary.md`` has one row per checkpoint.
 ``--limit N`` scores the first N documents of each task (per subject for ``mmlu_continuation``), for quick looks.
 """
@@ -37,6 +37,7 @@ import torch
 from tqdm import tqdm
 
 from lit_overtok.checkpointing.files import checkpoint_tokenizer, tokenizer_file_for
+from lit_overtok.checkpointing.outputs import output_path, run_folder
 from lit_overtok.checkpointing.inference import is_sharded_checkpoint, network, read_checkpoint, tokenizer_spec as named_tokenizer
 from lit_overtok.evaluation.runner import downstream_score, PRIMARY_METRICS, task_scores, TaskSuite
 from lit_overtok.evaluation.tokenizers import load_tokenizer
@@ -61,7 +62,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser.add_argument("--precision", choices=["32", "bf16-mixed"], default="32")
     parser.add_argument("--seed", type=int, default=1234, help="sampling seed of generation tasks")
     parser.add_argument("--online", action="store_true", help="standard task names use lm-eval's own files and datasets")
-    parser.add_argument("--output-dir", default="eval_results")
+    parser.add_argument("--output-dir", default=None,
+                        help="where the results go (default: <run>/eval of the checkpoints' run folder)")
     args = parser.parse_args(argv)
     if args.limit is not None and args.limit <= 0:
         parser.error(f"--limit must be positive, got {args.limit}")
@@ -150,7 +152,11 @@ def main(argv: Optional[list[str]] = None) -> list[dict[str, Any]]:
 
     args = parse_args(argv)
     paths = find_checkpoints(args.checkpoint)
-    out_dir = Path(args.output_dir)
+    runs = sorted({str(run_folder(path)) for path in paths})
+    if args.output_dir is None and len(runs) > 1:
+        raise InputError(f"--checkpoint: the checkpoints belong to {len(runs)} runs ({', '.join(runs[:3])}"
+                         f"{', ...' if len(runs) > 3 else ''}); give --output-dir for their results")
+    out_dir = output_path(args.output_dir, paths[0], "eval")
     out_dir.mkdir(parents=True, exist_ok=True)
     suite: Optional[TaskSuite] = None
     rows = []

@@ -26,8 +26,8 @@ For each metric both runs logged (the next-token training loss ``train/loss_next
 choices: the step axis for the EMA, the linear curve between logged points, the lag removed by step 3, and the
 evaluation EMA's unit. A reading's noise grows as logging thins out (a value logged every 50 steps carries the
 information of one step, not of 50): log the loss often for speedups.
-Writes a markdown table (stdout and ``--output``) and a PNG (``--plot``) with both curves and the crossings
-marked; a treatment that never reaches the target is reported as such, with its best smoothed value.
+Writes a markdown table (stdout and ``--output``, default ``speedup.md`` in the treatment's run folder) and a PNG
+(``--plot``, default ``speedup.png`` beside the table) with both curves and the crossings marked; a treatment that never reaches the target is reported as such, with its best smoothed value.
 """
 
 from __future__ import annotations
@@ -41,6 +41,7 @@ from typing import Optional
 
 import numpy as np
 
+from lit_overtok.checkpointing.outputs import output_path
 from lit_overtok.studies.run_logs import read_run_scalars
 
 TOKENS_TAG = "train/tokens_seen"
@@ -237,8 +238,9 @@ def main(argv: Optional[list[str]] = None) -> list[Speedup]:
     parser.add_argument("--eval-ema-steps", type=float, default=None,
                         help="optimizer steps the evaluation EMA weight applies to (default: the baseline's interval "
                              "between evaluations of that metric, i.e. per evaluation point)")
-    parser.add_argument("--output", default="speedup.md", help="markdown table")
-    parser.add_argument("--plot", default="speedup.png", help="PNG of the curves with the crossings marked")
+    parser.add_argument("--output", default=None, help="markdown table (default: speedup.md in the treatment's folder)")
+    parser.add_argument("--plot", default=None,
+                        help="PNG of the curves with the crossings marked (default: speedup.png beside the table)")
     args = parser.parse_args(argv)
 
     baseline, treatment = read_scalars(args.baseline), read_scalars(args.treatment)
@@ -265,8 +267,10 @@ def main(argv: Optional[list[str]] = None) -> list[Speedup]:
                   file=sys.stderr)
     table = markdown(results)
     print(table)
-    Path(args.output).write_text(table)
-    plot(panels, Path(args.plot), ("baseline", "treatment"))
-    print(f"table: {args.output}, plot: {args.plot}", file=sys.stderr)
+    output = output_path(args.output, args.treatment, "speedup.md")
+    plot_path = output_path(args.plot, output.parent, "speedup.png")
+    output.write_text(table)
+    plot(panels, plot_path, ("baseline", "treatment"))
+    print(f"table: {output}, plot: {plot_path}", file=sys.stderr)
     return results
 
