@@ -28,6 +28,7 @@ from lit_overtok.cli import generate
 from lit_overtok.training.callbacks import StepProgressBar, TokenThroughputMonitor
 from lit_overtok.training.console import ConsoleLine, QuietModelSummary, quiet_lightning
 from lit_overtok.checkpointing.files import resolve_ckpt_path, run_logger_kwargs, with_atomic_checkpoint_io
+from lit_overtok.checkpointing.outputs import evaluation_logger_kwargs
 from lit_overtok.cli.config_keys import check_keys, field_help, OPTIMIZER_MESSAGE, REFUSED_ROOTS, resolve_model_config
 from lit_overtok.data.cfg_datamodule import CFGDataModule
 from lit_overtok.errors import InputError
@@ -58,8 +59,6 @@ COMMANDS = {
     "export": (export_command.main, "write a Hugging Face transformers folder (Olmo2 / FlexOlmo / OLMoE)"),
     "strip": (checkpoints.main, "write a small inference checkpoint (no optimizer state, no OD / MTP-DS heads)"),
 }
-COMMANDS_EPILOG = "other commands (train.py <command> --help):\n" + "\n".join(
-    f"  {name:10s}{summary}" for name, (_, summary) in COMMANDS.items())
 
 
 class OverTokArgumentParser(LightningArgumentParser):
@@ -74,6 +73,12 @@ class OverTokCLI(LightningCLI):
     def subcommands() -> dict[str, set[str]]:
         # predict has no prompts to read from a data module; `train.py generate` samples from a checkpoint.
         return {name: skip for name, skip in LightningCLI.subcommands().items() if name != "predict"}
+
+    def _add_subcommands(self, parser, **kwargs) -> None:
+        # `train.py --help` lists every command; generate / export / strip are dispatched in main() before parsing.
+        super()._add_subcommands(parser, **kwargs)
+        for name, (_, summary) in COMMANDS.items():
+            parser._subcommands_action.add_subcommand(name, LightningArgumentParser(prog=f"train.py {name}"), help=summary)
 
     def add_arguments_to_parser(self, parser) -> None:
         parser.set_defaults({
@@ -102,6 +107,11 @@ class OverTokCLI(LightningCLI):
         # resumed run's folder), speed and memory (timed first, before any other callback's batch-end work), a
         # progress bar counted in optimizer steps, and checkpoints that are atomic, verified on load and saved on
         # Ctrl-C / SIGTERM, with last.ckpt always the latest step.
+        if config.get("logger") in (None, True) and self.subcommand in ("validate", "test"):
+            # Into the run they evaluate (its validate/ or test/ sub-folder), not a new version_N beside it.
+            where = evaluation_logger_kwargs(self.config[self.subcommand].get("ckpt_path"),
+                                             config.get("default_root_dir") or "runs", self.subcommand)
+            config["logger"] = TensorBoardLogger(default_hp_metric=False, **where)
         if config.get("logger") in (None, True):
             root = config.get("default_root_dir") or "runs"
             resume = self.config[self.subcommand].get("ckpt_path") if self.subcommand == "fit" else None
@@ -185,7 +195,7 @@ def main(args=None) -> None:
             save_config_kwargs={"overwrite": True},
             seed_everything_default=1234,  # reproducible unless a config says otherwise
             parser_class=OverTokArgumentParser,
-            parser_kwargs={"description": __doc__.split("\n\n")[0], "epilog": COMMANDS_EPILOG,
+            parser_kwargs={"description": __doc__.split("\n\n")[0],
                            "formatter_class": argparse.RawDescriptionHelpFormatter},
             args=given,
         )
