@@ -253,7 +253,7 @@ class MoEFeedForward(nn.Module):
         if routed == 0:
             return {}
         load_E = (counts_E * self.top_k / routed).float()
-        prefix = f"moe/layer{self.layer_idx}/"
+        prefix = f"moe/layer{self.layer_idx:02d}/"  # zero-padded: dashboards sort layer02 before layer10
         metrics = {
             prefix + "load_max": load_E.max(),
             prefix + "load_min": load_E.min(),

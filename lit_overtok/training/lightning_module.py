@@ -39,7 +39,7 @@ from lit_overtok.optim.build import build_optimizer
 from lit_overtok.optim.clipping import clip_grad_norm_across_ranks_, clip_grad_value_
 from lit_overtok.optim.config import OptimizerConfig
 from lit_overtok.optim.gradients import gradient_norms
-from lit_overtok.training.dashboards import log_hparams_tab
+from lit_overtok.training.dashboards import log_hparams_tab, run_shape
 from lit_overtok.distributed.parallel import check_strategy, configure_parallelism
 
 
@@ -110,7 +110,7 @@ class OverTokLM(pl.LightningModule):
         # Parameter counts, once per fit, into the hyperparameters (HPARAMS tab, hparams.yaml) and a text table:
         # ``non_embedding`` is the backbone, and modules that publish ``parameter_metrics`` (Over-Encoding) add theirs.
         counts = {**self.transformer.parameter_counts().as_dict(), **hooks.parameter_metrics(self.transformer)}
-        log_hparams_tab(self.loggers, dict(self.hparams), counts, self.global_step)
+        log_hparams_tab(self.loggers, dict(self.hparams), counts, self.global_step, run_shape(self.trainer))
 
     def on_before_optimizer_step(self, optimizer) -> None:
         # Before clipping: the norm that clipping acts on (the sparse path clips inside its optimizer, later).

@@ -77,6 +77,11 @@ def test_hparams_tab_parameter_counts_and_plain_yaml(run):
     session = plugin_data_pb2.HParamsPluginData.FromString(hparams["_hparams_/session_start_info"]).session_start_info
     assert session.hparams["model_config/n_layer"].number_value == 2
     assert session.hparams["params/over_encoding_tables"].number_value > 0
+    assert session.hparams["params/non_embedding"].number_value > 0
+    run_shape = {key: session.hparams[f"run/{key}"].number_value for key in
+                 ("seq_len", "global_batch", "tokens_per_step", "max_steps", "seed", "token_budget")}
+    assert run_shape == {"seq_len": T, "global_batch": B, "tokens_per_step": B * T, "max_steps": 4, "seed": 1234,
+                         "token_budget": 4 * B * T}
     assert "parameter_counts/text_summary" in events.Tags()["tensors"]
     saved = yaml.safe_load((Path(run["root"]) / "version_0" / "hparams.yaml").read_text())  # no !!python/tuple
     assert saved["optimizer"]["betas"] == [0.9, 0.95]
