@@ -358,9 +358,16 @@ def test_bad_moe_config_names_the_field(moe, field):
         ModelConfig(preset="moe-small", vocab_size=7, moe=moe)
 
 
-def test_moe_on_a_dense_preset_needs_its_shape():
-    with pytest.raises(ValueError, match=r"model_config\.moe\.expert_d_ff"):
-        ModelConfig(preset="cfg-small", vocab_size=7, moe={"num_experts": 8, "top_k": 2})
+def test_moe_on_a_dense_preset_takes_the_expert_width_from_it_or_names_the_field():
+    # The MoE presets' rule: top_k experts of width d_ff / top_k hold the dense model's active weights (cfg-small: 344).
+    added = ModelConfig(preset="cfg-small", vocab_size=7, moe={"num_experts": 8, "top_k": 2})
+    assert (added.moe.num_experts, added.moe.top_k, added.moe.expert_d_ff) == (8, 2, 172)
+    assert parameter_counts(added).active_non_embedding == parameter_counts(
+        ModelConfig(preset="cfg-small", vocab_size=7)).active_non_embedding + 12 * 8 * 128  # + the routers
+    with pytest.raises(ValueError, match=r"d_ff / top_k = 344 / 3.*give model_config\.moe\.expert_d_ff"):
+        ModelConfig(preset="cfg-small", vocab_size=7, moe={"num_experts": 8, "top_k": 3})
+    with pytest.raises(ValueError, match=r"model_config\.moe\.num_experts', 'model_config\.moe\.top_k'\] are unset"):
+        ModelConfig(preset="cfg-small", vocab_size=7, moe={})
 
 
 @pytest.mark.parametrize("path", sorted(glob.glob("configs/olmoe/*.yaml") + glob.glob("configs/cfg/*moe*.yaml")))
