@@ -19,7 +19,9 @@ scored once, under its step file's name, when the glob lists both.
 
 For each checkpoint writes ``<output-dir>/<name>.json`` (default ``<run>/eval/`` of the run the checkpoints belong to) (lm-eval's results format, plus ``config`` with the
 checkpoint, step and tokens) and ``<name>.md`` (lm-eval's tables); ``summary.md`` has one row per checkpoint.
-``--limit N`` scores the first N documents of each task (per subject for ``mmlu_continuation``), for quick looks.
+``--limit N`` scores a fixed random subset of about N documents of each task, the in-training evaluation's
+(``TaskSuite(subset=...)``): a group such as ``mmlu_continuation`` spreads them over its subjects, and ``mmlu_var``'s
+are drawn from all its questions and variants, so a limited ``eval/downstream`` is not skewed to the first subject.
 """
 
 from __future__ import annotations
@@ -50,7 +52,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", required=True, nargs="+", help="checkpoint files or globs")
     parser.add_argument("--tasks", default="paper", help="comma-separated task names or sets (paper, grammar)")
-    parser.add_argument("--limit", type=int, default=None, help="score only the first N documents of each task")
+    parser.add_argument("--limit", type=int, default=None,
+                        help="score a fixed random subset of about N documents per task (spread over a group's tasks)")
     parser.add_argument("--data-dir", default=None, help="offline task data (default ../shared/data)")
     parser.add_argument("--tokenizer", default=None, help="tokenizers JSON path or grammar:<name> (default: from the checkpoint)")
     parser.add_argument("--grammar", default=None, help="grammar of the cfg tasks (default: the checkpoint's)")
@@ -147,6 +150,12 @@ def summary_table(rows: list[dict[str, Any]], names: list[str]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def task_suite(args: argparse.Namespace, grammar: Optional[str]) -> TaskSuite:
+    """The tasks to score; ``--limit`` selects the same documents for every checkpoint (a seeded subset)."""
+    return TaskSuite(args.tasks.split(","), data_dir=args.data_dir, grammar=grammar, cfg_num_docs=args.cfg_num_docs,
+                     num_fewshot=args.num_fewshot, online=args.online, subset=args.limit)
+
+
 def main(argv: Optional[list[str]] = None) -> list[dict[str, Any]]:
     from lm_eval.utils import handle_non_serializable
 
@@ -173,12 +182,11 @@ def main(argv: Optional[list[str]] = None) -> list[dict[str, Any]]:
             continue
         if suite is None:
             grammar = args.grammar or meta["data"].get("grammar")
-            suite = TaskSuite(args.tasks.split(","), data_dir=args.data_dir, grammar=grammar,
-                              cfg_num_docs=args.cfg_num_docs, num_fewshot=args.num_fewshot, online=args.online)
+            suite = task_suite(args, grammar)
         lm = OverTokEvalLM(module, tokenizer, batch_size=args.batch_size, max_batch_tokens=args.max_batch_tokens,
                            seed=args.seed)
         with torch.autocast(torch.device(args.device).type, dtype=torch.bfloat16, enabled=args.precision == "bf16-mixed"):
-            results = suite.evaluate(lm, limit=args.limit)
+            results = suite.evaluate(lm)
         scores = task_scores(results, suite.names)
         downstream = downstream_score(scores)
         results["config"] = {
