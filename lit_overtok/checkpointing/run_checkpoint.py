@@ -147,8 +147,9 @@ class RunCheckpoint(ModelCheckpoint):
         if isinstance(exception, SIGTERMException) and not trainer.sanity_checking:
             signum = self._stop_signal or signal.SIGTERM
             self._save_current_step(trainer)
-            rank_zero_info(f"stopped by {signal.Signals(signum).name} after step {trainer.global_step}; checkpoint "
-                           f"{self.last_model_path or self._last_checkpoint_saved}")
+            saved = self.last_model_path or self._last_checkpoint_saved
+            rank_zero_info(f"stopped by {signal.Signals(signum).name} after step {trainer.global_step}; "
+                           + (f"checkpoint {saved}" if saved else "nothing was saved (no optimizer step had completed)"))
             exception.code = 128 + signum
             if self._requeue and trainer.is_global_zero:
                 requeue_slurm_job()

@@ -1,7 +1,7 @@
 """``train.py export`` (console script ``lit-overtok-export``): a checkpoint as a Hugging Face ``transformers`` folder.
 
-    python train.py export --checkpoint runs/x/version_0/checkpoints/last.ckpt --out hf_model
-    python -c "from transformers import AutoModelForCausalLM as M; M.from_pretrained('hf_model')"   # + trust_remote_code=True for OE
+    python train.py export --checkpoint runs/x/version_0/checkpoints/last.ckpt          # writes runs/x/version_0/hf
+    python -c "from transformers import AutoModelForCausalLM as M; M.from_pretrained('runs/x/version_0/hf')"   # + trust_remote_code=True for OE
 
 The tokenizer travels with the model, always: the one the checkpoint was trained with (``checkpointing/
 tokenizer_binding.py``; a grammar is written as a one-character-per-id ``tokenizers`` JSON, as lit_overtok's
@@ -18,6 +18,7 @@ from typing import Optional
 import torch
 
 from lit_overtok.checkpointing.inference import load_transformer
+from lit_overtok.checkpointing.outputs import output_path
 from lit_overtok.evaluation.tokenizers import GrammarTokenizer, load_tokenizer, TextTokenizer
 from lit_overtok.export.hf import EXPERT_LAYOUTS, export_to_hf
 from lit_overtok.errors import entry_point
@@ -27,7 +28,7 @@ def main(argv: Optional[list[str]] = None) -> Path:
     parser = argparse.ArgumentParser(prog="train.py export", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", required=True, help="a training or inference checkpoint (.ckpt)")
-    parser.add_argument("--out", required=True, help="the folder to write")
+    parser.add_argument("--out", default=None, help="the folder to write (default: <run>/hf of the checkpoint's run)")
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
     parser.add_argument("--expert-layout", choices=EXPERT_LAYOUTS, default="per_expert",
                         help="MoE experts: one Linear per expert (the published OLMoE files) or transformers 5's fused "
@@ -41,7 +42,7 @@ def main(argv: Optional[list[str]] = None) -> Path:
     args = parser.parse_args(argv)
 
     model, info = load_transformer(args.checkpoint)
-    out = Path(args.out)
+    out = output_path(args.out, args.checkpoint, "hf")
     spec = info.tokenizer.resolve(args.tokenizer, args.allow_tokenizer_change)  # never an export without one
     tokenizer = load_tokenizer(spec) if spec.startswith("grammar:") else TextTokenizer(spec, args.eos_token)
     if tokenizer.vocab_size > model.cfg.vocab_size:

@@ -5,7 +5,8 @@
 
 The tokenizer is the one the checkpoint was trained with (``checkpointing/tokenizer_binding.py``).
 Prints one line per sample: the prompt followed by its continuation, decoded (grammar models spell their ids as
-``^`` BOS, terminals, ``$`` EOS). Sampling stops at the tokenizer's end-of-text unless ``--no-stop-at-eos``; with no
+``^`` BOS, terminals, ``$`` EOS); when a sample spans several lines (text), each sample is headed by a
+``--- sample i/n ---`` line instead. The same text goes to ``--output`` (default ``<run>/samples.txt``). Sampling stops at the tokenizer's end-of-text unless ``--no-stop-at-eos``; with no
 ``--prompt`` it starts from BOS (grammars) or end-of-text (text tokenizers, as lm-eval does).
 """
 
@@ -13,11 +14,13 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import sys
 from typing import Optional
 
 import torch
 
 from lit_overtok.checkpointing.inference import load_transformer
+from lit_overtok.checkpointing.outputs import output_path
 from lit_overtok.evaluation.tokenizers import load_tokenizer
 from lit_overtok.nn.generation import generate
 
@@ -39,6 +42,7 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     parser.add_argument("--allow-tokenizer-change", action="store_true",
                         help="sample with a --tokenizer other than the one the checkpoint was trained with")
     parser.add_argument("--seed", type=int, default=1234)
+    parser.add_argument("--output", default=None, help="file for the samples (default: samples.txt in the checkpoint's run)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--precision", choices=["32", "bf16-mixed"], default="32")
     args = parser.parse_args(argv)
@@ -80,6 +84,16 @@ def main(argv: Optional[list[str]] = None) -> list[str]:
             # An empty prompt's start token is shown only when it is a visible BOS (grammars' ``^``).
             shown = ids if prompt or tokenizer.bos_id is not None else []
             samples.append(tokenizer.decode(shown + continuation))
-    for sample in samples:
-        print(sample)
+    text = delimited(samples)
+    print(text, end="")
+    output = output_path(args.output, args.checkpoint, "samples.txt")
+    output.write_text(text)
+    print(f"samples in {output}", file=sys.stderr)
     return samples
+
+
+def delimited(samples: list[str]) -> str:
+    """One sample per line; samples that span lines each under a header, so where one ends is never a guess."""
+    if not any("\n" in sample for sample in samples):
+        return "".join(f"{sample}\n" for sample in samples)
+    return "".join(f"--- sample {i}/{len(samples)} ---\n{sample}\n" for i, sample in enumerate(samples, 1))

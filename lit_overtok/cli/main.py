@@ -18,14 +18,16 @@ from typing import Optional
 import yaml
 
 from lightning.pytorch import LightningDataModule
-from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar
+from lightning.pytorch.callbacks import ModelCheckpoint, ModelSummary, ProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import TensorBoardLogger
 
 from lit_overtok.checkpointing import inference as checkpoints
 from lit_overtok.cli import generate
 from lit_overtok.training.callbacks import StepProgressBar, TokenThroughputMonitor
+from lit_overtok.training.console import ConsoleLine, QuietModelSummary, quiet_lightning
 from lit_overtok.checkpointing.files import resolve_ckpt_path, run_logger_kwargs, with_atomic_checkpoint_io
+from lit_overtok.checkpointing.outputs import evaluation_logger_kwargs
 from lit_overtok.cli.config_keys import check_keys, field_help, OPTIMIZER_MESSAGE, REFUSED_ROOTS, resolve_model_config
 from lit_overtok.data.cfg_datamodule import CFGDataModule
 from lit_overtok.training.lm_eval_callback import LMEvalCallback
@@ -55,8 +57,6 @@ COMMANDS = {
     "export": (export_command.main, "write a Hugging Face transformers folder (Olmo2 / FlexOlmo / OLMoE)"),
     "strip": (checkpoints.main, "write a small inference checkpoint (no optimizer state, no OD / MTP-DS heads)"),
 }
-COMMANDS_EPILOG = "other commands (train.py <command> --help):\n" + "\n".join(
-    f"  {name:10s}{summary}" for name, (_, summary) in COMMANDS.items())
 
 
 class OverTokArgumentParser(LightningArgumentParser):
@@ -71,6 +71,12 @@ class OverTokCLI(LightningCLI):
     def subcommands() -> dict[str, set[str]]:
         # predict has no prompts to read from a data module; `train.py generate` samples from a checkpoint.
         return {name: skip for name, skip in LightningCLI.subcommands().items() if name != "predict"}
+
+    def _add_subcommands(self, parser, **kwargs) -> None:
+        # `train.py --help` lists every command; generate / export / strip are dispatched in main() before parsing.
+        super()._add_subcommands(parser, **kwargs)
+        for name, (_, summary) in COMMANDS.items():
+            parser._subcommands_action.add_subcommand(name, LightningArgumentParser(prog=f"train.py {name}"), help=summary)
 
     def add_arguments_to_parser(self, parser) -> None:
         parser.set_defaults({
@@ -99,6 +105,11 @@ class OverTokCLI(LightningCLI):
         # resumed run's folder), speed and memory (timed first, before any other callback's batch-end work), a
         # progress bar counted in optimizer steps, and checkpoints that are atomic, verified on load and saved on
         # Ctrl-C / SIGTERM, with last.ckpt always the latest step.
+        if config.get("logger") in (None, True) and self.subcommand in ("validate", "test"):
+            # Into the run they evaluate (its validate/ or test/ sub-folder), not a new version_N beside it.
+            where = evaluation_logger_kwargs(self.config[self.subcommand].get("ckpt_path"),
+                                             config.get("default_root_dir") or "runs", self.subcommand)
+            config["logger"] = TensorBoardLogger(default_hp_metric=False, **where)
         if config.get("logger") in (None, True):
             root = config.get("default_root_dir") or "runs"
             resume = self.config[self.subcommand].get("ckpt_path") if self.subcommand == "fit" else None
@@ -110,6 +121,11 @@ class OverTokCLI(LightningCLI):
             config["callbacks"] = [TokenThroughputMonitor()] + list(config.get("callbacks") or [])
         if config.get("enable_progress_bar") is not False and not any(isinstance(c, ProgressBar) for c in given):
             callbacks.append(StepProgressBar())
+        if not any(isinstance(c, ConsoleLine) for c in given):
+            callbacks.append(ConsoleLine())
+        if config.get("enable_model_summary") is not False and not any(isinstance(c, ModelSummary) for c in given):
+            callbacks.append(QuietModelSummary())
+            config["enable_model_summary"] = False  # Lightning would announce that it adds no summary of its own
         if not any(isinstance(c, ModelCheckpoint) for c in given):
             callbacks.append(RunCheckpoint(every_n_train_steps=100))
         # Grammar runs score the cfg tasks in-loop (eval/*); small subsets keep the default run within minutes.
@@ -166,6 +182,7 @@ def _run(args=None) -> None:
     if asked_help is not None:
         sys.stdout.write(field_help(*asked_help))
         raise SystemExit(0)
+    quiet_lightning()
     try:
         OverTokCLI(
             OverTokLM,
@@ -176,7 +193,7 @@ def _run(args=None) -> None:
             save_config_kwargs={"overwrite": True},
             seed_everything_default=1234,  # reproducible unless a config says otherwise
             parser_class=OverTokArgumentParser,
-            parser_kwargs={"description": __doc__.split("\n\n")[0], "epilog": COMMANDS_EPILOG,
+            parser_kwargs={"description": __doc__.split("\n\n")[0],
                            "formatter_class": argparse.RawDescriptionHelpFormatter},
             args=given,
         )

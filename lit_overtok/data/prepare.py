@@ -299,7 +299,8 @@ def prepare(config: PrepareConfig) -> dict:
     write_json_atomically(config.output / shards.MANIFEST_NAME, manifest)
     (config.output / PROGRESS_NAME).unlink()
     text_mb = totals["chars"] / 1e6
-    stats = {"seconds": seconds, "text_mb": text_mb, "mb_per_s": text_mb / max(seconds, 1e-9)}
+    stats = {"seconds": seconds, "text_mb": text_mb, "mb_per_s": text_mb / max(seconds, 1e-9),
+             "input_mb": total_bytes / 1e6}
     return {"manifest": manifest, "stats": stats, "output": config.output}
 
 
@@ -354,7 +355,8 @@ def main(argv: Optional[list[str]] = None) -> None:
     for split, entry in manifest["splits"].items():
         print(f"{split}: {entry['documents']} documents, {entry['tokens']} tokens in {len(entry['shards'])} shards")
     print(f"vocab_size {manifest['vocab_size']}, eos_id {manifest['eos_id']}, dtype {manifest['dtype']}; "
-          f"{stats['text_mb']:.1f} MB of text in {stats['seconds']:.1f} s = {stats['mb_per_s']:.2f} MB/s "
+          f"{stats['input_mb']:.1f} MB of input files ({stats['text_mb']:.1f} MB of text) in {stats['seconds']:.1f} s = "
+          f"{stats['input_mb'] / max(stats['seconds'], 1e-9):.2f} MB/s of input, the progress bar's unit "
           f"-> {result['output']}/{shards.MANIFEST_NAME}")
 
 

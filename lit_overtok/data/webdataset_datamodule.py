@@ -96,7 +96,8 @@ def resolve_shards(spec: str, split: str, manifest: Optional[str] = None) -> Sha
         infos = loaded.splits.get(split, ())
         if not infos:
             raise ManifestError(f"{option}: {loaded.path} lists no {split!r} shards (splits: {sorted(loaded.splits)}); "
-                                f"write them with `python -m lit_overtok.data.prepare --{split} FILES ...`")
+                                f"write them by running its `python -m lit_overtok.data.prepare` command again with "
+                                f"--{split} FILES --overwrite, or give {option} shards that have them")
         return ShardSet(loaded, tuple(str(root / info.file) for info in infos), tuple(infos))
     urls: list[str] = []
     for pattern in braceexpand.braceexpand(spec):

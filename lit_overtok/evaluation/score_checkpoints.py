@@ -18,9 +18,11 @@ Every checkpoint is verified before it is loaded (``lit_overtok.checkpointing.fi
 checkpoint that cannot be read is a one-line error (exit status 2). A ``last.ckpt`` link is
 scored once, under its step file's name, when the glob lists both.
 
-For each checkpoint writes ``<output-dir>/<name>.json`` (lm-eval's results format, plus ``config`` with the
+For each checkpoint writes ``<output-dir>/<name>.json`` (default ``<run>/eval/`` of the run the checkpoints belong to) (lm-eval's results format, plus ``config`` with the
 checkpoint, step and tokens) and ``<name>.md`` (lm-eval's tables); ``summary.md`` has one row per checkpoint.
-``--limit N`` scores the first N documents of each task (per subject for ``mmlu_continuation``), for quick looks.
+``--limit N`` scores a fixed random subset of about N documents of each task, the in-training evaluation's
+(``TaskSuite(subset=...)``): a group such as ``mmlu_continuation`` spreads them over its subjects, and ``mmlu_var``'s
+are drawn from all its questions and variants, so a limited ``eval/downstream`` is not skewed to the first subject.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ import torch
 from tqdm import tqdm
 
 from lit_overtok.checkpointing.inference import is_sharded_checkpoint, network, read_checkpoint
+from lit_overtok.checkpointing.outputs import output_path, run_folder
 from lit_overtok.checkpointing.tokenizer_binding import TokenizerBinding
 from lit_overtok.evaluation.runner import downstream_score, PRIMARY_METRICS, task_scores, TaskSuite
 from lit_overtok.evaluation.tokenizers import load_tokenizer
@@ -50,7 +53,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", required=True, nargs="+", help="checkpoint files or globs")
     parser.add_argument("--tasks", default="paper", help="comma-separated task names or sets (paper, grammar)")
-    parser.add_argument("--limit", type=int, default=None, help="score only the first N documents of each task")
+    parser.add_argument("--limit", type=int, default=None,
+                        help="score a fixed random subset of about N documents per task (spread over a group's tasks)")
     parser.add_argument("--data-dir", default=None,
                         help="offline task data (default: $LIT_OVERTOK_DATA, else ../shared/data beside a checkout)")
     parser.add_argument("--tokenizer", default=None, help="tokenizers JSON path or grammar:<name> (default: from the "
@@ -66,7 +70,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser.add_argument("--precision", choices=["32", "bf16-mixed"], default="32")
     parser.add_argument("--seed", type=int, default=1234, help="sampling seed of generation tasks")
     parser.add_argument("--online", action="store_true", help="standard task names use lm-eval's own files and datasets")
-    parser.add_argument("--output-dir", default="eval_results")
+    parser.add_argument("--output-dir", default=None,
+                        help="where the results go (default: <run>/eval of the checkpoints' run folder)")
     args = parser.parse_args(argv)
     if args.limit is not None and args.limit <= 0:
         parser.error(f"--limit must be positive, got {args.limit}")
@@ -140,12 +145,22 @@ def summary_table(rows: list[dict[str, Any]], names: list[str]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def task_suite(args: argparse.Namespace, grammar: Optional[str]) -> TaskSuite:
+    """The tasks to score; ``--limit`` selects the same documents for every checkpoint (a seeded subset)."""
+    return TaskSuite(args.tasks.split(","), data_dir=args.data_dir, grammar=grammar, cfg_num_docs=args.cfg_num_docs,
+                     num_fewshot=args.num_fewshot, online=args.online, subset=args.limit)
+
+
 def main(argv: Optional[list[str]] = None) -> list[dict[str, Any]]:
     from lm_eval.utils import handle_non_serializable
 
     args = parse_args(argv)
     paths = find_checkpoints(args.checkpoint)
-    out_dir = Path(args.output_dir)
+    runs = sorted({str(run_folder(path)) for path in paths})
+    if args.output_dir is None and len(runs) > 1:
+        raise InputError(f"--checkpoint: the checkpoints belong to {len(runs)} runs ({', '.join(runs[:3])}"
+                         f"{', ...' if len(runs) > 3 else ''}); give --output-dir for their results")
+    out_dir = output_path(args.output_dir, paths[0], "eval")
     out_dir.mkdir(parents=True, exist_ok=True)
     suite: Optional[TaskSuite] = None
     rows = []
@@ -162,12 +177,11 @@ def main(argv: Optional[list[str]] = None) -> list[dict[str, Any]]:
             continue
         if suite is None:
             grammar = args.grammar or meta["data"].get("grammar")
-            suite = TaskSuite(args.tasks.split(","), data_dir=args.data_dir, grammar=grammar,
-                              cfg_num_docs=args.cfg_num_docs, num_fewshot=args.num_fewshot, online=args.online)
+            suite = task_suite(args, grammar)
         lm = OverTokEvalLM(module, tokenizer, batch_size=args.batch_size, max_batch_tokens=args.max_batch_tokens,
                            seed=args.seed)
         with torch.autocast(torch.device(args.device).type, dtype=torch.bfloat16, enabled=args.precision == "bf16-mixed"):
-            results = suite.evaluate(lm, limit=args.limit)
+            results = suite.evaluate(lm)
         scores = task_scores(results, suite.names)
         downstream = downstream_score(scores)
         results["config"] = {

@@ -90,7 +90,8 @@ class ModelConfig:
         for name, value in OLMO2.items():  # a config without a preset gets the OLMo2 backbone unless it says otherwise
             if getattr(self, name) is None:
                 setattr(self, name, value)
-        self.moe = resolve_moe_config(self.moe, PRESETS[self.preset].get("moe") if self.preset is not None else None)
+        self.moe = resolve_moe_config(self.moe, PRESETS[self.preset].get("moe") if self.preset is not None else None,
+                                      self.d_ff)
         missing = [name for name in PRESET_FIELDS if getattr(self, name) is None]
         if missing:
             raise ValueError(f"model_config: fields {missing} are unset; give them or choose a preset from {sorted(PRESETS)}")

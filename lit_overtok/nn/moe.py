@@ -82,10 +82,12 @@ class MoEConfig:
             raise ValueError(f"model_config.moe.backend must be one of {list(_BACKENDS)}, got {self.backend!r}")
 
 
-def resolve_moe_config(value, preset_moe: Optional[dict]) -> Optional[MoEConfig]:
+def resolve_moe_config(value, preset_moe: Optional[dict], d_ff: Optional[int] = None) -> Optional[MoEConfig]:
     """``model_config.moe`` as given (None, a dict from YAML/hparams, or a MoEConfig), completed from the preset's ``moe``.
 
-    As with the backbone, a shape field left None takes the preset's value and an explicit one wins.
+    As with the backbone, a shape field left None takes the preset's value and an explicit one wins. Experts added
+    to a dense model (no ``moe`` in its preset) get ``expert_d_ff = d_ff / top_k`` when unset, the MoE presets' rule:
+    the same active feed-forward weights per token as the dense model they replace.
     """
     if value is None and preset_moe is None:
         return None
@@ -93,9 +95,16 @@ def resolve_moe_config(value, preset_moe: Optional[dict]) -> Optional[MoEConfig]
     filled = {name: preset_moe[name] for name in _SHAPE_FIELDS
               if preset_moe is not None and name in preset_moe and getattr(value, name) is None}
     value = dataclasses.replace(value, **filled)
-    missing = [f"model_config.moe.{name}" for name in _SHAPE_FIELDS if getattr(value, name) is None]
+    if value.expert_d_ff is None and value.top_k is not None and d_ff is not None and d_ff % value.top_k == 0:
+        value = dataclasses.replace(value, expert_d_ff=d_ff // value.top_k)
+    derivable = value.top_k is None and d_ff is not None  # the width follows once top_k is given
+    missing = [f"model_config.moe.{name}" for name in _SHAPE_FIELDS
+               if getattr(value, name) is None and not (name == "expert_d_ff" and derivable)]
     if missing:
-        raise ValueError(f"{missing} are unset; give them, or choose a preset with experts (e.g. 'moe-small')")
+        width = (f" (expert_d_ff defaults to d_ff / top_k = {d_ff} / {value.top_k}, which is not whole: give "
+                 "model_config.moe.expert_d_ff)" if value.top_k is not None and d_ff is not None else "")
+        raise ValueError(f"{missing} are unset{width}; give them (e.g. num_experts: 8, top_k: 2), or choose a preset "
+                         "with experts (e.g. 'moe-small')")
     return value
 
 
@@ -254,7 +263,7 @@ class MoEFeedForward(nn.Module):
         if routed == 0:
             return {}
         load_E = (counts_E * self.top_k / routed).float()
-        prefix = f"moe/layer{self.layer_idx}/"
+        prefix = f"moe/layer{self.layer_idx:02d}/"  # zero-padded: dashboards sort layer02 before layer10
         metrics = {
             prefix + "load_max": load_E.max(),
             prefix + "load_min": load_E.min(),

@@ -22,7 +22,7 @@ What it holds (docs/method.md §4.2, §4.7; docs/studies.md, "Reading a speedup"
   ``over_encoding`` (or ``report.law_arms``).
 - **Benchmark scores** of the final checkpoints (``evaluation/evaluate.py``; ``paper`` = the five downstream tasks
   for text runs, ``grammar`` for cfg runs; near chance at CPU scale, reported all the same). ``--limit N`` scores
-  the first N documents of each task.
+  a fixed random subset of about N documents of each task (evaluate.py's ``--limit``).
 - **CPU-hours**: the sum of every point's recorded training CPU time (``done.json``), and the evaluation's own.
 
 The grid file's optional ``report`` section: ``baseline`` (default: the first arm), ``baselines`` (a mapping arm ->
@@ -418,7 +418,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("grid", help="the sweep's grid YAML file")
     parser.add_argument("--output", default=None, help="report folder (default results/<name>)")
     parser.add_argument("--no-eval", action="store_true", help="skip scoring the final checkpoints")
-    parser.add_argument("--limit", type=int, default=None, help="score the first N documents of each task")
+    parser.add_argument("--limit", type=int, default=None, help="score a fixed random subset of about N documents per task")
     parser.add_argument("--tasks", default=None, help="evaluate.py tasks (default: grammar for cfg runs, else paper)")
     parser.add_argument("--tokenizer", default=None, help="tokenizer of text runs whose checkpoints record none")
     args = parser.parse_args(argv)

@@ -12,7 +12,8 @@ treatment already past the target at its first point is reported as "≥ X (cens
 never reaches it as "never (best value v)". Lower is better for losses and perplexities, higher for accuracies
 (explicit lists in ``convergence``); any other metric needs ``--lower-is-better`` or ``--higher-is-better``.
 
-Writes a markdown table (stdout and ``--output``), the same as JSON (``--json``, default beside it) and a PNG (``--plot``) with both
+Writes a markdown table (stdout and ``--output``, default ``speedup.md`` in the treatment's run folder), the same as
+JSON (``--json``, default beside it) and a PNG (``--plot``, default ``speedup.png`` beside the table) with both
 curves, their fits, the target and the crossing.
 """
 
@@ -29,6 +30,7 @@ import numpy as np
 
 from lit_overtok.studies import convergence
 from lit_overtok.studies.convergence import Curve, Speedup
+from lit_overtok.checkpointing.outputs import output_path
 from lit_overtok.studies.run_logs import read_run_scalars
 
 TOKENS_TAG = "train/tokens_seen"
@@ -151,9 +153,10 @@ def main(argv: Optional[list[str]] = None) -> list[Speedup]:
     parser.add_argument("--higher-is-better", action="append", default=[], metavar="METRIC[,METRIC]",
                         help="metrics whose larger values are better, beyond the known accuracies")
     parser.add_argument("--draws", type=int, default=convergence.DRAWS, help="bootstrap draws of the interval")
-    parser.add_argument("--output", default="speedup.md", help="markdown table")
+    parser.add_argument("--output", default=None, help="markdown table (default: speedup.md in the treatment's folder)")
     parser.add_argument("--json", default=None, help="the table's numbers as JSON (default: --output's name, .json)")
-    parser.add_argument("--plot", default="speedup.png", help="PNG of the curves with the crossings marked")
+    parser.add_argument("--plot", default=None,
+                        help="PNG of the curves with the crossings marked (default: speedup.png beside the table)")
     args = parser.parse_args(argv)
     lower, higher = metric_list(args.lower_is_better), metric_list(args.higher_is_better)
 
@@ -174,9 +177,11 @@ def main(argv: Optional[list[str]] = None) -> list[Speedup]:
                   "so reaching it says nothing about speed", file=sys.stderr)
     table = markdown(results)
     print(table)
-    Path(args.output).write_text(table)
-    json_path = Path(args.json) if args.json else Path(args.output).with_suffix(".json")
+    output = output_path(args.output, args.treatment, "speedup.md")
+    plot_path = output_path(args.plot, output.parent, "speedup.png")
+    output.write_text(table)
+    json_path = Path(args.json) if args.json else output.with_suffix(".json")
     json_path.write_text(json.dumps([r.as_dict() for r in results], indent=1))
-    plot(panels, Path(args.plot), ("baseline", "treatment"))
-    print(f"table: {args.output}, JSON: {json_path}, plot: {args.plot}", file=sys.stderr)
+    plot(panels, plot_path, ("baseline", "treatment"))
+    print(f"table: {output}, JSON: {json_path}, plot: {plot_path}", file=sys.stderr)
     return results

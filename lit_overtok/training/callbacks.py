@@ -58,6 +58,7 @@ class TokenThroughputMonitor(Callback):
         self.peak_flops_per_sec = peak_flops_per_sec
         self._started: Optional[float] = None
         self._seconds = self._tokens = self._flops = 0.0
+        self.last_window: dict[str, float] = {}  # the metrics last logged, for the console line (``console``)
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         device = trainer.strategy.root_device
@@ -91,14 +92,22 @@ class TokenThroughputMonitor(Callback):
         if self.peak_flops_per_sec:
             metrics["train/mfu"] = flops / self.peak_flops_per_sec
         self._seconds = self._tokens = self._flops = 0.0
+        self.last_window = metrics
         if trainer.is_global_zero:
             for logger in trainer.loggers:
                 logger.log_metrics(metrics, step=trainer.global_step)
 
 
+# tqdm's default layout with the count shown to two decimals (quarter steps and the like).
+FRACTIONAL_BAR = "{desc}{percentage:3.0f}%|{bar}| {n:.2f}/{total_fmt} [{elapsed}<{remaining}, {rate_fmt}{postfix}]"
+
+
 class StepProgressBar(TQDMProgressBar):
     """tqdm's bar over optimizer steps out of ``max_steps``, so it has a total and an ETA even for endless data
-    streams; a resumed run starts at its checkpoint's step, and its rate and ETA count only the steps it ran."""
+    streams; a resumed run starts at its checkpoint's step, and its rate and ETA count only the steps it ran.
+
+    With gradient accumulation the bar also moves by micro-batches (``12.25/192000``): an optimizer step of many
+    micro-batches can take minutes on a CPU, and a bar that waits for the first whole step shows no rate nor ETA."""
 
     def on_train_epoch_start(self, trainer: pl.Trainer, *_) -> None:
         bar = self.train_progress_bar
@@ -110,7 +119,11 @@ class StepProgressBar(TQDMProgressBar):
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs, batch,
                            batch_idx: int) -> None:
-        step = trainer.global_step
-        if self._should_update(step, self.train_progress_bar.total):
-            _update_n(self.train_progress_bar, step)
-            self.train_progress_bar.set_postfix(self.get_metrics(trainer, pl_module))
+        step, bar, accumulate = trainer.global_step, self.train_progress_bar, trainer.accumulate_grad_batches
+        micro_batches = trainer.fit_loop.epoch_loop.batch_progress.current.ready % accumulate  # into the next step
+        if micro_batches and self.is_enabled:
+            bar.bar_format = FRACTIONAL_BAR
+            _update_n(bar, step + micro_batches / accumulate)
+        elif self._should_update(step, bar.total):
+            _update_n(bar, step)
+            bar.set_postfix(self.get_metrics(trainer, pl_module))

@@ -41,7 +41,7 @@ from lit_overtok.optim.build import build_optimizer
 from lit_overtok.optim.clipping import clip_grad_norm_across_ranks_, clip_grad_value_
 from lit_overtok.optim.config import OptimizerConfig
 from lit_overtok.optim.gradients import gradient_norms
-from lit_overtok.training.dashboards import log_hparams_tab
+from lit_overtok.training.dashboards import log_hparams_tab, run_shape
 from lit_overtok.distributed.parallel import check_strategy, configure_parallelism
 
 
@@ -112,7 +112,7 @@ class OverTokLM(pl.LightningModule):
         # Parameter counts, once per fit, into the hyperparameters (HPARAMS tab, hparams.yaml) and a text table:
         # ``non_embedding`` is the backbone, and modules that publish ``parameter_metrics`` (Over-Encoding) add theirs.
         counts = {**self.transformer.parameter_counts().as_dict(), **hooks.parameter_metrics(self.transformer)}
-        log_hparams_tab(self.loggers, dict(self.hparams), counts, self.global_step)
+        log_hparams_tab(self.loggers, dict(self.hparams), counts, self.global_step, run_shape(self.trainer))
 
     def on_before_optimizer_step(self, optimizer) -> None:
         # Before clipping: the norm that clipping acts on (the sparse path clips inside its optimizer, later).
@@ -214,7 +214,7 @@ class OverTokLM(pl.LightningModule):
         loss = metric.compute()
         metric.reset()
         self.log("step", float(self.global_step or self._checkpoint_step))  # after this many optimizer steps
-        self.log(f"{split}/loss", loss, sync_dist=False)
+        self.log(f"{split}/loss", loss, sync_dist=False, prog_bar=split == "val")  # the bar shows the last val/loss
         self.log(f"{split}/ppl", torch.exp(loss.clamp(max=50.0)))
         return float(loss)
 

@@ -97,14 +97,14 @@ def test_print_config_shows_the_resolved_model_and_reruns_to_the_same_model(pres
     assert ModelConfig(**model_config) == ModelConfig(preset=preset)
 
 
-def test_predict_is_one_line_pointing_to_generate_and_help_lists_the_other_commands(capsys):
+def test_predict_is_one_line_pointing_to_generate_and_help_lists_every_command(capsys):
     code, _, err = run_cli(["predict"], capsys)
     assert code == 2 and "train.py generate" in err and len(err.strip().splitlines()) == 1
     code, out, _ = run_cli(["--help"], capsys)
     assert code == 0
-    for command in ("fit", "validate", "test", "generate", "export", "strip"):
-        assert command in out
-    assert "{fit,validate,test}" in out  # predict is not offered
+    assert "{fit,validate,test,generate,export,strip}" in out  # predict is not offered
+    code, out, _ = run_cli(["generate", "--help"], capsys)
+    assert code == 0 and "--checkpoint" in out
 
 
 def test_test_scores_the_held_out_split_with_the_validation_metrics(tmp_path, capsys):
@@ -115,8 +115,12 @@ def test_test_scores_the_held_out_split_with_the_validation_metrics(tmp_path, ca
     cli_main(["fit", "--trainer.max_steps=3", "--trainer.val_check_interval=3", *fit])
     run = root / "version_0"
     assert yaml.safe_load((run / "config.yaml").read_text())["model"]["init_args"]["model_config"]["n_layer"] == 2
-    cli_main(["test", "--config", str(run / "config.yaml"), "--ckpt_path", str(run / "checkpoints" / "last.ckpt")])
-    events = EventAccumulator(str(root / "version_1"))
+    config = (run / "config.yaml").read_text()
+    for stage in ("validate", "test"):  # logged into the run they evaluate, not a new version_N beside it
+        cli_main([stage, "--config", str(run / "config.yaml"), "--ckpt_path", str(run / "checkpoints" / "last.ckpt")])
+    assert sorted(p.name for p in root.iterdir()) == ["version_0"] and (run / "config.yaml").read_text() == config
+    assert EventAccumulator(str(run / "validate")).Reload().Scalars("val/loss")[0].step == 3
+    events = EventAccumulator(str(run / "test"))
     events.Reload()
     [test_loss] = events.Scalars("test/loss")
     assert test_loss.step == 3  # the checkpoint's optimizer step, the axis of every tag
@@ -138,3 +142,14 @@ def test_test_scores_the_held_out_split_with_the_validation_metrics(tmp_path, ca
     assert test_loss.value == pytest.approx(total / count, rel=1e-5)
     validation = data.val_dataloader().dataset.input_ids_NT
     assert not any(torch.equal(row, validation[0]) for row in data.test_dataloader().dataset.input_ids_NT)
+
+
+def test_test_without_a_test_split_says_how_to_make_one(text_corpus, tmp_path, capsys):
+    """``prepare`` without ``--test`` writes no test split: ``train.py test`` says which command writes one."""
+    data = ["--data=lit_overtok.data.webdataset_datamodule.WebDatasetDataModule",
+            f"--data.init_args.train_shards={text_corpus}", "--data.init_args.seq_len=16",
+            "--data.init_args.batch_size=2", "--data.init_args.num_workers=0", "--data.init_args.val_batches=1",
+            "--model.init_args.model_config.preset=tiny", f"--trainer.default_root_dir={tmp_path}"]
+    code, _, err = run_cli(["test", *data], capsys)
+    [line] = [line for line in err.splitlines() if line.startswith("error:")]  # under pytest Lightning warns first
+    assert code == 2 and "lists no 'test' shards" in line and "prepare" in line and "--test FILES --overwrite" in line

@@ -164,7 +164,10 @@ def test_command_line_prepares_and_reports(tmp_path, capsys, text_tokenizer):
     main(["--output", str(tmp_path / "out"), "--tokenizer", str(text_tokenizer), "--train", str(train), "--validation",
           str(train), "--workers", "1", "--no-progress"])
     out = capsys.readouterr().out
-    assert "train: 5 documents" in out and "validation: 5 documents" in out and "MB/s" in out
+    assert "train: 5 documents" in out and "validation: 5 documents" in out
+    # One unit, the progress bar's (bytes of the input files as read, compressed or not), in the closing line too.
+    size = 2 * train.stat().st_size / 1e6
+    assert f"{size:.1f} MB of input files" in out and "MB/s of input, the progress bar's unit" in out
     assert Manifest.load(tmp_path / "out/manifest.json").dtype == np.dtype("<u2")
 
 

@@ -43,12 +43,30 @@ def test_scores_a_text_checkpoint_on_the_five_paper_tasks(tmp_path, paper_data, 
     assert results["config"]["tokens_seen"] == 64 and results["n-samples"]["piqa"]["effective"] == 2
     # The script's numbers are those of the checkpoint's weights, scored directly.
     module, _ = evaluate.load_checkpoint(checkpoint, "cpu")
-    direct = TaskSuite(["paper"], data_dir=str(paper_data)).evaluate(
-        OverTokEvalLM(module, TextTokenizer(text_tokenizer), progress=False), limit=2)
+    direct = TaskSuite(["paper"], data_dir=str(paper_data), subset=2).evaluate(
+        OverTokEvalLM(module, TextTokenizer(text_tokenizer), progress=False))
     assert task_scores(results, PAPER_TASKS) == task_scores(direct, PAPER_TASKS) == rows[0]["scores"]
     assert results["downstream"] == pytest.approx(rows[0]["downstream"])
     assert "|piqa" in (out / f"{checkpoint.stem}.md").read_text().replace(" ", "")
     assert "downstream" in (out / "summary.md").read_text()
+
+
+def test_limit_draws_from_every_subject_not_the_first_questions(tmp_path):
+    """mmlu_var lists each question's 7 variants question by question, subject by subject: the first 14 documents
+    would be 2 questions of one subject. --limit takes the fixed random subset the in-training evaluation uses."""
+    data_dir = tmp_path / "data"
+    (data_dir / "mmlu").mkdir(parents=True)
+    subjects = ("abstract_algebra", "anatomy", "astronomy")
+    rows = {split: [{"question": f"{split} question {i} about {s}?", "subject": s, "choices": ["a", "b", "c", "d"],
+                     "answer": i % 4} for s in subjects for i in range(4 if split == "validation" else 5)]
+            for split in ("validation", "dev")}
+    for split, split_rows in rows.items():
+        (data_dir / "mmlu" / f"{split}.jsonl").write_text("".join(json.dumps(row) + "\n" for row in split_rows))
+    args = evaluate.parse_args(["--checkpoint", "x.ckpt", "--tasks", "mmlu_var", "--limit", "14",
+                                "--data-dir", str(data_dir)])
+    docs = evaluate.task_suite(args, None).task_dict["tasks"]["mmlu_var"].eval_docs
+    assert len(docs) == 14 and {doc["subject"] for doc in docs} == set(subjects)
+    assert len({doc["query"] for doc in docs}) == 14 and len({doc["variant"] for doc in docs}) > 1
 
 
 def test_scores_a_glob_of_grammar_checkpoints_with_the_tokenizer_the_run_used(tmp_path):

@@ -246,21 +246,30 @@ def test_training_metrics_report_the_load_since_the_last_read():
     counts_E = torch.bincount(ids_NK.flatten(), minlength=4).double() * 2
     load_E = counts_E / 24  # 24 tokens in the window
     metrics = layer.training_metrics()
-    assert metrics["moe/layer0/load_max"].item() == pytest.approx(load_E.max().item())
-    assert metrics["moe/layer0/load_min"].item() == pytest.approx(load_E.min().item())
-    assert metrics["moe/layer0/load_max_over_min"].item() == pytest.approx(
+    assert metrics["moe/layer00/load_max"].item() == pytest.approx(load_E.max().item())
+    assert metrics["moe/layer00/load_min"].item() == pytest.approx(load_E.min().item())
+    assert metrics["moe/layer00/load_max_over_min"].item() == pytest.approx(
         (counts_E.max() / counts_E.min().clamp(min=1)).item())
-    assert sum(metrics[f"moe/layer0/load_expert{e}"].item() for e in range(4)) == pytest.approx(2.0)
+    assert sum(metrics[f"moe/layer00/load_expert{e}"].item() for e in range(4)) == pytest.approx(2.0)
     assert layer.training_metrics() == {}  # the window restarted
     layer.eval()
     layer(x_BTD)
     assert layer.training_metrics() == {}  # validation and generation do not count
 
 
+def test_layer_tags_sort_in_layer_order():
+    tags = []
+    for layer_idx in (10, 2):
+        layer = MoEFeedForward(32, MoEConfig(num_experts=4, top_k=2, expert_d_ff=8), layer_idx=layer_idx).train()
+        layer(torch.randn(1, 4, 32))
+        tags += [tag.split("/")[1] for tag in layer.training_metrics()]
+    assert sorted(set(tags)) == ["layer02", "layer10"]  # as TensorBoard lists them: by name
+
+
 def test_many_experts_log_only_the_extremes():
     layer = make_layer("loop", num_experts=64, top_k=8).train()
     layer(torch.randn(1, 8, 32))
-    expected = [f"moe/layer0/{k}" for k in ("load_max", "load_max_over_min", "load_min")]
+    expected = [f"moe/layer00/{k}" for k in ("load_max", "load_max_over_min", "load_min")]
     assert sorted(layer.training_metrics()) == expected
 
 
@@ -282,9 +291,9 @@ def test_expert_load_and_aux_losses_reach_tensorboard(tmp_path):
     events.Reload()
     tags = set(events.Tags()["scalars"])
     for layer in (0, 1):
-        assert {f"train/moe/layer{layer}/load_max_over_min", f"train/moe/layer{layer}/load_expert3"} <= tags
+        assert {f"train/moe/layer{layer:02d}/load_max_over_min", f"train/moe/layer{layer:02d}/load_expert3"} <= tags
     assert {"train/moe_lb_loss", "train/moe_z_loss", "train/loss_next1", "train/loss"} <= tags
-    assert all(e.value >= 1.0 for e in events.Scalars("train/moe/layer0/load_max_over_min"))
+    assert all(e.value >= 1.0 for e in events.Scalars("train/moe/layer00/load_max_over_min"))
 
 
 # ------------------------------------------------------------------------------------ parameter counts, presets
@@ -349,9 +358,16 @@ def test_bad_moe_config_names_the_field(moe, field):
         ModelConfig(preset="moe-small", vocab_size=7, moe=moe)
 
 
-def test_moe_on_a_dense_preset_needs_its_shape():
-    with pytest.raises(ValueError, match=r"model_config\.moe\.expert_d_ff"):
-        ModelConfig(preset="cfg-small", vocab_size=7, moe={"num_experts": 8, "top_k": 2})
+def test_moe_on_a_dense_preset_takes_the_expert_width_from_it_or_names_the_field():
+    # The MoE presets' rule: top_k experts of width d_ff / top_k hold the dense model's active weights (cfg-small: 344).
+    added = ModelConfig(preset="cfg-small", vocab_size=7, moe={"num_experts": 8, "top_k": 2})
+    assert (added.moe.num_experts, added.moe.top_k, added.moe.expert_d_ff) == (8, 2, 172)
+    assert parameter_counts(added).active_non_embedding == parameter_counts(
+        ModelConfig(preset="cfg-small", vocab_size=7)).active_non_embedding + 12 * 8 * 128  # + the routers
+    with pytest.raises(ValueError, match=r"d_ff / top_k = 344 / 3.*give model_config\.moe\.expert_d_ff"):
+        ModelConfig(preset="cfg-small", vocab_size=7, moe={"num_experts": 8, "top_k": 3})
+    with pytest.raises(ValueError, match=r"model_config\.moe\.num_experts', 'model_config\.moe\.top_k'\] are unset"):
+        ModelConfig(preset="cfg-small", vocab_size=7, moe={})
 
 
 @pytest.mark.parametrize("path", sorted(glob.glob("configs/olmoe/*.yaml") + glob.glob("configs/cfg/*moe*.yaml")))

@@ -77,6 +77,11 @@ def test_hparams_tab_parameter_counts_and_plain_yaml(run):
     session = plugin_data_pb2.HParamsPluginData.FromString(hparams["_hparams_/session_start_info"]).session_start_info
     assert session.hparams["model_config/n_layer"].number_value == 2
     assert session.hparams["params/over_encoding_tables"].number_value > 0
+    assert session.hparams["params/non_embedding"].number_value > 0
+    run_shape = {key: session.hparams[f"run/{key}"].number_value for key in
+                 ("seq_len", "global_batch", "tokens_per_step", "max_steps", "seed", "token_budget")}
+    assert run_shape == {"seq_len": T, "global_batch": B, "tokens_per_step": B * T, "max_steps": 4, "seed": 1234,
+                         "token_budget": 4 * B * T}
     assert "parameter_counts/text_summary" in events.Tags()["tensors"]
     saved = yaml.safe_load((Path(run["root"]) / "version_0" / "hparams.yaml").read_text())  # no !!python/tuple
     assert saved["optimizer"]["betas"] == [0.9, 0.95]
@@ -93,13 +98,13 @@ def test_the_progress_bar_counts_steps_with_a_total_across_a_resume(tmp_path, ca
     cli_main(["fit", "--trainer.max_steps=5", "--ckpt_path", str(tmp_path / "version_0" / "checkpoints" / "last.ckpt"),
               *common])
     resumed = "".join(capfd.readouterr())
-    bar = re.compile(r"Training:\s+\d+%\|[^|]*\| (\d+)/(\S+) ")
+    bar = re.compile(r"Training:\s+\d+%\|[^|]*\| (\d+)(?:\.00)?/(\S+) ")  # whole steps (with accumulation: 3.00)
     # Optimizer steps (6 batches under accumulation) out of max_steps, continued by the resumed run.
     assert {total for _, total in bar.findall(first)} == {"3"} and ("3", "3") in bar.findall(first)
     assert {total for _, total in bar.findall(resumed)} == {"5"}
     assert {"3", "5"} <= {step for step, _ in bar.findall(resumed)}
     # tqdm shows an ETA ([elapsed<remaining]) only for a bar with a total; before the first step it is '?'.
-    eta = re.compile(r"Training:\s+\d+%\|[^|]*\| 4/5 \[[\d:]+<([\d:]+),")
+    eta = re.compile(r"Training:\s+\d+%\|[^|]*\| 4(?:\.00)?/5 \[[\d:]+<([\d:]+),")
     assert eta.search(resumed), resumed[-2000:]
     # In-training evaluation runs at the end of each fit without drawing lm-eval's own bars into ours.
     assert "Tokenizing inputs" not in first + resumed
