@@ -21,12 +21,15 @@ import yaml
 from lightning.pytorch import LightningDataModule
 from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
-from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
 from lit_overtok.checkpointing import inference as checkpoints
 from lit_overtok.cli import generate
 from lit_overtok.training.callbacks import StepProgressBar, TokenThroughputMonitor
-from lit_overtok.checkpointing.files import resolve_ckpt_path, run_logger_kwargs, with_atomic_checkpoint_io
+from lit_overtok.checkpointing.files import resolve_ckpt_path, run_version, tokenizer_record, with_atomic_checkpoint_io
+from lit_overtok.checkpointing.resume_check import refuse_changed_config, resume_state, schedule_change
+from lit_overtok.checkpointing.version_claim import claim_version
+from lit_overtok.training.run_logger import RunLogger
 from lit_overtok.cli.config_keys import check_keys, field_help, OPTIMIZER_MESSAGE, REFUSED_ROOTS, resolve_model_config
 from lit_overtok.data.cfg_datamodule import CFGDataModule
 from lit_overtok.errors import InputError
@@ -89,23 +92,50 @@ class OverTokCLI(LightningCLI):
         for key in REFUSED_ROOTS:
             if config.get(key) is not None:
                 raise ValueError(f"{key}: {OPTIMIZER_MESSAGE}")
-        # --ckpt_path auto (or a run folder): the newest sound checkpoint of the latest run, or a fresh run if none.
-        # Only subcommands take a ckpt_path (run=False has neither the option nor a run to resume).
-        if self.subcommand is None:
+
+    def _parse_ckpt_path(self) -> None:
+        # Before Lightning opens the checkpoint: --ckpt_path auto (or a run folder) is the newest checkpoint of the
+        # latest run that verifies (a fresh run if none), and any path is verified (one line if damaged). fit keeps
+        # the command line's config and compares it with the checkpoint's (``_check_resume``); validate and test
+        # take the model's hyperparameters from the checkpoint, as Lightning does.
+        subcommand = self.config.get("subcommand")
+        if not subcommand:  # run=False has neither the option nor a run to resume
             return
+        config = self.config[subcommand]
         root = config["trainer"].get("default_root_dir") or "runs"
         config["ckpt_path"] = resolve_ckpt_path(config.get("ckpt_path"), root)
+        if subcommand != "fit":
+            super()._parse_ckpt_path()
+
+    def _check_resume(self, resume: str, max_steps: Optional[int]) -> dict:
+        """The checkpoint's state after refusing a resume whose model, optimizer or data differ (nothing written)."""
+        checkpoint = resume_state(resume)
+        data_hparams = dict(getattr(self.datamodule, "hparams", None) or {})
+        refuse_changed_config(resume, checkpoint, dict(self.model.hparams), data_hparams)
+        check_tokenizer = getattr(self.datamodule, "check_resume_tokenizer", None)
+        if check_tokenizer is not None:
+            check_tokenizer(tokenizer_record(checkpoint))
+        change = schedule_change(checkpoint, max_steps)
+        if change is not None:
+            print(f"--ckpt_path {resume}: {change}", file=sys.stderr)
+        return checkpoint
 
     def _instantiate_trainer(self, config, callbacks):
         # Our defaults unless the config gives its own: TensorBoard without the placeholder hp_metric (continuing the
         # resumed run's folder), speed and memory (timed first, before any other callback's batch-end work), a
         # progress bar counted in optimizer steps, and checkpoints that are atomic, verified on load and saved on
         # Ctrl-C / SIGTERM, with last.ckpt always the latest step.
+        root = config.get("default_root_dir") or "runs"
+        resume = self.config[self.subcommand].get("ckpt_path") if self.subcommand == "fit" else None
+        resume = resume if resume is not None and Path(resume).exists() else None
+        checkpoint = self._check_resume(resume, config.get("max_steps")) if resume is not None else {}
         if config.get("logger") in (None, True):
-            root = config.get("default_root_dir") or "runs"
-            resume = self.config[self.subcommand].get("ckpt_path") if self.subcommand == "fit" else None
-            config["logger"] = TensorBoardLogger(root, name="", default_hp_metric=False,
-                                                 **run_logger_kwargs(resume, root))
+            version = run_version(resume, root) if resume is not None else None
+            if rank_zero_only.rank == 0:  # the other ranks write no logs; Lightning broadcasts rank 0's folder
+                version = claim_version(root, version)
+            resumed = version is not None and resume is not None and run_version(resume, root) == version
+            config["logger"] = RunLogger(root, version, resumed_step=checkpoint.get("global_step") if resumed else None,
+                                         resumed_tokens=checkpoint.get("tokens_seen") if resumed else None)
         config["plugins"] = with_atomic_checkpoint_io(config.get("plugins"))
         given = list(config.get("callbacks") or []) + list(callbacks)
         if not any(isinstance(c, TokenThroughputMonitor) for c in given):
