@@ -72,6 +72,7 @@ class RunCheckpoint(ModelCheckpoint):
         self._requeue = False
         self._stop_after_validation = False
         self._in_batch_end = False
+        self._step_file_step = -1
         self._trainer: Optional[pl.Trainer] = None
         self._previous_handlers: dict[int, Any] = {}
 
@@ -87,6 +88,8 @@ class RunCheckpoint(ModelCheckpoint):
         if not is_last:  # everything the checkpoint's state includes is on disk before it
             flush_step_metrics(trainer, send_step=self._in_batch_end)
         super()._save_checkpoint(trainer, filepath)
+        if not is_last:
+            self._step_file_step = trainer.global_step
         if self.save_last == "link" and self.save_top_k != 0 and not is_last:
             # Link now: ModelCheckpoint removes the previous step file before it links, leaving last.ckpt dangling.
             self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
@@ -165,7 +168,9 @@ class RunCheckpoint(ModelCheckpoint):
         self._previous_handlers = {}
 
     def _save_current_step(self, trainer: pl.Trainer) -> None:
-        if self._last_global_step_saved != trainer.global_step:
+        # A step file even where a validation end already wrote last.ckpt as a file at this step: the series ends
+        # with the final model, and last.ckpt links to it.
+        if self._step_file_step != trainer.global_step:
             candidates = self._monitor_candidates(trainer)
             self._save_checkpoint(trainer, self._get_metric_interpolated_filepath_name(candidates, trainer))
             self._save_last_checkpoint(trainer, candidates)

@@ -67,3 +67,13 @@ def _claim(path: Path) -> None:
 def _release(path: Path, pid: int) -> None:
     if os.getpid() == pid and path.is_file() and path.read_text().strip() == str(pid):
         path.unlink(missing_ok=True)
+
+
+def abandon_version(root: Union[str, os.PathLike], version: Optional[int]) -> None:
+    """Hand back this process's claim on ``root/version_<version>``, and the folder itself if nothing was written."""
+    if version is None:
+        return
+    folder = Path(root) / f"version_{version}"
+    _release(folder / CLAIM_NAME, os.getpid())
+    if folder.is_dir() and not any(folder.iterdir()):
+        folder.rmdir()

@@ -18,7 +18,7 @@ import torch
 from lit_overtok.checkpointing.inference import load_transformer, tokenizer_spec
 from lit_overtok.evaluation.tokenizers import GrammarTokenizer, load_tokenizer, TextTokenizer
 from lit_overtok.export.hf import EXPERT_LAYOUTS, export_to_hf
-from lit_overtok.errors import entry_point
+from lit_overtok.errors import entry_point, InputError
 
 
 def main(argv: Optional[list[str]] = None) -> Path:
@@ -35,8 +35,11 @@ def main(argv: Optional[list[str]] = None) -> Path:
     parser.add_argument("--eos-token", default="<|endoftext|>", help="the end-of-text token of a tokenizers JSON")
     args = parser.parse_args(argv)
 
-    model, info = load_transformer(args.checkpoint)
     out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise InputError(f"--out {out} is a file; export writes a folder (config, weights, tokenizer): give a new "
+                              "or existing folder")
+    model, info = load_transformer(args.checkpoint)
     spec = args.tokenizer or tokenizer_spec(info.data)
     tokens: dict = {}
     if spec is not None:

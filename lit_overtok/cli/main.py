@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -21,6 +22,7 @@ import yaml
 from lightning.pytorch import LightningDataModule
 from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
 from lit_overtok.checkpointing import inference as checkpoints
@@ -28,7 +30,7 @@ from lit_overtok.cli import generate
 from lit_overtok.training.callbacks import StepProgressBar, TokenThroughputMonitor
 from lit_overtok.checkpointing.files import resolve_ckpt_path, run_version, tokenizer_record, with_atomic_checkpoint_io
 from lit_overtok.checkpointing.resume_check import refuse_changed_config, resume_state, schedule_change
-from lit_overtok.checkpointing.version_claim import claim_version
+from lit_overtok.checkpointing.version_claim import abandon_version, claim_version
 from lit_overtok.training.run_logger import RunLogger
 from lit_overtok.cli.config_keys import check_keys, field_help, OPTIMIZER_MESSAGE, REFUSED_ROOTS, resolve_model_config
 from lit_overtok.data.cfg_datamodule import CFGDataModule
@@ -65,10 +67,29 @@ COMMANDS_EPILOG = "other commands (train.py <command> --help):\n" + "\n".join(
 
 
 class OverTokArgumentParser(LightningArgumentParser):
-    """Dumps (``--print_config``, the saved ``config.yaml``) show the model config with its preset resolved."""
+    """Dumps (``--print_config``, the saved ``config.yaml``) show the model config with its preset resolved; a value
+    of the wrong type is one line (jsonargparse prints its 60-line usage first)."""
 
     def dump(self, cfg, *args, **kwargs):
         return super().dump(resolve_model_config(cfg), *args, **kwargs)
+
+    def error(self, message: str, ex: Optional[Exception] = None):
+        if not self.exit_on_error or os.environ.get("LIT_OVERTOK_TRACEBACK"):
+            return super().error(message, ex)
+        _fail(parse_error_line(message, self.prog.replace(" [options]", "")))
+
+
+def parse_error_line(message: str, prog: str) -> str:
+    """jsonargparse's several-line message for a bad value as one line: the key, the value, what was expected."""
+    key = re.search(r'Parser key "([^"]+)"', message)
+    given = re.search(r"(?:Given|Got) value: (.*)", message)
+    expected = [re.sub(r"typing\.Literal\[(.*)\]", r"one of \1", re.sub(r"<class '(\w+)'>", r"\1", line.strip(
+        " -").removeprefix("Expected a ").split(". Got value")[0].rstrip("."))) for line in message.splitlines()
+        if "Expected a" in line]
+    if key is None or given is None:
+        return f"{' '.join(message.split())} ({prog} --help lists the options)"
+    return (f"{key.group(1)}={given.group(1).strip()} is not valid: expected {' or '.join(expected) or 'another type'} "
+            f"({prog} --help lists the options)")
 
 
 class OverTokCLI(LightningCLI):
@@ -148,7 +169,12 @@ class OverTokCLI(LightningCLI):
         if not any(isinstance(c, LMEvalCallback) for c in given):
             default_eval = LMEvalCallback.for_grammar_run(self.datamodule)
             callbacks += [default_eval] if default_eval is not None else []
-        trainer = super()._instantiate_trainer(config, callbacks)
+        try:
+            trainer = super()._instantiate_trainer(config, callbacks)
+        except BaseException:
+            if isinstance(config.get("logger"), RunLogger):  # a Trainer argument refused: leave no empty folder
+                abandon_version(config["logger"].root_dir, config["logger"].version)
+            raise
         global_batch = self._get(self.config_init, "global_batch")
         if global_batch is not None:
             apply_global_batch(trainer, self.datamodule, global_batch, config.get("accumulate_grad_batches", 1))
@@ -212,7 +238,7 @@ def main(args=None) -> None:
                            "formatter_class": argparse.RawDescriptionHelpFormatter},
             args=given,
         )
-    except USER_ERRORS as error:
+    except (*USER_ERRORS, MisconfigurationException) as error:  # Lightning's name for a bad Trainer argument
         # jsonargparse wraps a config error from our classes in union-type noise; show the user our message. Bad
         # input met while running (a file, a checkpoint, a field checked at setup) is an InputError that says it all.
         if os.environ.get("LIT_OVERTOK_TRACEBACK"):

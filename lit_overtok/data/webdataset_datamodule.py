@@ -254,7 +254,9 @@ class TrainStream(IterableDataset):
             except CorruptShardError as error:
                 corrupt.handle(error)
                 if len(corrupt.skipped) == len(urls):
-                    raise RuntimeError(f"every one of the {len(urls)} training shards is corrupt; nothing to train on")
+                    raise ManifestError(f"data.train_shards: every one of the {len(urls)} training shards of "
+                                        f"{self.shards.manifest.path} is corrupt ({error}); nothing to train on: "
+                                        "prepare the shards again")
                 continue
             yield from documents
 
