@@ -122,3 +122,23 @@ def test_default_root_dir_that_is_a_file_is_one_line_and_left_alone(tmp_path, te
     assert err.strip().splitlines()[-1] == (f"error: trainer.default_root_dir={target} is a file; give a folder for the "
                                             "run's logs and checkpoints")
     assert target.read_text() == "mine\n"
+
+
+def test_generate_with_a_tokenizer_that_is_not_json_and_export_onto_a_file_are_one_line(trained_checkpoint, tmp_path,
+                                                                                        capsys):
+    checkpoint = trained_checkpoint("dense")
+    capsys.readouterr()  # the training run's output
+    not_json = tmp_path / "tokenizer.json"
+    not_json.write_text("x: [1\n")
+    existing = tmp_path / "model"
+    existing.write_text("mine\n")
+    for args, message in (
+            (["generate", "--checkpoint", str(checkpoint), "--tokenizer", str(not_json), "--max-new-tokens", "2"],
+             f"error: tokenizer file {not_json} is not a tokenizers JSON ("),
+            (["export", "--checkpoint", str(checkpoint), "--out", str(existing)],
+             f"error: --out {existing} is a file; export writes a folder")):
+        with pytest.raises(SystemExit) as stopped:
+            cli_main(args)
+        err = capsys.readouterr().err
+        assert stopped.value.code == 2 and len(err.strip().splitlines()) == 1 and err.startswith(message), err
+    assert existing.read_text() == "mine\n"
