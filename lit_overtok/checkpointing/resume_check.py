@@ -8,8 +8,8 @@ with one line naming the field and both values, before the run's folder is touch
 ``hparams.yaml``, no event file, no version folder):
 
 * ``model_config`` (the architecture) and ``optimizer`` (rates, betas, decay, warmup, groups): refused. Fields that
-  change how the same numbers are computed, not what they are (``EXECUTION_ONLY``: activation checkpointing,
-  compiled blocks, chunked logits, row-sharded tables), may change.
+  change how the same numbers are computed, not what they are (activation checkpointing,
+  compiled blocks, chunked logits, row-sharded tables; ``MAY_CHANGE``), may change.
 * The data: its tokenizer (``data.allow_tokenizer_change`` lets it change, as in the data module's own check) and
   its grammar. A change of data layout (``seq_len``, ``batch_size``, shards) is the data module's: it continues on
   a fresh stream with a warning naming what changed.
@@ -29,8 +29,9 @@ import torch
 from lit_overtok.checkpointing.files import load_verified
 from lit_overtok.checkpointing.integrity import CheckpointError, is_sharded_checkpoint, verify_checkpoint
 
-EXECUTION_ONLY = frozenset({"model_config.activation_checkpointing", "model_config.compile_blocks",
-                            "model_config.loss_chunk_logits", "model_config.over_encoding.sharded"})
+# How the same numbers are computed, not what they are; and the preset's name (its fields are compared resolved).
+MAY_CHANGE = frozenset({"model_config.activation_checkpointing", "model_config.compile_blocks",
+                        "model_config.loss_chunk_logits", "model_config.over_encoding.sharded", "model_config.preset"})
 SCHEDULE_STEPS_KEY = "schedule_steps"  # OverTokLM saves the number of steps its schedule was built for
 
 
@@ -60,7 +61,7 @@ def _differences(saved: dict[str, Any], now: dict[str, Any], section: str) -> li
     old = _flat(json.loads(json.dumps(saved.get(section) or {})), section)
     new = _flat(json.loads(json.dumps(now.get(section) or {})), section)
     return [(key, old.get(key), new.get(key)) for key in sorted(set(old) | set(new))
-            if old.get(key) != new.get(key) and key not in EXECUTION_ONLY]
+            if old.get(key) != new.get(key) and key not in MAY_CHANGE]
 
 
 def refuse_changed_config(path: str, checkpoint: dict[str, Any], model_hparams: dict[str, Any],

@@ -5,7 +5,7 @@ Lightning picks a new run's version by listing the folders (``max + 1``), so fit
 folder is made with ``mkdir`` (which fails when another process made it first: the next number is tried), and every
 run, new or resumed, then creates ``version_N/.claim`` with ``O_EXCL`` holding its pid. A second fit resuming the same
 folder while the first is alive stops with one line naming it; a claim left by a killed process (its pid gone) is
-taken over. The claim is removed when the process exits.
+taken over. The claim is handed back when the command ends (``release_claims``) or the process exits.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from lit_overtok.checkpointing.files import process_alive
 from lit_overtok.errors import InputError
 
 CLAIM_NAME = ".claim"
+_held: list[Path] = []  # this process's claims
 
 
 def _number(folder: Path) -> int:
@@ -59,6 +60,7 @@ def _claim(path: Path) -> None:
             continue
         with os.fdopen(descriptor, "w") as stream:
             stream.write(f"{os.getpid()}\n")
+        _held.append(path)
         atexit.register(_release, path, os.getpid())
         return
     raise InputError(f"{path.parent}: could not claim it for this run (another fit claimed it at the same moment)")
@@ -77,3 +79,9 @@ def abandon_version(root: Union[str, os.PathLike], version: Optional[int]) -> No
     _release(folder / CLAIM_NAME, os.getpid())
     if folder.is_dir() and not any(folder.iterdir()):
         folder.rmdir()
+
+
+def release_claims() -> None:
+    """Hand back every claim this process holds (the end of a command run in a longer-lived process)."""
+    while _held:
+        _release(_held.pop(), os.getpid())

@@ -30,7 +30,7 @@ from lit_overtok.cli import generate
 from lit_overtok.training.callbacks import StepProgressBar, TokenThroughputMonitor
 from lit_overtok.checkpointing.files import resolve_ckpt_path, run_version, tokenizer_record, with_atomic_checkpoint_io
 from lit_overtok.checkpointing.resume_check import refuse_changed_config, resume_state, schedule_change
-from lit_overtok.checkpointing.version_claim import abandon_version, claim_version
+from lit_overtok.checkpointing.version_claim import abandon_version, claim_version, release_claims
 from lit_overtok.training.run_logger import RunLogger
 from lit_overtok.cli.config_keys import check_keys, field_help, OPTIMIZER_MESSAGE, REFUSED_ROOTS, resolve_model_config
 from lit_overtok.data.cfg_datamodule import CFGDataModule
@@ -225,22 +225,28 @@ def main(args=None) -> None:
         sys.stdout.write(field_help(*asked_help))
         raise SystemExit(0)
     try:
-        OverTokCLI(
-            OverTokLM,
-            LightningDataModule,  # any data module (CFGDataModule is the default, WebDatasetDataModule for text)
-            subclass_mode_model=True,
-            subclass_mode_data=True,
-            trainer_defaults=DEFAULT_TRAINER,
-            save_config_kwargs={"overwrite": True},
-            seed_everything_default=1234,  # reproducible unless a config says otherwise
-            parser_class=OverTokArgumentParser,
-            parser_kwargs={"description": __doc__.split("\n\n")[0], "epilog": COMMANDS_EPILOG,
-                           "formatter_class": argparse.RawDescriptionHelpFormatter},
-            args=given,
-        )
+        _run_cli(given)
     except (*USER_ERRORS, MisconfigurationException) as error:  # Lightning's name for a bad Trainer argument
         # jsonargparse wraps a config error from our classes in union-type noise; show the user our message. Bad
         # input met while running (a file, a checkpoint, a field checked at setup) is an InputError that says it all.
         if os.environ.get("LIT_OVERTOK_TRACEBACK"):
             raise
         _fail(error if isinstance(error, InputError) else _root_cause(error))
+    finally:
+        release_claims()  # the run's version folder is free for the next command (of this process too)
+
+
+def _run_cli(given) -> None:
+    OverTokCLI(
+        OverTokLM,
+        LightningDataModule,  # any data module (CFGDataModule is the default, WebDatasetDataModule for text)
+        subclass_mode_model=True,
+        subclass_mode_data=True,
+        trainer_defaults=DEFAULT_TRAINER,
+        save_config_kwargs={"overwrite": True},
+        seed_everything_default=1234,  # reproducible unless a config says otherwise
+        parser_class=OverTokArgumentParser,
+        parser_kwargs={"description": __doc__.split("\n\n")[0], "epilog": COMMANDS_EPILOG,
+                       "formatter_class": argparse.RawDescriptionHelpFormatter},
+        args=given,
+    )
