@@ -32,7 +32,6 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from lit_overtok.checkpointing.files import AtomicCheckpointIO, CheckpointError, save_atomically, verify_checkpoint
 from lit_overtok.checkpointing.run_checkpoint import RunCheckpoint
-from lit_overtok.checkpointing.version_claim import claim_version
 from lit_overtok.cli.main import main as cli_main
 from lit_overtok.data.cfg_datamodule import CFGDataModule
 from lit_overtok.nn.config import ModelConfig
@@ -266,6 +265,8 @@ def test_step_checkpoints_are_a_series_of_the_newest_keep_last_k(tmp_path, keep_
 
 # ----------------------------------------------------------------------------------------------- 3: concurrent runs
 def _claim(root: str, start, results) -> None:
+    from lit_overtok.checkpointing.version_claim import claim_version
+
     start.wait()
     results.put(claim_version(root))
 
@@ -298,3 +299,13 @@ def test_a_second_fit_on_a_run_in_use_is_one_line(run, tmp_path, capsys):
     assert checkpoints(root)["last.ckpt"] == "epoch=0-step=6.ckpt"
     assert math.isfinite(torch.load(root / "version_0" / "checkpoints" / "last.ckpt",
                                     weights_only=False)["tokens_seen"])
+
+
+def test_a_full_disk_under_the_event_file_is_one_line_and_keeps_the_checkpoints(tmp_path, capsys):
+    root = tmp_path / "run"
+    last = refused(fit_args(root, "--trainer.callbacks+=tests.integration.fault_injection.FullDiskForEventsAfter",
+                            "--trainer.callbacks.step=3", steps=8), capsys)
+    assert last == (f"error: could not write the TensorBoard events in {root / 'version_0'} (No space left on device); "
+                    "free disk space and resume with --ckpt_path auto (the checkpoints written before are intact)")
+    for path in (root / "version_0" / "checkpoints").glob("*.ckpt"):
+        verify_checkpoint(path)

@@ -83,3 +83,22 @@ class KillAfterSaving(Callback):
                 os.kill(os.getpid(), signal.SIGKILL)
 
         files.save_atomically = save_then_die
+
+
+class FullDiskForEventsAfter(Callback):
+    """From optimizer step ``step`` on, every write to the TensorBoard event file fails with ENOSPC (a full disk)."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if trainer.global_step == self.step:
+            import errno
+
+            event_file = trainer.logger.experiment.file_writer.event_writer._general_file_writer
+
+            def full(*args, **kwargs):
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+            event_file.write = full
+            event_file.flush = full
