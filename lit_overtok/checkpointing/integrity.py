@@ -26,7 +26,7 @@ import warnings
 import zipfile
 import zlib
 from pathlib import Path
-from typing import Union
+from typing import Optional, Union
 
 from lit_overtok.errors import InputError
 
@@ -48,10 +48,40 @@ def is_sharded_checkpoint(path: PathLike) -> bool:
 
 
 def verify_checkpoint(path: PathLike) -> None:
-    """Refuse (``CheckpointError``, one line naming the file) a checkpoint file or folder that is not as written."""
+    """Refuse (``CheckpointError``, one line naming the file) a checkpoint file or folder that is not as written.
+
+    A checkpoint verified before in this process and unchanged since (the same files, sizes and modification times)
+    is not read again: a resume reads it three times (the CLI's choice, its config check, Lightning's load)."""
     path = Path(path)
+    stamp = _stamp(path)
+    if stamp is not None and _verified.get(str(path.resolve())) == stamp:
+        return
     if path.is_dir():
-        return _verify_folder(path)
+        _verify_folder(path)
+    else:
+        _verify_file(path)
+    if stamp is not None:
+        _verified[str(path.resolve())] = stamp
+
+
+_verified: dict[str, tuple] = {}
+
+
+def _stamp(path: Path) -> Optional[tuple]:
+    """What must not change for an earlier verification to stand: every file's size and modification time, and
+    (timestamps are coarse) the CRC-32 of a file's last 64 KiB, where its zip directory lies."""
+    try:
+        if path.is_dir():
+            return tuple((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(path.iterdir()))
+        with open(path, "rb") as stream:
+            size = os.fstat(stream.fileno()).st_size
+            stream.seek(max(0, size - 65536))
+            return size, os.fstat(stream.fileno()).st_mtime_ns, zlib.crc32(stream.read())
+    except OSError:
+        return None
+
+
+def _verify_file(path: Path) -> None:
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist" + (" (a link to a removed file)" if path.is_symlink() else ""))
     size = path.stat().st_size
