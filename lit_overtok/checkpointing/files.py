@@ -1,11 +1,11 @@
 """Checkpoint files that are whole or refused, and found again: the file-level half of resuming a run.
 
-* **Integrity.** A checkpoint is torch's zip archive, whose every member carries the CRC-32 of its bytes
-  (``torch.save`` writes them; we force it on). ``verify_checkpoint`` re-reads every member against its CRC, so a
-  flipped bit, a truncated or empty file, or a file that is not a checkpoint is a ``CheckpointError`` naming the
-  file, never a model that trains or scores on damaged weights. ``load_verified`` is the one way to open a
-  checkpoint: Lightning's resume (through ``AtomicCheckpointIO``), ``evaluation/evaluate.py`` and, through
-  ``checkpoints.read_checkpoint``, export, generate, strip and the lm-eval model all call it.
+* **Integrity** (``integrity.verify_checkpoint``: the zip structure and every member's CRC-32 of a file, the
+  recorded checksums of a sharded folder): a flipped bit, a truncated or empty file, or a file that is not a
+  checkpoint is a ``CheckpointError`` naming the file, never a model that trains or scores on damaged weights.
+  ``load_verified`` is the one way to open a checkpoint file: Lightning's resume (through ``AtomicCheckpointIO``),
+  ``evaluation/evaluate.py`` and, through ``inference.read_checkpoint``, export, generate, strip and the lm-eval
+  model all call it.
 * **Atomic writes.** ``AtomicCheckpointIO`` writes to a temporary file beside the target, fsyncs it and renames it
   into place: a crash or a full disk leaves the previous checkpoints and never a partial one under a real name.
   ``link_atomically`` points ``last.ckpt`` at a step file the same way (a symlink; a hard link or a copy where the
@@ -23,7 +23,6 @@ import re
 import shutil
 import sys
 import warnings
-import zipfile
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Optional, Union
@@ -33,44 +32,11 @@ from lightning.fabric.plugins import CheckpointIO
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.fabric.utilities.cloud_io import _is_local_file_protocol
 
-from lit_overtok.errors import InputError
+from lit_overtok.checkpointing.integrity import CheckpointError, is_sharded_checkpoint, verify_checkpoint
 
 PathLike = Union[str, os.PathLike]
 LAST_NAME = "last.ckpt"
 _STEP = re.compile(r"step=(\d+)")
-
-
-class CheckpointError(InputError):
-    """A checkpoint that is missing, damaged or cannot be written; the message names the file."""
-
-
-# ------------------------------------------------------------------------------------------------- integrity
-def verify_checkpoint(path: PathLike) -> None:
-    """Check every byte of the checkpoint at ``path`` against the CRC-32 recorded when it was written.
-
-    A directory (a sharded checkpoint of a distributed strategy) is left to its own format's checks.
-    """
-    path = Path(path)
-    if path.is_dir():
-        return
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint {path} does not exist" + (" (a link to a removed file)" if path.is_symlink() else ""))
-    try:
-        with zipfile.ZipFile(path) as archive:
-            if not any(name.endswith("/data.pkl") for name in archive.namelist()):
-                raise CheckpointError(f"{path} is not a torch checkpoint (a zip file without data.pkl)")
-            damaged = archive.testzip()
-    except zipfile.BadZipFile as error:
-        size = path.stat().st_size
-        raise CheckpointError(f"{path} is not a complete checkpoint ({size} bytes: {'empty' if size == 0 else error}; "
-                              "truncated by a crash or a full disk, or not a checkpoint at all)") from None
-    except (OSError, EOFError, RuntimeError, ValueError) as error:  # zipfile reports damaged headers several ways
-        if isinstance(error, CheckpointError):
-            raise
-        raise CheckpointError(f"{path} is damaged ({type(error).__name__}: {error})") from None
-    if damaged is not None:
-        raise CheckpointError(f"{path} is damaged: the bytes of {damaged!r} do not match the CRC-32 stored when it "
-                              "was written (changed on disk after saving); use an earlier checkpoint")
 
 
 def load_verified(path: PathLike, map_location: Any = "cpu", weights_only: Optional[bool] = False,
@@ -111,11 +77,11 @@ def remove_stale_temporaries(folder: PathLike) -> None:
     """Delete temporary files that a process killed mid-write left in ``folder`` (its pid is in their name)."""
     for path in Path(folder).glob(".*"):
         *_, pid, kind = path.name.rsplit(".", 2)
-        if kind in ("partial", "link") and pid.isdigit() and not _process_alive(int(pid)):
+        if kind in ("partial", "link") and pid.isdigit() and not process_alive(int(pid)):
             path.unlink(missing_ok=True)
 
 
-def _process_alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -237,10 +203,15 @@ def run_version(checkpoint: PathLike, root: PathLike) -> Optional[int]:
 
 
 def resolve_ckpt_path(spec: Optional[str], root: PathLike) -> Optional[str]:
-    """``--ckpt_path`` as the CLI passes it to Lightning: ``auto`` is the newest sound checkpoint of the latest run
-    under ``root`` (None, a fresh run, when there is none yet: the first start of a requeued job); a folder is the
-    same search inside it (an error when it holds none); anything else is left to Lightning."""
-    if spec is None or spec in ("last", "best", "hpc", "registry") or not (spec == "auto" or Path(spec).is_dir()):
+    """``--ckpt_path`` as the CLI passes it to Lightning, verified before Lightning opens it: ``auto`` is the newest
+    sound checkpoint of the latest run under ``root`` (None, a fresh run, when there is none yet: the first start of a
+    requeued job); a run folder is the same search inside it (an error when it holds none); a checkpoint file or
+    sharded checkpoint folder must verify (``integrity.verify_checkpoint``). Lightning's names (``last``, ``hpc``...)
+    are left to it."""
+    if spec is None or spec in ("last", "best", "hpc", "registry"):
+        return spec
+    if spec != "auto" and (Path(spec).is_file() or is_sharded_checkpoint(spec) or not Path(spec).exists()):
+        verify_checkpoint(spec)
         return spec
     folder = Path(root) if spec == "auto" else Path(spec)
     found = find_resume_checkpoint(folder)
@@ -249,20 +220,6 @@ def resolve_ckpt_path(spec: Optional[str], root: PathLike) -> Optional[str]:
     print(f"--ckpt_path {spec}: " + (f"resuming from {found}" if found else f"no checkpoint under {folder} yet; "
                                       "starting a new run"), file=sys.stderr)
     return None if found is None else str(found)
-
-
-def run_logger_kwargs(resume: Optional[str], root: PathLike) -> dict[str, Any]:
-    """TensorBoardLogger arguments that continue a resumed run in its own version folder.
-
-    Events the interrupted run logged after the checkpoint's step are purged (TensorBoard's ``purge_step``), so every
-    reader of the folder sees one run, each step once.
-    """
-    if resume is None or not Path(resume).is_file():
-        return {}
-    version = run_version(resume, root)
-    if version is None:
-        return {}
-    return {"version": version, "purge_step": checkpoint_step(resume) + 1}
 
 
 def with_atomic_checkpoint_io(plugins: Any) -> list[Any]:

@@ -14,11 +14,11 @@ write atomic (``checkpoint_files``).
     python train.py strip --checkpoint runs/x/version_0/checkpoints/last.ckpt --out model.ckpt
 
 A sharded run writes a folder instead of a file (torch.distributed.checkpoint: ``*.distcp`` shards, ``.metadata``,
-``meta.pt`` with the trainer state; see ``strategies``), whatever its world size; ``read_checkpoint`` reads it in one
-process (torch.distributed.checkpoint's own metadata checks it; no CRC of ours). Its row-sharded tables come back
-whole, as a replicated run's would, so any model of the same configuration (``sharded`` on or off) loads them. That
-needs the whole model in host memory (OE-12.8M at d_model 1024: 53 GB of table weights), as evaluation at world
-size 1 does.
+``meta.pt`` with the trainer state, ``checksums.json``; see ``strategies``), whatever its world size;
+``read_checkpoint`` reads it in one process, after checking every file against the sizes and CRC-32s recorded when it
+was saved (``integrity``). Its row-sharded tables come back whole, as a replicated run's would, so any model of the
+same configuration (``sharded`` on or off) loads them. That needs the whole model in host memory (OE-12.8M at
+d_model 1024: 53 GB of table weights), as evaluation at world size 1 does.
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ import torch
 
 from lit_overtok.checkpointing.files import CheckpointError, load_verified, save_atomically
 from lit_overtok.checkpointing.tokenizer_binding import RECORD_KEY, TokenizerBinding
+from lit_overtok.checkpointing.integrity import is_sharded_checkpoint, verify_checkpoint
 from lit_overtok.configuration import config_from
 from lit_overtok.nn.config import ModelConfig
 from lit_overtok.nn.over_encoding import place_sharded_tables
@@ -59,11 +60,6 @@ class CheckpointInfo:
     """The data module's hyperparameters."""
 
 
-def is_sharded_checkpoint(path: Union[str, Path]) -> bool:
-    path = Path(path)
-    return path.is_dir() and (path / ".metadata").is_file()
-
-
 def _read_sharded(path: Path, optimizer_states: bool) -> dict[str, Any]:
     """A sharded run's folder as one dict, without a process group; optimizer states only when asked for."""
     from torch.distributed.checkpoint import FileSystemReader
@@ -83,8 +79,15 @@ def read_checkpoint(path: Union[str, Path], optimizer_states: bool = False) -> d
     """The checkpoint dict: a file after its CRC check (``load_verified``) or a sharded run's folder (its optimizer
     states, twice the weights again, only when asked for); one clear error for a missing, damaged or truncated file,
     or one that is not a lit_overtok checkpoint."""
-    checkpoint = (_read_sharded(Path(path), optimizer_states) if is_sharded_checkpoint(path)
-                  else load_verified(path, mmap=True))
+    if is_sharded_checkpoint(path):
+        verify_checkpoint(path)  # every file against the checksums written when it was saved
+        try:
+            checkpoint = _read_sharded(Path(path), optimizer_states)
+        except Exception as error:  # the files are as written, so this is a folder of another kind
+            raise CheckpointError(f"{path} cannot be read as a sharded checkpoint ({type(error).__name__}: "
+                                  f"{' '.join(str(error).split())[:300]})") from None
+    else:
+        checkpoint = load_verified(path, mmap=True)
     if "state_dict" not in checkpoint or "model_config" not in (checkpoint.get("hyper_parameters") or {}):
         raise CheckpointError(f"{path} is not a lit_overtok checkpoint (no hyper_parameters.model_config / state_dict)")
     return checkpoint

@@ -2,6 +2,12 @@
 
 * ``last.ckpt`` is a link to the newest step file, replaced in one rename right after that file is written and
   before an older step file is removed, so it is never behind and never dangles (``checkpoint_files.link_atomically``).
+  Names are never versioned (no ``-v1`` files): a resume under another spelling of the run's path, or a rerun that
+  repairs a damaged step file, replaces the file of that name.
+* Step checkpoints are kept as a series (``keep_last_k``: -1, all, by default), so evaluating the run's checkpoint
+  folder scores its training curve.
+* Every logger is flushed, with the step's training values already sent, before a step checkpoint is written: a
+  kill after the checkpoint loses no logged value that the checkpoint's state includes.
 * A step checkpoint due at a step with a validation is written after that validation, so everything logged at the
   step (train metrics, in-training evaluation, validation) happened before it: a resumed run repeats none of it and
   misses none of it.
@@ -17,9 +23,11 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
+from pathlib import Path
 from typing import Any, Optional
 
 import lightning.pytorch as pl
@@ -28,7 +36,8 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 
-from lit_overtok.checkpointing.files import link_atomically, remove_stale_temporaries
+from lit_overtok.checkpointing.files import checkpoint_step_or_none, link_atomically, remove_stale_temporaries
+from lit_overtok.errors import InputError
 
 
 def _validation_follows(trainer: pl.Trainer) -> bool:
@@ -41,13 +50,29 @@ def _validation_follows(trainer: pl.Trainer) -> bool:
 
 
 class RunCheckpoint(ModelCheckpoint):
-    """ModelCheckpoint with ``last.ckpt`` as a link, saves after the step's validation, and saves on a stop signal."""
+    """ModelCheckpoint with ``last.ckpt`` as a link, saves after the step's validation, and saves on a stop signal.
 
-    def __init__(self, *args: Any, save_last: Any = "link", **kwargs: Any) -> None:
-        super().__init__(*args, save_last=save_last, **kwargs)
+    Args (besides ModelCheckpoint's):
+        keep_last_k: how many periodic step checkpoints to keep, newest first (-1: all, the default, so that
+            ``evaluate.py`` over the run's folder scores its whole training curve; a 250-step run saving every 100
+            steps keeps 3). Older ones are removed once a newer one is written; ``last.ckpt`` is always the newest.
+    """
+
+    def __init__(self, *args: Any, save_last: Any = "link", save_top_k: int = -1, keep_last_k: int = -1,
+                 enable_version_counter: bool = False, **kwargs: Any) -> None:
+        # No version counter: a name that exists is the same step of the same run (a resume under another spelling
+        # of the path, a step repaired by a rerun), so it is replaced, never shadowed by a ``-v1`` twin.
+        super().__init__(*args, save_last=save_last, save_top_k=save_top_k,
+                         enable_version_counter=enable_version_counter, **kwargs)
+        if keep_last_k == 0 or keep_last_k < -1:
+            raise InputError(f"RunCheckpoint keep_last_k={keep_last_k}: give a positive number of step checkpoints "
+                             "to keep, or -1 for all")
+        self.keep_last_k = keep_last_k
         self._stop_signal: Optional[int] = None
         self._requeue = False
         self._stop_after_validation = False
+        self._in_batch_end = False
+        self._step_file_step = -1
         self._trainer: Optional[pl.Trainer] = None
         self._previous_handlers: dict[int, Any] = {}
 
@@ -59,11 +84,18 @@ class RunCheckpoint(ModelCheckpoint):
         trainer.strategy.barrier()
 
     def _save_checkpoint(self, trainer: pl.Trainer, filepath: str) -> None:
-        super()._save_checkpoint(trainer, filepath)
         is_last = os.path.basename(filepath).startswith(self.CHECKPOINT_NAME_LAST)
+        if not is_last:  # everything the checkpoint's state includes is on disk before it
+            flush_step_metrics(trainer, send_step=self._in_batch_end)
+        super()._save_checkpoint(trainer, filepath)
+        if not is_last:
+            self._step_file_step = trainer.global_step
         if self.save_last == "link" and self.save_top_k != 0 and not is_last:
             # Link now: ModelCheckpoint removes the previous step file before it links, leaving last.ckpt dangling.
             self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+            if self.keep_last_k > 0 and trainer.is_global_zero:
+                remove_older_steps(self.dirpath, self.keep_last_k, keep=filepath)
+            trainer.strategy.barrier()
 
     # ------------------------------------------------------------------------- after the step's validation
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
@@ -76,7 +108,11 @@ class RunCheckpoint(ModelCheckpoint):
         if due and not self._should_skip_saving_checkpoint(trainer) and _validation_follows(trainer):
             self._defer_save_until_validation = True  # ModelCheckpoint.on_validation_end saves it
             return
-        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        self._in_batch_end = True  # the step's training values are not sent to the loggers yet
+        try:
+            super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        finally:
+            self._in_batch_end = False
 
     # ---------------------------------------------------------------------------------------- stop signals
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -132,7 +168,9 @@ class RunCheckpoint(ModelCheckpoint):
         self._previous_handlers = {}
 
     def _save_current_step(self, trainer: pl.Trainer) -> None:
-        if self._last_global_step_saved != trainer.global_step:
+        # A step file even where a validation end already wrote last.ckpt as a file at this step: the series ends
+        # with the final model, and last.ckpt links to it.
+        if self._step_file_step != trainer.global_step:
             candidates = self._monitor_candidates(trainer)
             self._save_checkpoint(trainer, self._get_metric_interpolated_filepath_name(candidates, trainer))
             self._save_last_checkpoint(trainer, candidates)
@@ -154,6 +192,41 @@ class RunCheckpoint(ModelCheckpoint):
             if self._requeue and trainer.is_global_zero:
                 requeue_slurm_job()
         self._restore_handlers()
+
+
+def flush_step_metrics(trainer: pl.Trainer, send_step: bool) -> None:
+    """Flush every logger, so a kill after the checkpoint loses no value logged up to it.
+
+    ``send_step``: called from the batch-end hooks, where ModelCheckpoint saves before the loop sends the step's
+    training values to the loggers; they are sent here first, and the loop's own send for this step is skipped
+    (each step once).
+    """
+    connector = trainer._logger_connector
+    if send_step and not getattr(connector, "_sent_early", False):
+        send = connector.update_train_step_metrics
+        send()
+
+        def skip_once() -> None:  # the loop's call for this step; the next step sends as usual
+            del connector.update_train_step_metrics
+            connector._sent_early = False
+
+        connector.update_train_step_metrics, connector._sent_early = skip_once, True
+    for logger in trainer.loggers:
+        logger.save()
+
+
+def remove_older_steps(folder: Any, keep_last_k: int, keep: str) -> None:
+    """Delete all but the newest ``keep_last_k`` step checkpoints in ``folder`` (never ``keep``, the newest)."""
+    steps = []
+    for path in Path(folder).glob("*.ckpt"):
+        if path.name.startswith(RunCheckpoint.CHECKPOINT_NAME_LAST) or path.is_symlink():
+            continue
+        step = checkpoint_step_or_none(path)
+        steps.append((step, path))
+    for _, path in sorted(steps, reverse=True)[keep_last_k:]:
+        if os.path.abspath(path) == os.path.abspath(keep):
+            continue
+        shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
 
 
 def _forward(handler: Any, signum: int, frame: Any) -> None:

@@ -166,6 +166,10 @@ def check_keys(args: list[str]) -> Optional[tuple[type, str]]:
             if not path.is_file() and not any(mark in given for mark in ":{\n"):  # else inline YAML, jsonargparse's
                 raise FileNotFoundError(f"--config {given}: no such file (a YAML config, e.g. a run's config.yaml)")
             loaded = yaml.safe_load(path.read_text()) if path.is_file() else None
+            if path.is_file() and not isinstance(loaded, dict):
+                what = "empty" if loaded is None else f"a YAML {type(loaded).__name__}"
+                raise ValueError(f"--config {given} is {what}, not a mapping of trainer / model / data settings "
+                                 "(a run's config.yaml is one)")
             files.append((str(path), loaded if isinstance(loaded, dict) else {}))
     roots = _class_choices(args, [config for _, config in files])
     for where, config in files:

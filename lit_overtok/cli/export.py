@@ -21,7 +21,7 @@ from lit_overtok.checkpointing.inference import load_transformer
 from lit_overtok.checkpointing.outputs import output_path
 from lit_overtok.evaluation.tokenizers import GrammarTokenizer, load_tokenizer, TextTokenizer
 from lit_overtok.export.hf import EXPERT_LAYOUTS, export_to_hf
-from lit_overtok.errors import entry_point
+from lit_overtok.errors import entry_point, InputError
 
 
 def main(argv: Optional[list[str]] = None) -> Path:
@@ -41,8 +41,11 @@ def main(argv: Optional[list[str]] = None) -> Path:
     parser.add_argument("--eos-token", default="<|endoftext|>", help="the end-of-text token of a tokenizers JSON")
     args = parser.parse_args(argv)
 
-    model, info = load_transformer(args.checkpoint)
     out = output_path(args.out, args.checkpoint, "hf")
+    if out.exists() and not out.is_dir():
+        raise InputError(f"--out {out} is a file; export writes a folder (config, weights, tokenizer): give a new "
+                         "or existing folder")
+    model, info = load_transformer(args.checkpoint)
     spec = info.tokenizer.resolve(args.tokenizer, args.allow_tokenizer_change)  # never an export without one
     tokenizer = load_tokenizer(spec) if spec.startswith("grammar:") else TextTokenizer(spec, args.eos_token)
     if tokenizer.vocab_size > model.cfg.vocab_size:

@@ -10,6 +10,8 @@ prints what happened and what to try next (``run_summary``). Model and data are 
 from __future__ import annotations
 
 import argparse
+import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -19,15 +21,21 @@ import yaml
 
 from lightning.pytorch import LightningDataModule
 from lightning.pytorch.callbacks import ModelCheckpoint, ModelSummary, ProgressBar
-from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
 from lit_overtok.checkpointing import inference as checkpoints
 from lit_overtok.cli import generate
 from lit_overtok.training.callbacks import StepProgressBar, TokenThroughputMonitor
-from lit_overtok.training.console import ConsoleLine, QuietModelSummary, quiet_lightning
-from lit_overtok.checkpointing.files import resolve_ckpt_path, run_logger_kwargs, with_atomic_checkpoint_io
+from lit_overtok.checkpointing.files import resolve_ckpt_path, run_version, with_atomic_checkpoint_io
 from lit_overtok.checkpointing.outputs import evaluation_logger_kwargs
+from lit_overtok.checkpointing.resume_check import refuse_changed_config, resume_state, schedule_change
+from lit_overtok.checkpointing.tokenizer_binding import TokenizerBinding
+from lit_overtok.checkpointing.version_claim import abandon_version, claim_version, release_claims
+from lit_overtok.training.console import ConsoleLine, QuietModelSummary, quiet_lightning
+from lit_overtok.training.run_logger import RunLogger
 from lit_overtok.cli.config_keys import check_keys, field_help, OPTIMIZER_MESSAGE, REFUSED_ROOTS, resolve_model_config
 from lit_overtok.data.cfg_datamodule import CFGDataModule
 from lit_overtok.training.lm_eval_callback import LMEvalCallback
@@ -60,10 +68,29 @@ COMMANDS = {
 
 
 class OverTokArgumentParser(LightningArgumentParser):
-    """Dumps (``--print_config``, the saved ``config.yaml``) show the model config with its preset resolved."""
+    """Dumps (``--print_config``, the saved ``config.yaml``) show the model config with its preset resolved; a value
+    of the wrong type is one line (jsonargparse prints its 60-line usage first)."""
 
     def dump(self, cfg, *args, **kwargs):
         return super().dump(resolve_model_config(cfg), *args, **kwargs)
+
+    def error(self, message: str, ex: Optional[Exception] = None):
+        if not self.exit_on_error or os.environ.get("LIT_OVERTOK_TRACEBACK"):
+            return super().error(message, ex)
+        raise InputError(parse_error_line(message, self.prog.replace(" [options]", "")))
+
+
+def parse_error_line(message: str, prog: str) -> str:
+    """jsonargparse's several-line message for a bad value as one line: the key, the value, what was expected."""
+    key = re.search(r'Parser key "([^"]+)"', message)
+    given = re.search(r"(?:Given|Got) value: (.*)", message)
+    expected = [re.sub(r"typing\.Literal\[(.*)\]", r"one of \1", re.sub(r"<class '(\w+)'>", r"\1", line.strip(
+        " -").removeprefix("Expected a ").split(". Got value")[0].rstrip("."))) for line in message.splitlines()
+        if "Expected a" in line]
+    if key is None or given is None:
+        return f"{' '.join(message.split())} ({prog} --help lists the options)"
+    return (f"{key.group(1)}={given.group(1).strip()} is not valid: expected {' or '.join(expected) or 'another type'} "
+            f"({prog} --help lists the options)")
 
 
 class OverTokCLI(LightningCLI):
@@ -93,28 +120,54 @@ class OverTokCLI(LightningCLI):
         for key in REFUSED_ROOTS:
             if config.get(key) is not None:
                 raise ValueError(f"{key}: {OPTIMIZER_MESSAGE}")
-        # --ckpt_path auto (or a run folder): the newest sound checkpoint of the latest run, or a fresh run if none.
-        # Only subcommands take a ckpt_path (run=False has neither the option nor a run to resume).
-        if self.subcommand is None:
+
+    def _parse_ckpt_path(self) -> None:
+        # Before Lightning opens the checkpoint: --ckpt_path auto (or a run folder) is the newest checkpoint of the
+        # latest run that verifies (a fresh run if none), and any path is verified (one line if damaged). fit keeps
+        # the command line's config and compares it with the checkpoint's (``_check_resume``); validate and test
+        # take the model's hyperparameters from the checkpoint, as Lightning does.
+        subcommand = self.config.get("subcommand")
+        if not subcommand:  # run=False has neither the option nor a run to resume
             return
+        config = self.config[subcommand]
         root = config["trainer"].get("default_root_dir") or "runs"
         config["ckpt_path"] = resolve_ckpt_path(config.get("ckpt_path"), root)
+        if subcommand != "fit":
+            super()._parse_ckpt_path()
+
+    def _check_resume(self, resume: str, max_steps: Optional[int]) -> dict:
+        """The checkpoint's state after refusing a resume whose model, optimizer or data differ (nothing written)."""
+        checkpoint = resume_state(resume)
+        data_hparams = dict(getattr(self.datamodule, "hparams", None) or {})
+        refuse_changed_config(resume, checkpoint, dict(self.model.hparams), data_hparams)
+        check_tokenizer = getattr(self.datamodule, "check_resume_tokenizer", None)
+        if check_tokenizer is not None:
+            check_tokenizer(TokenizerBinding.of_checkpoint(checkpoint, resume).record())
+        change = schedule_change(checkpoint, max_steps)
+        if change is not None:
+            print(f"--ckpt_path {resume}: {change}", file=sys.stderr)
+        return checkpoint
 
     def _instantiate_trainer(self, config, callbacks):
         # Our defaults unless the config gives its own: TensorBoard without the placeholder hp_metric (continuing the
         # resumed run's folder), speed and memory (timed first, before any other callback's batch-end work), a
         # progress bar counted in optimizer steps, and checkpoints that are atomic, verified on load and saved on
         # Ctrl-C / SIGTERM, with last.ckpt always the latest step.
+        root = config.get("default_root_dir") or "runs"
+        resume = self.config[self.subcommand].get("ckpt_path") if self.subcommand == "fit" else None
+        resume = resume if resume is not None and Path(resume).exists() else None
+        checkpoint = self._check_resume(resume, config.get("max_steps")) if resume is not None else {}
         if config.get("logger") in (None, True) and self.subcommand in ("validate", "test"):
             # Into the run they evaluate (its validate/ or test/ sub-folder), not a new version_N beside it.
-            where = evaluation_logger_kwargs(self.config[self.subcommand].get("ckpt_path"),
-                                             config.get("default_root_dir") or "runs", self.subcommand)
+            where = evaluation_logger_kwargs(self.config[self.subcommand].get("ckpt_path"), root, self.subcommand)
             config["logger"] = TensorBoardLogger(default_hp_metric=False, **where)
         if config.get("logger") in (None, True):
-            root = config.get("default_root_dir") or "runs"
-            resume = self.config[self.subcommand].get("ckpt_path") if self.subcommand == "fit" else None
-            config["logger"] = TensorBoardLogger(root, name="", default_hp_metric=False,
-                                                 **run_logger_kwargs(resume, root))
+            version = run_version(resume, root) if resume is not None else None
+            if rank_zero_only.rank == 0:  # the other ranks write no logs; Lightning broadcasts rank 0's folder
+                version = claim_version(root, version)
+            resumed = version is not None and resume is not None and run_version(resume, root) == version
+            config["logger"] = RunLogger(root, version, resumed_step=checkpoint.get("global_step") if resumed else None,
+                                         resumed_tokens=checkpoint.get("tokens_seen") if resumed else None)
         config["plugins"] = with_atomic_checkpoint_io(config.get("plugins"))
         given = list(config.get("callbacks") or []) + list(callbacks)
         if not any(isinstance(c, TokenThroughputMonitor) for c in given):
@@ -132,7 +185,12 @@ class OverTokCLI(LightningCLI):
         if not any(isinstance(c, LMEvalCallback) for c in given):
             default_eval = LMEvalCallback.for_grammar_run(self.datamodule)
             callbacks += [default_eval] if default_eval is not None else []
-        trainer = super()._instantiate_trainer(config, callbacks)
+        try:
+            trainer = super()._instantiate_trainer(config, callbacks)
+        except BaseException:
+            if isinstance(config.get("logger"), RunLogger):  # a Trainer argument refused: leave no empty folder
+                abandon_version(config["logger"].root_dir, config["logger"].version)
+            raise
         global_batch = self._get(self.config_init, "global_batch")
         if global_batch is not None:
             apply_global_batch(trainer, self.datamodule, global_batch, config.get("accumulate_grad_batches", 1))
@@ -184,22 +242,28 @@ def _run(args=None) -> None:
         raise SystemExit(0)
     quiet_lightning()
     try:
-        OverTokCLI(
-            OverTokLM,
-            LightningDataModule,  # any data module (CFGDataModule is the default, WebDatasetDataModule for text)
-            subclass_mode_model=True,
-            subclass_mode_data=True,
-            trainer_defaults=DEFAULT_TRAINER,
-            save_config_kwargs={"overwrite": True},
-            seed_everything_default=1234,  # reproducible unless a config says otherwise
-            parser_class=OverTokArgumentParser,
-            parser_kwargs={"description": __doc__.split("\n\n")[0],
-                           "formatter_class": argparse.RawDescriptionHelpFormatter},
-            args=given,
-        )
-    except USER_ERRORS as error:
+        _run_cli(given)
+    except (*USER_ERRORS, MisconfigurationException) as error:  # Lightning's name for a bad Trainer argument
         # jsonargparse wraps a config error from our classes in union-type noise; show the user our message. Bad
         # input met while running (a file, a checkpoint, a field checked at setup) is an InputError that says it all.
         if isinstance(error, InputError):
             raise
         raise InputError(one_line(_root_cause(error))) from error
+    finally:
+        release_claims()  # the run's version folder is free for the next command (of this process too)
+
+
+def _run_cli(given) -> None:
+    OverTokCLI(
+        OverTokLM,
+        LightningDataModule,  # any data module (CFGDataModule is the default, WebDatasetDataModule for text)
+        subclass_mode_model=True,
+        subclass_mode_data=True,
+        trainer_defaults=DEFAULT_TRAINER,
+        save_config_kwargs={"overwrite": True},
+        seed_everything_default=1234,  # reproducible unless a config says otherwise
+        parser_class=OverTokArgumentParser,
+        parser_kwargs={"description": __doc__.split("\n\n")[0],
+                       "formatter_class": argparse.RawDescriptionHelpFormatter},
+        args=given,
+    )

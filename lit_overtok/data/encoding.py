@@ -15,9 +15,12 @@ punctuation): GPT-2, GPT-NeoX, OLMo's, and the BPE ``prepare`` trains. Other tok
 
 from __future__ import annotations
 
+import ctypes
 import itertools
 import json
 import os
+import signal
+import sys
 from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
@@ -128,6 +131,21 @@ def _encode_long(text: str) -> np.ndarray:
     return np.concatenate(ids) if ids else np.zeros(0, dtype=state["dtype"])
 
 
+def _init_worker(parent: int, *initargs) -> None:
+    _die_with_parent(parent)
+    init_encoder(*initargs)
+
+
+def _die_with_parent(parent: int) -> None:
+    """End this worker when ``parent`` dies, even by SIGKILL (which runs no cleanup): on Linux the kernel sends it
+    SIGKILL then (``prctl(PR_SET_PDEATHSIG)``). Without it a killed ``prepare`` left its workers running, each holding
+    its memory and the caller's pipes (and, through them, multiprocessing's resource tracker)."""
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1: PR_SET_PDEATHSIG
+    if os.getppid() != parent:  # the parent died before the request was made
+        os._exit(1)
+
+
 def ordered_map(chunks: Iterator[list[str]], workers: int, initargs: tuple) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """``encode`` over the chunks, results in input order, at most 2 × workers chunks in flight."""
     if workers == 1:
@@ -135,8 +153,8 @@ def ordered_map(chunks: Iterator[list[str]], workers: int, initargs: tuple) -> I
         yield from map(encode, chunks)
         return
     # spawn, not fork: the parent may have run the tokenizer's thread pool (BPE training), which fork would copy.
-    with ProcessPoolExecutor(workers, mp_context=get_context("spawn"), initializer=init_encoder,
-                             initargs=(*initargs, True)) as pool:
+    with ProcessPoolExecutor(workers, mp_context=get_context("spawn"), initializer=_init_worker,
+                             initargs=(os.getpid(), *initargs, True)) as pool:
         pending: deque = deque()
         for chunk in chunks:
             pending.append(pool.submit(encode, chunk))

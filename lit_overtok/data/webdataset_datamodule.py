@@ -250,7 +250,9 @@ class TrainStream(IterableDataset):
             except CorruptShardError as error:
                 corrupt.handle(error)
                 if len(corrupt.skipped) == len(urls):
-                    raise RuntimeError(f"every one of the {len(urls)} training shards is corrupt; nothing to train on")
+                    raise ManifestError(f"data.train_shards: every one of the {len(urls)} training shards of "
+                                        f"{self.shards.manifest.path} is corrupt ({error}); nothing to train on: "
+                                        "prepare the shards again")
                 continue
             yield from documents
 
@@ -399,16 +401,23 @@ class WebDatasetDataModule(pl.LightningDataModule):
         return {"train_batches": self._train_batches, "layout": asdict(self.layout()),
                 "tokenizer": self.tokenizer_record()}
 
+    def check_resume_tokenizer(self, saved_tokenizer: Optional[dict[str, Any]]) -> None:
+        """Refuse (ManifestError) to resume a checkpoint trained on data of another tokenizer, unless allowed.
+
+        Called by the CLI before anything is written, and again when the state is loaded."""
+        ours = self.tokenizer_record()
+        if saved_tokenizer is None or saved_tokenizer["sha256"] == ours["sha256"]:
+            return
+        message = (f"the checkpoint was trained on data tokenized by {saved_tokenizer['file'] or 'a tokenizer'} "
+                   f"(sha256 {saved_tokenizer['sha256'][:12]}…), but {self.train_set.manifest.path} was made with "
+                   f"{ours['file'] or 'another'} (sha256 {ours['sha256'][:12]}…)")
+        if not self.hparams.allow_tokenizer_change:
+            raise ManifestError(f"{message}; resume on data of the same tokenizer, or set "
+                                "data.allow_tokenizer_change: true to continue anyway")
+        warnings.warn(f"{message}; continuing (data.allow_tokenizer_change)")
+
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        saved_tokenizer, ours = state.get("tokenizer"), self.tokenizer_record()
-        if saved_tokenizer is not None and saved_tokenizer["sha256"] != ours["sha256"]:
-            message = (f"the checkpoint was trained on data tokenized by {saved_tokenizer['file'] or 'a tokenizer'} "
-                       f"(sha256 {saved_tokenizer['sha256'][:12]}…), but {self.train_set.manifest.path} was made with "
-                       f"{ours['file'] or 'another'} (sha256 {ours['sha256'][:12]}…)")
-            if not self.hparams.allow_tokenizer_change:
-                raise ManifestError(f"{message}; resume on data of the same tokenizer, or set "
-                                    "data.allow_tokenizer_change: true to continue anyway")
-            warnings.warn(f"{message}; continuing (data.allow_tokenizer_change)")
+        self.check_resume_tokenizer(state.get("tokenizer"))
         saved = ShardStreamLayout(**state["layout"])
         if replace(saved, restart=None) == self.layout():
             self._restart, self._train_batches = saved.restart, state["train_batches"]

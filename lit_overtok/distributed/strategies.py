@@ -11,7 +11,8 @@ Both are Lightning's own strategies with one thing added each; nothing else chan
   of every rank, which is what ``OverTokLM.configure_model`` shards over (Lightning's default is a 2-D mesh with
   tensor parallelism inside each node, which these models do not implement).
 
-Either way, a checkpoint folder loads at world size 1 without a process group (``lit_overtok.checkpointing.inference``), e.g.
+Both add ``checksums.json`` to a checkpoint folder once every rank has written (the size and CRC-32 of each file,
+``checkpointing.integrity``) and verify a checkpoint before loading it. Either way, a checkpoint folder loads at world size 1 without a process group (``lit_overtok.checkpointing.inference``), e.g.
 for ``evaluation/evaluate.py``. Both are registered with Lightning by name, so ``--trainer.strategy
 ddp_sharded_checkpoints`` / ``fsdp2`` work as ``ddp`` does (a YAML ``class_path`` works too).
 """
@@ -25,7 +26,8 @@ import torch
 from lightning.pytorch.core.optimizer import LightningOptimizer
 from lightning.pytorch.strategies import DDPStrategy, ModelParallelStrategy, StrategyRegistry
 
-from lit_overtok.checkpointing.inference import is_sharded_checkpoint, METADATA_NAME
+from lit_overtok.checkpointing.inference import METADATA_NAME
+from lit_overtok.checkpointing.integrity import is_sharded_checkpoint, verify_checkpoint, write_folder_checksums
 
 
 class ShardedDDPStrategy(DDPStrategy):
@@ -62,6 +64,7 @@ class ShardedDDPStrategy(DDPStrategy):
         dcp.save(state, checkpoint_id=path)
         if self.is_global_zero:
             torch.save(checkpoint, path / METADATA_NAME)
+            write_folder_checksums(path)  # after dcp.save's last collective: every rank's shards are written
         self.barrier()
 
     def load_checkpoint(self, checkpoint_path, weights_only: Optional[bool] = None) -> dict[str, Any]:
@@ -70,6 +73,7 @@ class ShardedDDPStrategy(DDPStrategy):
             set_optimizer_state_dict
 
         path = Path(self.broadcast(checkpoint_path))
+        verify_checkpoint(path)  # a file's zip structure and CRCs, a folder's recorded checksums
         module = self.lightning_module
         if not is_sharded_checkpoint(path):
             # One file (a replicated run's, or a converted one): every rank takes its rows from the full tables.
@@ -109,6 +113,17 @@ class FSDP2Strategy(ModelParallelStrategy):
     def setup_environment(self) -> None:
         self._data_parallel_size = self.num_nodes * self.num_processes
         super().setup_environment()
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], filepath, storage_options: Optional[Any] = None) -> None:
+        super().save_checkpoint(checkpoint, filepath, storage_options)
+        path = Path(self.broadcast(filepath))
+        if self.is_global_zero and path.is_dir():
+            write_folder_checksums(path)
+        self.barrier()
+
+    def load_checkpoint(self, checkpoint_path, weights_only: Optional[bool] = None) -> dict[str, Any]:
+        verify_checkpoint(Path(self.broadcast(checkpoint_path)))
+        return super().load_checkpoint(checkpoint_path, weights_only=weights_only)
 
 
 for _strategy in (ShardedDDPStrategy, FSDP2Strategy):

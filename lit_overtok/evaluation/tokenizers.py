@@ -39,7 +39,11 @@ class TextTokenizer:
                 "(e.g. ../shared/data/tokenizers/gpt2/tokenizer.json)"
             )
         self.name = str(path)
-        self._tokenizer = Tokenizer.from_file(str(path))
+        try:
+            self._tokenizer = Tokenizer.from_file(str(path))
+        except Exception as error:  # the tokenizers library raises a bare Exception for a file it cannot parse
+            raise ValueError(f"tokenizer file {path} is not a tokenizers JSON ({' '.join(str(error).split())}); "
+                             "give the tokenizer.json the model was trained with") from None
         eot_id = self._tokenizer.token_to_id(eot_token)
         if eot_id is None:
             raise ValueError(f"tokenizer {path} has no token {eot_token!r}; pass its end-of-text token as eot_token")

@@ -35,7 +35,7 @@ EXPERT_LAYOUTS = ("per_expert", "fused")
 
 # State-dict entries that never leave training: the training-only heads and Over-Encoding's coverage buffer.
 _DROPPED_PREFIXES = ("multi_token_head.",)
-_DROPPED_KEYS = ("embed.rows_touched",)
+_DROPPED_KEYS = ("embed.rows_touched", "embed.tables.rows_touched")  # row-sharded tables keep it in .tables
 
 # (architecture, model_type) of the native transformers classes, by (has experts, ModelConfig.block).
 _NATIVE = {

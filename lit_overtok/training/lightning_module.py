@@ -26,6 +26,7 @@ from lightning.pytorch.strategies import DDPStrategy, ModelParallelStrategy
 from lightning.pytorch.utilities import rank_zero_info
 from torchmetrics import MeanMetric
 
+from lit_overtok.checkpointing.resume_check import SCHEDULE_STEPS_KEY
 from lit_overtok.configuration import config_from
 from lit_overtok.data.shards import file_sha256
 from lit_overtok.errors import InputError
@@ -80,6 +81,7 @@ class OverTokLM(pl.LightningModule):
         self.test_loss = MeanMetric()
         self.tokens_seen = 0
         self._checkpoint_step = 0
+        self._schedule_steps: Optional[int] = None
         self._flops_per_token: dict[int, float] = {}
 
     def forward(self, input_ids_BT: torch.Tensor) -> torch.Tensor:
@@ -188,11 +190,14 @@ class OverTokLM(pl.LightningModule):
             raise InputError(f"trainer.max_steps={self.trainer.max_steps}: the learning-rate schedule needs a finite "
                              "number of optimizer steps and our data streams are endless; set trainer.max_steps to a "
                              "positive number")
+        self._schedule_steps = int(total_steps)
         optimizer, scheduler = build_optimizer(self.transformer, self.optimizer_config, int(total_steps))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["tokens_seen"] = self.tokens_seen
+        if self._schedule_steps is not None:  # a resume with another max_steps says how the schedule changes
+            checkpoint[SCHEDULE_STEPS_KEY] = self._schedule_steps
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.tokens_seen = checkpoint.get("tokens_seen", 0)

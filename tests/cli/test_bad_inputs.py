@@ -70,3 +70,75 @@ def test_bad_input_is_one_line_naming_it_before_any_step(tmp_path, text_corpus, 
     assert last.startswith("error: ") and "Traceback" not in err
     assert re.search(message, last), last
     assert not list((tmp_path / "run").rglob("*.ckpt"))  # no step was trained, nothing saved
+
+
+def corrupt_every_shard(text: str, folder: Path) -> str:
+    for shard in folder.glob("*.tar"):
+        shard.write_bytes(b"\0" * shard.stat().st_size)  # same size, no tar inside
+    return text
+
+
+MORE_CASES = {  # issue 22: each was a traceback or a 60-line usage dump
+    "val_check_interval negative": ([], ["--trainer.val_check_interval=-3"], r"invalid value -3 for val_check_interval"),
+    "max_steps not a number": ([], ["--trainer.max_steps=abc"], r"trainer.max_steps=abc is not valid: expected int"),
+    "precision unknown": ([], ["--trainer.precision=banana"], r"trainer.precision=banana is not valid: expected .*bf16-mixed"),
+    "every shard corrupt": ([corrupt_every_shard], ["--trainer.limit_val_batches=0"],
+                            r"data.train_shards: every one of the 7 training shards of .*manifest.json is corrupt"),
+}
+
+
+@pytest.mark.parametrize("case", MORE_CASES)
+def test_more_bad_input_is_one_line(tmp_path, text_corpus, capsys, case):
+    edits, extra, message = MORE_CASES[case]
+    corpus = edited_corpus(text_corpus, tmp_path, edits[0]) if edits else text_corpus
+    with pytest.raises(SystemExit) as stopped:
+        cli_main(fit_args(tmp_path / "run", corpus, *extra))
+    assert stopped.value.code == 2
+    err = capsys.readouterr().err
+    assert "usage:" not in err and "Traceback" not in err, err[-3000:]
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("error: ") and "Traceback" not in err and re.search(message, last), last
+    assert not list((tmp_path / "run").rglob("*.ckpt"))
+
+
+@pytest.mark.parametrize("content, what", [("- trainer\n- model\n", "a YAML list"), ("", "empty")])
+def test_a_config_that_is_not_a_mapping_is_one_line(tmp_path, capsys, content, what):
+    config = tmp_path / "config.yaml"
+    config.write_text(content)
+    with pytest.raises(SystemExit) as stopped:
+        cli_main(["fit", "--config", str(config)])
+    err = capsys.readouterr().err
+    assert stopped.value.code == 2 and err.strip() == (f"error: --config {config} is {what}, not a mapping of trainer / "
+                                                       "model / data settings (a run's config.yaml is one)")
+
+
+def test_default_root_dir_that_is_a_file_is_one_line_and_left_alone(tmp_path, text_corpus, capsys):
+    target = tmp_path / "notes.txt"
+    target.write_text("mine\n")
+    with pytest.raises(SystemExit) as stopped:
+        cli_main(fit_args(target, text_corpus))
+    err = capsys.readouterr().err
+    assert stopped.value.code == 2 and "Traceback" not in err
+    assert err.strip().splitlines()[-1] == (f"error: trainer.default_root_dir={target} is a file; give a folder for the "
+                                            "run's logs and checkpoints")
+    assert target.read_text() == "mine\n"
+
+
+def test_generate_with_a_tokenizer_that_is_not_json_and_export_onto_a_file_are_one_line(trained_checkpoint, tmp_path,
+                                                                                        capsys):
+    checkpoint = trained_checkpoint("dense")
+    capsys.readouterr()  # the training run's output
+    not_json = tmp_path / "tokenizer.json"
+    not_json.write_text("x: [1\n")
+    existing = tmp_path / "model"
+    existing.write_text("mine\n")
+    for args, message in (
+            (["generate", "--checkpoint", str(checkpoint), "--tokenizer", str(not_json), "--max-new-tokens", "2"],
+             f"error: tokenizer file {not_json} is not a tokenizers JSON ("),
+            (["export", "--checkpoint", str(checkpoint), "--out", str(existing)],
+             f"error: --out {existing} is a file; export writes a folder")):
+        with pytest.raises(SystemExit) as stopped:
+            cli_main(args)
+        err = capsys.readouterr().err
+        assert stopped.value.code == 2 and len(err.strip().splitlines()) == 1 and err.startswith(message), err
+    assert existing.read_text() == "mine\n"

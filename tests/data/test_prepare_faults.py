@@ -204,3 +204,49 @@ def test_the_manifest_records_each_shards_largest_id(tmp_path, text_tokenizer):
     for info in manifest.splits["train"]:
         documents = shards.read_shard(str(tmp_path / "out" / info.file), info, manifest.dtype, manifest.vocab_size)
         assert info.max_id == max(int(np.max(d)) for d in documents)
+
+
+def children_of(pid: int) -> list[int]:
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid and fields[0] != "Z":
+            found.append(int(stat.parent.name))
+    return found
+
+
+def alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc; the kernel's parent-death signal")
+def test_a_prepare_killed_by_sigkill_takes_its_workers_and_resource_tracker_with_it(tmp_path, text_tokenizer):
+    import time
+
+    train = corpus(tmp_path, 6000)
+    command = ["--output", str(tmp_path / "run"), "--train", str(train), "--tokenizer",
+               str(text_tokenizer), "--shard-tokens", "100000", "--workers", "2", "--no-progress"]
+    prepare_process = subprocess.Popen(
+        [sys.executable, "-c", "import sys\nfrom lit_overtok.data.prepare import main\nmain(sys.argv[1:])", *command],
+        cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}, stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while len(children := children_of(prepare_process.pid)) < 3 and prepare_process.poll() is None:
+        assert time.monotonic() < deadline, "the workers did not start"
+        time.sleep(0.05)
+    assert prepare_process.poll() is None, "prepare finished before it could be killed: give it more text"
+    prepare_process.kill()
+    prepare_process.wait()
+    deadline = time.monotonic() + 30
+    while any(alive(child) for child in children) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    left = [child for child in children if alive(child)]
+    for child in left:  # do not leave them running whatever the outcome
+        os.kill(child, signal.SIGKILL)
+    assert left == [], f"still running after their parent's SIGKILL: {left} of {children}"

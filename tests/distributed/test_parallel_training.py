@@ -15,6 +15,8 @@ Runs, kept few because each costs seconds (forked ranks share the test process's
 from __future__ import annotations
 
 import os
+import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -183,3 +185,52 @@ def test_a_sharded_checkpoint_loads_in_one_process_for_evaluation(two_ranks, ref
         assert_close(value.detach(), expected["params"][name], rtol=1e-4, atol=5e-5, msg=name)
     with torch.no_grad():
         assert_close(network(probe_ids()), expected["logits"], rtol=1e-4, atol=1e-5)
+
+
+SHARD_DAMAGE = {  # issue 22: a flipped byte loaded other weights silently; the others were tracebacks
+    "flipped byte in a shard": (lambda f: _flip(next(f.glob("*.distcp"))), "do not match the CRC-32 recorded"),
+    "truncated shard": (lambda f: _truncate(next(f.glob("*.distcp"))), r"bytes, \d+ when it was saved"),
+    "empty meta.pt": (lambda f: (f / "meta.pt").write_bytes(b""), r"meta.pt is 0 bytes"),
+    "missing shard": (lambda f: next(f.glob("*.distcp")).unlink(), "is missing from the sharded checkpoint"),
+}
+
+
+def _flip(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
+def _truncate(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[:-100])
+
+
+def test_every_reader_takes_a_sharded_oe_checkpoint_and_refuses_a_damaged_one_in_one_line(two_nodes, tmp_path,
+                                                                                          capsys):
+    from lit_overtok.checkpointing.inference import read_checkpoint
+    from lit_overtok.checkpointing.integrity import CheckpointError
+    from lit_overtok.cli.main import main as cli_main
+
+    source = two_nodes / "checkpoints" / "step=4.ckpt"  # ShardedDDPStrategy, row-sharded OE tables
+    assert (source / "checksums.json").is_file()
+    readers = {
+        "generate": ["generate", "--checkpoint", "{}", "--tokenizer", "grammar:cfg3f", "--max-new-tokens", "3"],
+        "export": ["export", "--checkpoint", "{}", "--out", str(tmp_path / "hf"), "--tokenizer", "grammar:cfg3f"],
+        "strip": ["strip", "--checkpoint", "{}", "--out", str(tmp_path / "small.ckpt")],
+    }
+    for args in readers.values():
+        cli_main([str(source) if a == "{}" else a for a in args])
+    assert (tmp_path / "hf" / "config.json").is_file() and (tmp_path / "small.ckpt").is_file()
+    for kind, (damage, message) in SHARD_DAMAGE.items():
+        folder = tmp_path / kind.replace(" ", "_")
+        shutil.copytree(source, folder)
+        damage(folder)
+        with pytest.raises(CheckpointError, match=message):
+            read_checkpoint(folder)
+        capsys.readouterr()
+        for name, args in readers.items():
+            with pytest.raises(SystemExit) as stopped:
+                cli_main([str(folder) if a == "{}" else a for a in args])
+            err = capsys.readouterr().err
+            assert stopped.value.code == 2 and len(err.strip().splitlines()) == 1 and re.search(message, err), \
+                (kind, name, err)

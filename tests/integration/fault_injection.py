@@ -64,3 +64,41 @@ class FileSizeLimitAfter(Callback):
         if trainer.global_step == self.step:
             signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a refused write, not a killed process
             resource.setrlimit(resource.RLIMIT_FSIZE, (self.limit_bytes, resource.RLIM_INFINITY))
+
+
+class KillAfterSaving(Callback):
+    """SIGKILL this process right after the checkpoint of step ``step`` is written (before anything else happens)."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def setup(self, trainer, pl_module, stage) -> None:
+        from lit_overtok.checkpointing import files
+
+        save = files.save_atomically
+
+        def save_then_die(checkpoint, path):
+            save(checkpoint, path)
+            if trainer.global_step == self.step:
+                os.kill(os.getpid(), signal.SIGKILL)
+
+        files.save_atomically = save_then_die
+
+
+class FullDiskForEventsAfter(Callback):
+    """From optimizer step ``step`` on, every write to the TensorBoard event file fails with ENOSPC (a full disk)."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if trainer.global_step == self.step:
+            import errno
+
+            event_file = trainer.logger.experiment.file_writer.event_writer._general_file_writer
+
+            def full(*args, **kwargs):
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+            event_file.write = full
+            event_file.flush = full
