@@ -55,7 +55,6 @@ def family_configs(args, m: int) -> dict:
 
 
 def main() -> None:
-    sys.stdout.reconfigure(line_buffering=True)
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="a smaller backbone, two small m: under a minute")
     parser.add_argument("--m", type=int, nargs="+", help="OE table sizes setting the budgets (default: %s)" % FULL_M)
@@ -68,6 +67,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--threads", type=int, default=1, help="torch threads; 1 (default) is steadier when shared")
     args = parser.parse_args()
+    sys.stdout.reconfigure(line_buffering=True)  # progress shows up even when stdout is a file
     if args.quick:
         args.layers, args.d_model, args.vocab, args.seq_len, args.batch = 2, 128, 4096, 64, 4
         args.repeats, args.warmup = 5, 1

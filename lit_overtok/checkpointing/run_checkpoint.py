@@ -184,7 +184,8 @@ class RunCheckpoint(ModelCheckpoint):
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         if isinstance(exception, SIGTERMException) and not trainer.sanity_checking:
             signum = self._stop_signal or signal.SIGTERM
-            self._save_current_step(trainer)
+            if trainer.global_step > 0:  # before the first optimizer step there is nothing to continue from
+                self._save_current_step(trainer)
             saved = self.last_model_path or self._last_checkpoint_saved
             rank_zero_info(f"stopped by {signal.Signals(signum).name} after step {trainer.global_step}; "
                            + (f"checkpoint {saved}" if saved else "nothing was saved (no optimizer step had completed)"))

@@ -41,11 +41,11 @@ def main(argv: Optional[list[str]] = None) -> Path:
     parser.add_argument("--eos-token", default="<|endoftext|>", help="the end-of-text token of a tokenizers JSON")
     args = parser.parse_args(argv)
 
-    out = output_path(args.out, args.checkpoint, "hf")
-    if out.exists() and not out.is_dir():
-        raise InputError(f"--out {out} is a file; export writes a folder (config, weights, tokenizer): give a new "
+    if args.out is not None and Path(args.out).exists() and not Path(args.out).is_dir():
+        raise InputError(f"--out {args.out} is a file; export writes a folder (config, weights, tokenizer): give a new "
                          "or existing folder")
-    model, info = load_transformer(args.checkpoint)
+    model, info = load_transformer(args.checkpoint)  # verified first: a damaged checkpoint replaces nothing
+    out = output_path(args.out, args.checkpoint, "hf")
     spec = info.tokenizer.resolve(args.tokenizer, args.allow_tokenizer_change)  # never an export without one
     tokenizer = load_tokenizer(spec) if spec.startswith("grammar:") else TextTokenizer(spec, args.eos_token)
     if tokenizer.vocab_size > model.cfg.vocab_size:

@@ -292,7 +292,7 @@ def test_when_every_shard_is_corrupt_the_stream_fails_instead_of_spinning(tmp_pa
     for index in range(2):
         truncate(corpus / shard_file_name("train", index))
     dm = as_rank(WebDatasetDataModule(str(corpus), seq_len=15, batch_size=2, num_workers=0), 0, 1)
-    with pytest.warns(CorruptShardWarning), pytest.raises(RuntimeError, match="every one of the 2 training shards"):
+    with pytest.warns(CorruptShardWarning), pytest.raises(ManifestError, match="every one of the 2 training shards"):
         take(dm.train_dataloader(), 1)
 
 

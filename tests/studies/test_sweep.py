@@ -52,7 +52,8 @@ def test_a_grid_run_twice_gives_the_same_losses_bit_for_bit_in_parallel_beside_a
     assert scalars(Path(first) / "base" / "seed1")["train/loss"][1].tobytes() != \
         scalars(Path(first) / "oe" / "seed1")["train/loss"][1].tobytes()
     done = json.loads((Path(first) / "oe" / "seed1" / "done.json").read_text())
-    assert done["attempts"] == 1 and done["cpu_seconds"] > 0 and done["checkpoint"].endswith("last.ckpt")
+    last = Path(first) / "oe" / "seed1" / "version_0" / "checkpoints" / "last.ckpt"
+    assert done["attempts"] == 1 and done["cpu_seconds"] > 0 and Path(done["checkpoint"]).resolve() == last.resolve()
 
 
 def test_finished_points_are_skipped_and_changed_arguments_refused(tiny_sweep, capsys):

@@ -32,11 +32,11 @@ def test_every_next_command_of_a_text_run_works_as_printed(text_corpus, paper_da
     fit_text(tmp_path / "run", text_corpus, 2)
     commands = next_commands(capsys.readouterr().out)
     assert set(commands) == {"score it", "sample it", "export it"}
-    monkeypatch.chdir(tmp_path)  # where a user would run them (evaluate.py writes eval_results/ there)
+    monkeypatch.chdir(tmp_path)  # where a user would run them: their outputs land in the run folder, not here
     for name, argv in commands.items():
         assert argv[0] == "python" and (REPO / argv[1]).is_file(), argv
         # Scoring the paper's tasks needs their data: this test's few documents, and one of each.
         extra = ["--data-dir", str(paper_data), "--limit", "1"] if name == "score it" else []
         exit_on_user_error(SCRIPTS[argv[1]], argv[2:] + extra)
-    assert (tmp_path / "eval_results" / "summary.md").is_file()
+    assert (tmp_path / "run" / "version_0" / "eval" / "summary.md").is_file() and not (tmp_path / "eval_results").exists()
     assert (tmp_path / "run" / "version_0" / "hf" / "tokenizer.json").is_file()
