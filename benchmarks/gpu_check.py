@@ -92,27 +92,27 @@ def shrunk(preset: str, sizes: dict, smoke: bool, **overrides) -> ModelConfig:
     return ModelConfig(**{**shape, **overrides})
 
 
-def train(cfg: ModelConfig, sizes: dict, device: torch.device, peak: float) -> dict[str, Any]:
+def train(config: ModelConfig, sizes: dict, device: torch.device, peak: float) -> dict[str, Any]:
     """bf16-mixed Lightning steps on random tokens: step time, throughput, MFU, peak memory, losses."""
     pl.seed_everything(0, verbose=False)
-    module = OverTokLM(model_config=cfg, optimizer={"lr": 3e-4, "warmup_steps": 2})
+    module = OverTokLM(model_config=config, optimizer={"lr": 3e-4, "warmup_steps": 2})
     timer = SyncedStepTimer()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     trainer = pl.Trainer(accelerator=device.type, devices=1, max_steps=sizes["steps"], precision="bf16-mixed",
                          logger=False, enable_checkpointing=False, enable_progress_bar=False,
                          enable_model_summary=False, callbacks=[timer], gradient_clip_val=1.0, limit_val_batches=0)
-    batches = list(random_batches(cfg.vocab_size, sizes["batch"], sizes["seq_len"], sizes["steps"]))
+    batches = list(random_batches(config.vocab_size, sizes["batch"], sizes["seq_len"], sizes["steps"]))
     trainer.fit(module, train_dataloaders=DataLoader(batches, batch_size=None))
     step_s = statistics.median(timer.times[sizes["warmup"]:])
     tokens_per_s = sizes["batch"] * sizes["seq_len"] / step_s
-    model_flops = flops_per_token(cfg, sizes["seq_len"]) * tokens_per_s
-    counts = parameter_counts(cfg)
+    model_flops = flops_per_token(config, sizes["seq_len"]) * tokens_per_s
+    counts = parameter_counts(config)
     return {"step_s": step_s, "tokens_per_s": tokens_per_s, "model_flops_per_s": model_flops,
             "mfu": model_flops / peak, "active_params": counts.active, "total_params": counts.total,
             "peak_memory_bytes": torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None,
-            "losses": timer.losses, "batch": sizes["batch"], "seq_len": sizes["seq_len"], "layers": cfg.n_layer,
-            "d_model": cfg.d_model}
+            "losses": timer.losses, "batch": sizes["batch"], "seq_len": sizes["seq_len"], "layers": config.n_layer,
+            "d_model": config.d_model}
 
 
 def moe_parity(sizes: dict, device: torch.device, smoke: bool) -> dict[str, Any]:

@@ -30,9 +30,9 @@ from lit_overtok.optim.build import build_optimizer
 from lit_overtok.optim.config import OptimizerConfig
 
 
-def build(cfg: ModelConfig):
+def build(config: ModelConfig):
     torch.manual_seed(0)
-    model = Transformer(cfg).train()
+    model = Transformer(config).train()
     optimizer, _ = build_optimizer(model, OptimizerConfig(), total_steps=1000)
     return model, optimizer
 

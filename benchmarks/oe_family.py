@@ -87,11 +87,11 @@ def main() -> None:
         if "engram" not in configs and not notes:
             notes.append("engram skipped: lit_overtok.nn.engram is not in this checkout")
             print(notes[-1])
-        for family, cfg in configs.items():
-            tables = sum(parameter_counts(cfg).memory_tables.values())
+        for family, config in configs.items():
+            tables = sum(parameter_counts(config).memory_tables.values())
             if family == "engram" and tables == 0:  # its tables may not be marked with a memory_family
-                tables = cfg.engram.table_parameters()
-            timing = measure(baseline, Trainee(cfg), batches, args.warmup)
+                tables = config.engram.table_parameters()
+            timing = measure(baseline, Trainee(config), batches, args.warmup)
             results.append({"family": family, "m": m, "table_parameters": tables,
                             "step_time_ratio": round(timing["step_time_ratio"], 4),
                             "median_ratio": round(timing["median_ratio"], 4),

@@ -63,9 +63,9 @@ def main() -> None:
     device = torch.device(args.device)
     configs = variants(args)
     models, optimizers = {}, {}
-    for name, cfg in configs.items():
+    for name, config in configs.items():
         torch.manual_seed(0)
-        models[name] = Transformer(cfg).to(device)
+        models[name] = Transformer(config).to(device)
         optimizers[name] = torch.optim.AdamW(models[name].parameters(), lr=1e-4)
     generator = torch.Generator().manual_seed(0)
     ids_BT = torch.randint(0, args.vocab, (args.batch, args.seq_len + 1), generator=generator).to(device)
@@ -94,7 +94,7 @@ def main() -> None:
         for name in order:
             times[name].append(step(name))
     median = {name: statistics.median(t) for name, t in times.items()}
-    flops = {name: flops_per_token(cfg, args.seq_len) for name, cfg in configs.items()}
+    flops = {name: flops_per_token(config, args.seq_len) for name, config in configs.items()}
     print(f"device {device} ({torch.get_num_threads()} CPU threads), {args.layers} layers, d_model {args.d_model}, "
           f"vocab {args.vocab}, seq {args.seq_len}, batch {args.batch}, n {args.n}, {args.rounds} interleaved rounds")
     result = {}

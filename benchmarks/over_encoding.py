@@ -50,9 +50,9 @@ def backbone(args, over_encoding=None) -> ModelConfig:
 class Trainee:
     """A model, its optimizer (built exactly as training builds it) and a timed training step."""
 
-    def __init__(self, cfg: ModelConfig, row_semantics: str = "adamw") -> None:
+    def __init__(self, config: ModelConfig, row_semantics: str = "adamw") -> None:
         torch.manual_seed(0)
-        self.transformer = Transformer(cfg)
+        self.transformer = Transformer(config)
         optimizer = OptimizerConfig(lr=1e-3, warmup_steps=0, sparse_row_semantics=row_semantics)
         self.optimizer, _ = build_optimizer(self.transformer, optimizer, total_steps=1000)
         self.clip = self.optimizer.clip_grad_norm_ if isinstance(self.optimizer, hooks.ClipsOwnGradients) else None

@@ -77,10 +77,10 @@ MEMORY_CASE = dict(vocab_size=100_278, seq_len=2048, batch_size=2, n_layer=2, d_
 FUSED_LOSS_CHUNK_LOGITS = 1 << 23  # 8M logits = 32 MiB in fp32 per chunk
 
 
-def timed_training(cfg: ModelConfig, args, steps: int, warmup: int) -> float:
-    """Median step time of real Lightning training steps of ``cfg``."""
+def timed_training(config: ModelConfig, args, steps: int, warmup: int) -> float:
+    """Median step time of real Lightning training steps of ``config``."""
     pl.seed_everything(0, verbose=False)
-    module = OverTokLM(model_config=cfg, optimizer=OptimizerConfig(lr=3e-4, warmup_steps=2))
+    module = OverTokLM(model_config=config, optimizer=OptimizerConfig(lr=3e-4, warmup_steps=2))
     timer = StepTimer()
     trainer = pl.Trainer(max_steps=steps, logger=False, enable_checkpointing=False, enable_progress_bar=False,
                          enable_model_summary=False, callbacks=[timer], precision=args.precision,
@@ -90,13 +90,13 @@ def timed_training(cfg: ModelConfig, args, steps: int, warmup: int) -> float:
     return statistics.median(timer.times[warmup:])
 
 
-def warmed_up_step(cfg: ModelConfig, batch_size: int, seq_len: int, clip_grad: bool) -> Callable[[], None]:
-    """One plain fp32 training step of ``cfg`` on fixed random ids (forward, loss, backward, [clipping,] AdamW,
+def warmed_up_step(config: ModelConfig, batch_size: int, seq_len: int, clip_grad: bool) -> Callable[[], None]:
+    """One plain fp32 training step of ``config`` on fixed random ids (forward, loss, backward, [clipping,] AdamW,
     zero_grad), already run once so that AdamW's moments exist and each measured step starts from the same state."""
     torch.manual_seed(0)
-    model = Transformer(cfg)
+    model = Transformer(config)
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-4)
-    ids_BT = torch.randint(0, cfg.vocab_size, (batch_size, seq_len + 1))
+    ids_BT = torch.randint(0, config.vocab_size, (batch_size, seq_len + 1))
 
     def step() -> None:
         model.loss(ids_BT[:, :-1], ids_BT[:, 1:])[0].backward()
@@ -109,9 +109,9 @@ def warmed_up_step(cfg: ModelConfig, batch_size: int, seq_len: int, clip_grad: b
     return step
 
 
-def peak_step_memory(cfg: ModelConfig, batch_size: int, seq_len: int) -> float:
+def peak_step_memory(config: ModelConfig, batch_size: int, seq_len: int) -> float:
     """Peak bytes held during one fp32 training step (after a warm-up step), from the profiler's memory timeline."""
-    step = warmed_up_step(cfg, batch_size, seq_len, clip_grad=False)
+    step = warmed_up_step(config, batch_size, seq_len, clip_grad=False)
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True,
                                 record_shapes=True, with_stack=True) as prof:
         step()
@@ -124,9 +124,9 @@ def peak_step_memory(cfg: ModelConfig, batch_size: int, seq_len: int) -> float:
     return max(sum(sizes) for sizes in sizes_by_category)
 
 
-def profile_table(cfg: ModelConfig, batch_size: int, seq_len: int, rows: int = 15) -> str:
+def profile_table(config: ModelConfig, batch_size: int, seq_len: int, rows: int = 15) -> str:
     """Where one eager training step's time goes: the profiler's op table by self CPU time (after a warm-up step)."""
-    step = warmed_up_step(cfg, batch_size, seq_len, clip_grad=True)
+    step = warmed_up_step(config, batch_size, seq_len, clip_grad=True)
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
         step()
     return prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows)
@@ -134,11 +134,11 @@ def profile_table(cfg: ModelConfig, batch_size: int, seq_len: int, rows: int = 1
 
 def memory_case() -> dict:
     case = MEMORY_CASE
-    cfg = ModelConfig(preset=None, vocab_size=case["vocab_size"], n_layer=case["n_layer"], d_model=case["d_model"],
+    config = ModelConfig(preset=None, vocab_size=case["vocab_size"], n_layer=case["n_layer"], d_model=case["d_model"],
                       n_head=case["n_head"], d_ff=case["d_ff"], max_seq_len=case["seq_len"], tie_embeddings=False,
                       vocab_pad_multiple=128)
-    plain = peak_step_memory(cfg, case["batch_size"], case["seq_len"])
-    fused = peak_step_memory(cfg.replace(loss_chunk_logits=FUSED_LOSS_CHUNK_LOGITS), case["batch_size"], case["seq_len"])
+    plain = peak_step_memory(config, case["batch_size"], case["seq_len"])
+    fused = peak_step_memory(config.replace(loss_chunk_logits=FUSED_LOSS_CHUNK_LOGITS), case["batch_size"], case["seq_len"])
     return {
         "memory_case": case, "memory_measured_with": "torch.profiler memory timeline (CPU, all categories)",
         "fused_loss_chunk_logits": FUSED_LOSS_CHUNK_LOGITS,
@@ -176,17 +176,17 @@ def main() -> None:
         "fp32": matmul_peak_flops(torch.float32, 2048, 3 if args.quick else 6),
         "bf16": matmul_peak_flops(torch.bfloat16, 2048, 3 if args.quick else 6),
     }
-    cfg = ModelConfig(preset=None, vocab_size=args.vocab_size, n_layer=n_layer, d_model=512, n_head=8, d_ff=2048,
+    config = ModelConfig(preset=None, vocab_size=args.vocab_size, n_layer=n_layer, d_model=512, n_head=8, d_ff=2048,
                       max_seq_len=args.seq_len, tie_embeddings=False, vocab_pad_multiple=128,
                       loss_chunk_logits=FUSED_LOSS_CHUNK_LOGITS if args.fused_loss else None,
                       activation_checkpointing=args.activation_checkpointing)
     peak = peaks["bf16" if args.precision == "bf16-mixed" else "fp32"]
-    flops_per_step = flops_per_token(cfg, args.seq_len) * args.batch_size * args.seq_len
-    step_time = timed_training(cfg, args, steps, warmup)
+    flops_per_step = flops_per_token(config, args.seq_len) * args.batch_size * args.seq_len
+    step_time = timed_training(config, args, steps, warmup)
     result.update({
         "precision": args.precision, "fused_loss": args.fused_loss, "activation_checkpointing": args.activation_checkpointing,
         "n_layer": n_layer, "d_model": 512, "batch_size": args.batch_size, "seq_len": args.seq_len,
-        "non_embedding_params": parameter_counts(cfg).non_embedding,
+        "non_embedding_params": parameter_counts(config).non_embedding,
         "step_time_s": round(step_time, 4),
         "tokens_per_s": round(args.batch_size * args.seq_len / step_time, 1),
         "model_flops_per_s": flops_per_step / step_time,
@@ -196,10 +196,10 @@ def main() -> None:
         "mfu": round(flops_per_step / step_time / peak, 4),
     })
     if args.profile:
-        print(profile_table(cfg, args.batch_size, args.seq_len), file=sys.stderr)
+        print(profile_table(config, args.batch_size, args.seq_len), file=sys.stderr)
     if args.compile:
         # One more warm-up step: the first steps also compile (forward and backward graphs).
-        compiled_time = timed_training(cfg.replace(compile_blocks=True), args, steps + 1, warmup + 1)
+        compiled_time = timed_training(config.replace(compile_blocks=True), args, steps + 1, warmup + 1)
         result.update({
             "step_time_compiled_s": round(compiled_time, 4),
             "tokens_per_s_compiled": round(args.batch_size * args.seq_len / compiled_time, 1),

@@ -48,9 +48,9 @@ def main(argv: Optional[list[str]] = None) -> Path:
     out = output_path(args.out, args.checkpoint, "hf")
     spec = info.tokenizer.resolve(args.tokenizer, args.allow_tokenizer_change)  # never an export without one
     tokenizer = load_tokenizer(spec) if spec.startswith("grammar:") else TextTokenizer(spec, args.eos_token)
-    if tokenizer.vocab_size > model.cfg.vocab_size:
+    if tokenizer.vocab_size > model.config.vocab_size:
         raise ValueError(f"tokenizer {tokenizer.name} has {tokenizer.vocab_size} tokens but the model's vocabulary "
-                         f"is {model.cfg.vocab_size}; export with the tokenizer the model was trained with")
+                         f"is {model.config.vocab_size}; export with the tokenizer the model was trained with")
     if isinstance(tokenizer, GrammarTokenizer):
         out.mkdir(parents=True, exist_ok=True)
         tokenizer.save_tokenizers_json(out / "tokenizer.json")

@@ -58,9 +58,9 @@ def main(argv: Optional[list[str]] = None) -> list[str]:
     args = parse_args(argv)
     model, info = load_transformer(args.checkpoint)
     tokenizer = load_tokenizer(info.tokenizer.resolve(args.tokenizer, args.allow_tokenizer_change))
-    if tokenizer.vocab_size > model.cfg.vocab_size:
+    if tokenizer.vocab_size > model.config.vocab_size:
         raise ValueError(f"tokenizer {tokenizer.name} has {tokenizer.vocab_size} tokens but the model's vocabulary is "
-                         f"{model.cfg.vocab_size}; use the tokenizer the model was trained with")
+                         f"{model.config.vocab_size}; use the tokenizer the model was trained with")
     device = torch.device(args.device)
     model = model.to(device)
     start_id = tokenizer.bos_id if tokenizer.bos_id is not None else tokenizer.eot_id
@@ -70,9 +70,9 @@ def main(argv: Optional[list[str]] = None) -> list[str]:
     samples = []
     for prompt in args.prompt or [""]:
         ids = tokenizer.encode(prompt) if prompt else [start_id]
-        if len(ids) >= model.cfg.max_seq_len:
+        if len(ids) >= model.config.max_seq_len:
             raise ValueError(f"prompt {prompt[:40]!r} is {len(ids)} tokens; the model's context is "
-                             f"{model.cfg.max_seq_len} (model_config.max_seq_len)")
+                             f"{model.config.max_seq_len} (model_config.max_seq_len)")
         prompt_BT = torch.tensor([ids] * args.num_samples, device=device)
         with autocast:
             out_BT = generate(model, prompt_BT, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,

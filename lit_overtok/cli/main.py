@@ -71,8 +71,8 @@ class OverTokArgumentParser(LightningArgumentParser):
     """Dumps (``--print_config``, the saved ``config.yaml``) show the model config with its preset resolved; a value
     of the wrong type is one line (jsonargparse prints its 60-line usage first)."""
 
-    def dump(self, cfg, *args, **kwargs):
-        return super().dump(resolve_model_config(cfg), *args, **kwargs)
+    def dump(self, config, *args, **kwargs):
+        return super().dump(resolve_model_config(config), *args, **kwargs)
 
     def error(self, message: str, ex: Optional[Exception] = None):
         if not self.exit_on_error or os.environ.get("LIT_OVERTOK_TRACEBACK"):

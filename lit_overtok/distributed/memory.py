@@ -54,13 +54,13 @@ class MemoryEstimate:
                 f"total {self.total / GIB:.3g}{fits}")
 
 
-def estimate_per_rank(cfg: ModelConfig, world: int, fsdp: bool = False, ddp: bool = False,
+def estimate_per_rank(config: ModelConfig, world: int, fsdp: bool = False, ddp: bool = False,
                       precision: str = "32-true") -> MemoryEstimate:
     param_bytes = 2 if str(precision) in _HALF_PRECISIONS else 4
-    counts = parameter_counts(cfg)
-    oe = cfg.over_encoding
+    counts = parameter_counts(config)
+    oe = config.over_encoding
     table_rows = sum(oe.row_counts()) if oe is not None else 0
-    table_width = oe.slice_width(cfg.d_model) if oe is not None else 0
+    table_width = oe.slice_width(config.d_model) if oe is not None else 0
     dense = counts.total - table_rows * table_width
     dense_share = math.ceil(dense / world) if fsdp else dense
     weights = dense_share * param_bytes
@@ -88,25 +88,25 @@ def device_capacity(device: torch.device, processes_per_node: int) -> tuple[int,
     return host // max(1, processes_per_node), f"the host's memory shared by {processes_per_node} rank(s)"
 
 
-def devices_needed(cfg: ModelConfig, capacity: int, precision: str) -> Optional[int]:
+def devices_needed(config: ModelConfig, capacity: int, precision: str) -> Optional[int]:
     """The smallest power-of-two world size at which FSDP2 with sharded tables fits ``capacity``; None beyond 2^16."""
     for exponent in range(17):
         world = 2**exponent
-        if estimate_per_rank(sharded_variant(cfg), world, fsdp=True, precision=precision).total <= capacity:
+        if estimate_per_rank(sharded_variant(config), world, fsdp=True, precision=precision).total <= capacity:
             return world
     return None
 
 
-def sharded_variant(cfg: ModelConfig) -> ModelConfig:
-    if cfg.over_encoding is None or cfg.over_encoding.sharded:
-        return cfg
-    return cfg.replace(over_encoding=dataclasses.replace(cfg.over_encoding, sharded=True))
+def sharded_variant(config: ModelConfig) -> ModelConfig:
+    if config.over_encoding is None or config.over_encoding.sharded:
+        return config
+    return config.replace(over_encoding=dataclasses.replace(config.over_encoding, sharded=True))
 
 
-def check_fits(estimate: MemoryEstimate, capacity: int, device: str, cfg: ModelConfig, precision: str) -> None:
+def check_fits(estimate: MemoryEstimate, capacity: int, device: str, config: ModelConfig, precision: str) -> None:
     if estimate.total <= capacity:
         return
-    needed = devices_needed(cfg, capacity, precision)
+    needed = devices_needed(config, capacity, precision)
     hint = ("no world size up to 65536 fits it" if needed is None else
             f"FSDP2Strategy with over_encoding.sharded: true fits it from {needed} devices")
     raise ValueError(f"this configuration does not fit the declared devices: {estimate.report(capacity, device)}; "

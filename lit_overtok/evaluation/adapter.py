@@ -103,19 +103,19 @@ class OverTokEvalLM(TemplateLM):
         transformer = model if isinstance(model, Transformer) else getattr(model, "transformer", None)
         if not isinstance(transformer, Transformer):
             raise TypeError(f"model must be a lit_overtok Transformer or hold one as .transformer, got {type(model).__name__}")
-        if tokenizer.vocab_size > transformer.cfg.vocab_size:
+        if tokenizer.vocab_size > transformer.config.vocab_size:
             raise ValueError(
                 f"tokenizer {tokenizer.name} has {tokenizer.vocab_size} tokens but the model's vocabulary is "
-                f"{transformer.cfg.vocab_size}; evaluate with the tokenizer the model was trained with"
+                f"{transformer.config.vocab_size}; evaluate with the tokenizer the model was trained with"
             )
         for name, value in (("batch_size", batch_size), ("max_batch_tokens", max_batch_tokens), ("max_gen_toks", max_gen_toks)):
             if value <= 0:
                 raise ValueError(f"{name} must be positive, got {value}")
         self.transformer, self.tokenizer_ = transformer, tokenizer
         self.batch_size, self.max_batch_tokens, self.max_gen_toks = batch_size, max_batch_tokens, max_gen_toks
-        self.max_length = max_length or transformer.cfg.max_seq_len
-        if not 1 <= self.max_length <= transformer.cfg.max_seq_len:
-            raise ValueError(f"max_length must be in 1..model.max_seq_len={transformer.cfg.max_seq_len}, got {max_length}")
+        self.max_length = max_length or transformer.config.max_seq_len
+        if not 1 <= self.max_length <= transformer.config.max_seq_len:
+            raise ValueError(f"max_length must be in 1..model.max_seq_len={transformer.config.max_seq_len}, got {max_length}")
         self.seed, self.progress = seed, progress
 
     # ------------------------------------------------------------------------------------- lm-eval plumbing
@@ -242,8 +242,8 @@ class OverTokEvalLM(TemplateLM):
         target_N = torch.tensor(request_target, device=device)
         token_logprob_N = torch.empty(len(request_pair), dtype=torch.float32, device=device)
         token_greedy_N = torch.empty(len(request_pair), dtype=torch.bool, device=device)
-        cfg = self.transformer.cfg
-        chunk = positions_per_chunk(cfg.loss_chunk_logits or _MAX_LOGIT_ELEMENTS, cfg.vocab_size)
+        config = self.transformer.config
+        chunk = positions_per_chunk(config.loss_chunk_logits or _MAX_LOGIT_ELEMENTS, config.vocab_size)
         for start in range(0, hidden_ND.shape[0], chunk):
             logits_NV = self.transformer.lm_head(hidden_ND[start:start + chunk]).float()
             logprobs_NV = torch.log_softmax(logits_NV, dim=-1)

@@ -61,56 +61,56 @@ class ExportError(ValueError):
     """A model this exporter cannot express (the message says what and why)."""
 
 
-def is_joint(cfg: ModelConfig) -> bool:
-    return cfg.multi_token is not None and cfg.multi_token.mode == "joint"
+def is_joint(config: ModelConfig) -> bool:
+    return config.multi_token is not None and config.multi_token.mode == "joint"
 
 
-def hf_config(cfg: ModelConfig, model_type: str, architecture: str) -> dict:
+def hf_config(config: ModelConfig, model_type: str, architecture: str) -> dict:
     """config.json of the native class; every value the class defaults differently from ours is written."""
-    config = {
+    fields = {
         "architectures": [architecture],
         "model_type": model_type,
-        "vocab_size": cfg.vocab_size,
-        "hidden_size": cfg.d_model,
-        "num_hidden_layers": cfg.n_layer,
-        "num_attention_heads": cfg.n_head,
-        "num_key_value_heads": cfg.n_head,
-        "head_dim": cfg.head_dim,
+        "vocab_size": config.vocab_size,
+        "hidden_size": config.d_model,
+        "num_hidden_layers": config.n_layer,
+        "num_attention_heads": config.n_head,
+        "num_key_value_heads": config.n_head,
+        "head_dim": config.head_dim,
         "hidden_act": "silu",
-        "max_position_embeddings": cfg.max_seq_len,
-        "rms_norm_eps": cfg.norm_eps,
+        "max_position_embeddings": config.max_seq_len,
+        "rms_norm_eps": config.norm_eps,
         # transformers 5 reads rope_parameters, 4.x rope_theta: the same number. Their class defaults (1e-5 eps,
         # theta 10k for Olmo2 and OLMoE) are not ours, so both are always written.
-        "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta},
-        "rope_theta": cfg.rope_theta,
+        "rope_parameters": {"rope_type": "default", "rope_theta": config.rope_theta},
+        "rope_theta": config.rope_theta,
         "attention_bias": False,
         "attention_dropout": 0.0,
-        "tie_word_embeddings": bool(cfg.tie_embeddings),
-        "initializer_range": cfg.init_std,
+        "tie_word_embeddings": bool(config.tie_embeddings),
+        "initializer_range": config.init_std,
         "use_cache": True,
         "pad_token_id": None,  # transformers' defaults are OLMo's ids; export_to_hf sets ours from the tokenizer
         "bos_token_id": None,
         "eos_token_id": None,
     }
-    if cfg.moe is not None:
-        config.update({
-            "intermediate_size": cfg.moe.expert_d_ff,
-            "num_experts": cfg.moe.num_experts,
-            "num_experts_per_tok": cfg.moe.top_k,
-            "norm_topk_prob": bool(cfg.moe.renormalize),
-            "router_aux_loss_coef": cfg.moe.lb_loss_weight,  # recorded only: auxiliary losses are training-only
+    if config.moe is not None:
+        fields.update({
+            "intermediate_size": config.moe.expert_d_ff,
+            "num_experts": config.moe.num_experts,
+            "num_experts_per_tok": config.moe.top_k,
+            "norm_topk_prob": bool(config.moe.renormalize),
+            "router_aux_loss_coef": config.moe.lb_loss_weight,  # recorded only: auxiliary losses are training-only
             "output_router_logits": False,
         })
         if model_type == "olmoe":
-            config["clip_qkv"] = None
+            fields["clip_qkv"] = None
     else:
-        config["intermediate_size"] = cfg.d_ff
-    return config
+        fields["intermediate_size"] = config.d_ff
+    return fields
 
 
 def map_state_dict(model: Transformer, expert_layout: str = "per_expert") -> dict[str, torch.Tensor]:
     """Our tensors under transformers' names; an ``ExportError`` for any tensor it does not know where to put."""
-    cfg, V = model.cfg, model.cfg.vocab_size
+    config, V = model.config, model.config.vocab_size
     ours = model.state_dict()
     out: dict[str, torch.Tensor] = {}
     used: set[str] = set()
@@ -120,22 +120,22 @@ def map_state_dict(model: Transformer, expert_layout: str = "per_expert") -> dic
         return ours[name]
 
     out["model.embed_tokens.weight"] = take("embed.wte.weight")[:V]
-    if cfg.over_encoding is not None:
-        for name in ("tables.weight", "proj.weight", "proj.bias")[:3 if cfg.over_encoding.proj_bias else 2]:
+    if config.over_encoding is not None:
+        for name in ("tables.weight", "proj.weight", "proj.bias")[:3 if config.over_encoding.proj_bias else 2]:
             out[f"model.over_encoding.{name}"] = take(f"embed.{name}")
-    if cfg.engram is not None:  # its map and multipliers go to config.json (``engram_fields``)
+    if config.engram is not None:  # its map and multipliers go to config.json (``engram_fields``)
         used.update(name for name in ours if name.startswith("engram.")
                     and (name == "engram.compressed_ids" or name.endswith(".multipliers")))
         for name in ours:
             if name.startswith("engram.") and name not in used:
                 out[f"model.{name}"] = take(name)
-    for i in range(cfg.n_layer):
+    for i in range(config.n_layer):
         src, dst = f"blocks.{i}.", f"model.layers.{i}."
         for proj in ("q_proj", "k_proj", "v_proj", "o_proj", "q_norm", "k_norm"):
             out[f"{dst}self_attn.{proj}.weight"] = take(f"{src}attention.{proj}.weight")
-        for our_norm, their_norm in _NORM_NAMES[cfg.block].items():
+        for our_norm, their_norm in _NORM_NAMES[config.block].items():
             out[f"{dst}{their_norm}.weight"] = take(f"{src}{our_norm}.weight")
-        if cfg.moe is None:
+        if config.moe is None:
             for our_name, their_name in (("w1", "gate_proj"), ("w3", "up_proj"), ("w2", "down_proj")):
                 out[f"{dst}mlp.{their_name}.weight"] = take(f"{src}feed_forward.{our_name}.weight")
             continue
@@ -148,14 +148,14 @@ def map_state_dict(model: Transformer, expert_layout: str = "per_expert") -> dic
             out[f"{dst}mlp.experts.gate_up_proj"] = torch.cat([w1_EDF, w3_EDF], dim=2).transpose(1, 2)
             out[f"{dst}mlp.experts.down_proj"] = w2_EFD.transpose(1, 2)
         else:  # one Linear per expert: the published OLMoE files, read by transformers 4 and 5 and by vLLM
-            for e in range(cfg.moe.num_experts):
+            for e in range(config.moe.num_experts):
                 out[f"{dst}mlp.experts.{e}.gate_proj.weight"] = w1_EDF[e].T
                 out[f"{dst}mlp.experts.{e}.up_proj.weight"] = w3_EDF[e].T
                 out[f"{dst}mlp.experts.{e}.down_proj.weight"] = w2_EFD[e].T
     out["model.norm.weight"] = take("norm.weight")
-    if is_joint(cfg):
+    if is_joint(config):
         out["lm_head.weight"] = take("lm_head.proj.weight")  # (V^n, D): the remote class marginalises it
-    elif cfg.tie_embeddings:
+    elif config.tie_embeddings:
         used.add("lm_head.proj.weight")  # embed.wte.weight itself; tie_word_embeddings restores it
     else:
         out["lm_head.weight"] = take("lm_head.proj.weight")[:V]
@@ -192,31 +192,31 @@ def export_to_hf(
     """
     from safetensors.torch import save_file
 
-    cfg = model.cfg
+    config = model.config
     if expert_layout not in EXPERT_LAYOUTS:
         raise ExportError(f"expert_layout {expert_layout!r} is not one of {EXPERT_LAYOUTS}")
-    key = (cfg.moe is not None, cfg.block)
+    key = (config.moe is not None, config.block)
     if key not in _NATIVE:
         raise ExportError("model_config.block: a dense model with pre-norm blocks has no transformers class with "
                           "OLMo's QK-norm; only reordered_norm dense models (Olmo2) and MoE models export")
     architecture, model_type = _NATIVE[key]
-    remote = cfg.over_encoding is not None or cfg.engram is not None or is_joint(cfg)
-    config = hf_config(cfg, model_type, architecture)
-    config.update(eos_token_id=eos_token_id, bos_token_id=bos_token_id, pad_token_id=pad_token_id)
+    remote = config.over_encoding is not None or config.engram is not None or is_joint(config)
+    fields = hf_config(config, model_type, architecture)
+    fields.update(eos_token_id=eos_token_id, bos_token_id=bos_token_id, pad_token_id=pad_token_id)
     if remote:
-        config.update(remote_code_fields(cfg, model_type))
+        fields.update(remote_code_fields(config, model_type))
         # transformers converts per-expert files into its fused parameters only for the model types it lists
         # (conversion_mapping.py: olmoe, flex_olmo), not for remote ones, which would load with random experts.
         expert_layout = "fused"
     tensors = {k: v.to(dtype) for k, v in map_state_dict(model, expert_layout).items()}
-    if cfg.engram is not None:
-        config["engram"] = engram_fields(model)
-    config["dtype"] = str(dtype).removeprefix("torch.")
+    if config.engram is not None:
+        fields["engram"] = engram_fields(model)
+    fields["dtype"] = str(dtype).removeprefix("torch.")
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
-    write_json(out / "config.json", config)
+    write_json(out / "config.json", fields)
     generation = {"eos_token_id": eos_token_id, "bos_token_id": bos_token_id, "pad_token_id": pad_token_id}
     write_json(out / "generation_config.json", {k: v for k, v in generation.items() if v is not None})
     if remote:
@@ -225,7 +225,7 @@ def export_to_hf(
     if tokenizer_file is not None:
         if Path(tokenizer_file).resolve() != (out / "tokenizer.json").resolve():
             shutil.copyfile(tokenizer_file, out / "tokenizer.json")
-        tokenizer_config = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": cfg.max_seq_len,
+        tokenizer_config = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": config.max_seq_len,
                             "clean_up_tokenization_spaces": False}
         if eos_token is not None:
             tokenizer_config.update(eos_token=eos_token, bos_token=bos_token or eos_token)
@@ -233,7 +233,7 @@ def export_to_hf(
     return out
 
 
-def remote_code_fields(cfg: ModelConfig, model_type: str) -> dict:
+def remote_code_fields(config: ModelConfig, model_type: str) -> dict:
     """config.json entries of the remote-code classes: their names, the Over-Encoding hash and the joint head."""
     config_class, model_class, remote_type = _REMOTE[model_type]
     fields: dict = {
@@ -242,27 +242,27 @@ def remote_code_fields(cfg: ModelConfig, model_type: str) -> dict:
         "auto_map": {"AutoConfig": f"configuration_overtok.{config_class}",
                      "AutoModelForCausalLM": f"modeling_overtok.{model_class}"},
     }
-    if cfg.over_encoding is not None:
-        oe = cfg.over_encoding
+    if config.over_encoding is not None:
+        oe = config.over_encoding
         fields["over_encoding"] = {
-            "vocab_size": cfg.vocab_size, "orders": oe.table_orders(), "moduli": oe.row_counts(),
-            "slice_width": oe.slice_width(cfg.d_model), "eos_id": oe.eos_id if oe.reset_at_eos else None,
+            "vocab_size": config.vocab_size, "orders": oe.table_orders(), "moduli": oe.row_counts(),
+            "slice_width": oe.slice_width(config.d_model), "eos_id": oe.eos_id if oe.reset_at_eos else None,
             # LongCat NE's options (docs/oe_family.md); Algorithm 1's values are the remote code's defaults.
             "proj_bias": oe.proj_bias, "combine": oe.combine, "scale": oe.scale, "ignore_ids": oe.ignored_token_ids(),
         }
-    if is_joint(cfg):
-        fields["joint_head_n"] = cfg.multi_token.n
+    if is_joint(config):
+        fields["joint_head_n"] = config.multi_token.n
     return fields
 
 
 def engram_fields(model: Transformer) -> dict:
     """config.json's ``engram``: its shape and the integers it hashes with (compressed ids, primes, multipliers)."""
-    engram, cfg = model.engram, model.cfg
+    engram, config = model.engram, model.config
     return {
-        "layers": list(engram.cfg.layers), "max_n": engram.cfg.max_n, "heads": engram.cfg.heads,
-        "head_width": engram.cfg.head_width(), "kernel_size": engram.cfg.kernel_size, "norm_eps": cfg.norm_eps,
-        "pad_id": engram.cfg.pad_id, "compressed_ids": engram.compressed_ids.tolist(),
-        "primes": {str(layer): primes for layer, primes in engram.cfg.head_primes().items()},
+        "layers": list(engram.config.layers), "max_n": engram.config.max_n, "heads": engram.config.heads,
+        "head_width": engram.config.head_width(), "kernel_size": engram.config.kernel_size, "norm_eps": config.norm_eps,
+        "pad_id": engram.config.pad_id, "compressed_ids": engram.compressed_ids.tolist(),
+        "primes": {str(layer): primes for layer, primes in engram.config.head_primes().items()},
         "multipliers": {name: layer.multipliers.tolist() for name, layer in engram.layers.items()},
     }
 

@@ -27,15 +27,15 @@ from lit_overtok.nn.norms import RMSNorm
 
 
 class Block(nn.Module):
-    """Attention and feed-forward sublayers with residual adds, normed as ``cfg.block`` says."""
+    """Attention and feed-forward sublayers with residual adds, normed as ``config.block`` says."""
 
-    def __init__(self, cfg: ModelConfig, layer_idx: int) -> None:
+    def __init__(self, config: ModelConfig, layer_idx: int) -> None:
         super().__init__()
-        self.pre_norm = cfg.block == "pre_norm"
-        self.attention = Attention(cfg.d_model, cfg.n_head, cfg.norm_eps)
-        self.attention_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
-        self.feed_forward = build_feed_forward(cfg, layer_idx)
-        self.feed_forward_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.pre_norm = config.block == "pre_norm"
+        self.attention = Attention(config.d_model, config.n_head, config.norm_eps)
+        self.attention_norm = RMSNorm(config.d_model, config.norm_eps)
+        self.feed_forward = build_feed_forward(config, layer_idx)
+        self.feed_forward_norm = RMSNorm(config.d_model, config.norm_eps)
 
     def forward(self, x_BTD: torch.Tensor, cos_TC: torch.Tensor, sin_TC: torch.Tensor,
                 cache: Optional[KVCache] = None) -> torch.Tensor:

@@ -14,18 +14,18 @@ from lit_overtok.nn.config import ModelConfig
 from lit_overtok.nn.transformer import ParameterCounts, Transformer
 
 
-def parameter_counts(cfg: ModelConfig) -> ParameterCounts:
+def parameter_counts(config: ModelConfig) -> ParameterCounts:
     with torch.device("meta"):
-        model = Transformer(cfg)
+        model = Transformer(config)
     return model.parameter_counts()
 
 
-def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
+def flops_per_token(config: ModelConfig, seq_len: int) -> float:
     """Training FLOPs per token: 6·(weights a token multiplies by) + the attention score/value matmuls."""
-    counts = parameter_counts(cfg)
-    matmul_params = counts.active_non_embedding + cfg.padded_vocab_size * cfg.d_model
-    attention = 6 * cfg.n_layer * cfg.d_model * seq_len  # 2 matmuls × causal half × fwd+bwd(3) × 2 FLOP/MAC
+    counts = parameter_counts(config)
+    matmul_params = counts.active_non_embedding + config.padded_vocab_size * config.d_model
+    attention = 6 * config.n_layer * config.d_model * seq_len  # 2 matmuls × causal half × fwd+bwd(3) × 2 FLOP/MAC
     heads = 0.0
-    if cfg.multi_token is not None:
-        heads = cfg.multi_token.extra_flops_per_token(cfg.vocab_size, cfg.padded_vocab_size, cfg.d_model, seq_len)
+    if config.multi_token is not None:
+        heads = config.multi_token.extra_flops_per_token(config.vocab_size, config.padded_vocab_size, config.d_model, seq_len)
     return 6.0 * matmul_params + attention + heads

@@ -26,7 +26,7 @@ class TokenEmbedding(nn.Module):
         return self.wte(input_ids_BT)
 
 
-def build_input_embedding(cfg: ModelConfig) -> nn.Module:
-    if cfg.over_encoding is not None:
-        return OverEncoding(cfg.over_encoding, cfg.vocab_size, cfg.padded_vocab_size, cfg.d_model)
-    return TokenEmbedding(cfg.padded_vocab_size, cfg.d_model)
+def build_input_embedding(config: ModelConfig) -> nn.Module:
+    if config.over_encoding is not None:
+        return OverEncoding(config.over_encoding, config.vocab_size, config.padded_vocab_size, config.d_model)
+    return TokenEmbedding(config.padded_vocab_size, config.d_model)

@@ -217,25 +217,25 @@ class EngramCache:
 class EngramLayer(nn.Module):
     """One Engram module: hashes, multi-head lookup, gate, value, short convolution; returns y (the caller adds h)."""
 
-    def __init__(self, cfg: EngramConfig, layer: int, primes: list[int], d_model: int, norm_eps: float) -> None:
+    def __init__(self, config: EngramConfig, layer: int, primes: list[int], d_model: int, norm_eps: float) -> None:
         super().__init__()
-        self.layer, self.max_n, self.heads = layer, cfg.max_n, cfg.heads
+        self.layer, self.max_n, self.heads = layer, config.max_n, config.heads
         self.moduli = primes
         self.offsets = [sum(primes[:i]) for i in range(len(primes))]
-        self.tables = nn.Embedding(sum(primes), cfg.head_width(), sparse=cfg.sparse)
+        self.tables = nn.Embedding(sum(primes), config.head_width(), sparse=config.sparse)
         self.tables.optimizer_group = "engram"  # its own optimizer group (``nn.hooks``); a lookup table, no FLOPs
         self.tables.memory_family = "engram"  # counted per memory family (``parameter_counts``' memory_tables)
-        width = cfg.memory_width()
+        width = config.memory_width()
         self.key_proj = nn.Linear(width, d_model, bias=False)  # [UNCONFIRMED] no bias (module docstring)
         self.value_proj = nn.Linear(width, d_model, bias=False)
         self.key_norm = RMSNorm(d_model, norm_eps)
         self.query_norm = RMSNorm(d_model, norm_eps)
         self.conv_norm = RMSNorm(d_model, norm_eps)
-        self.dilation = cfg.max_n
-        self.context = (cfg.kernel_size - 1) * cfg.max_n  # past conv inputs a position reads
-        self.conv = nn.Conv1d(d_model, d_model, cfg.kernel_size, dilation=cfg.max_n, groups=d_model, bias=False)
+        self.dilation = config.max_n
+        self.context = (config.kernel_size - 1) * config.max_n  # past conv inputs a position reads
+        self.conv = nn.Conv1d(d_model, d_model, config.kernel_size, dilation=config.max_n, groups=d_model, bias=False)
         # Set from the compressed vocabulary when the map is built, or loaded with a checkpoint.
-        self.register_buffer("multipliers", torch.zeros(cfg.max_n, dtype=torch.long))
+        self.register_buffer("multipliers", torch.zeros(config.max_n, dtype=torch.long))
         self._constants: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def lookup_rows(self, compressed_BT: torch.Tensor, pad: int, start: int = 0) -> torch.Tensor:
@@ -275,18 +275,18 @@ class EngramLayer(nn.Module):
 class Engram(nn.Module):
     """Every Engram layer of a model and the compressed-id map they share (``compressed_ids``, a buffer)."""
 
-    def __init__(self, cfg: EngramConfig, vocab_size: int, d_model: int, norm_eps: float) -> None:
+    def __init__(self, config: EngramConfig, vocab_size: int, d_model: int, norm_eps: float) -> None:
         super().__init__()
-        self.cfg = cfg
-        primes = cfg.head_primes()
-        self.layers = nn.ModuleDict({str(layer): EngramLayer(cfg, layer, primes[layer], d_model, norm_eps)
-                                     for layer in cfg.layers})
+        self.config = config
+        primes = config.head_primes()
+        self.layers = nn.ModuleDict({str(layer): EngramLayer(config, layer, primes[layer], d_model, norm_eps)
+                                     for layer in config.layers})
         # -1 = not built: no tokenizer file here and no checkpoint loaded yet (checked at forward).
         self.register_buffer("compressed_ids", torch.full((vocab_size,), -1, dtype=torch.long))
-        if cfg.tokenizer is None:
+        if config.tokenizer is None:
             self.set_compressed_ids(list(range(vocab_size)))
-        elif Path(cfg.tokenizer).is_file():
-            self.set_compressed_ids(list(compressed_id_map_of_file(cfg.tokenizer, vocab_size)))
+        elif Path(config.tokenizer).is_file():
+            self.set_compressed_ids(list(compressed_id_map_of_file(config.tokenizer, vocab_size)))
 
     def set_compressed_ids(self, ids: list[int]) -> None:
         """Install a compressed-id map and the multipliers it implies (they depend on V')."""
@@ -295,14 +295,14 @@ class Engram(nn.Module):
         self.compressed_ids.copy_(torch.tensor(ids, dtype=torch.long))
         for layer in self.layers.values():
             layer.multipliers.copy_(torch.tensor(
-                layer_multipliers(self.cfg.seed, layer.layer, self.cfg.max_n, max(ids) + 1), dtype=torch.long))
+                layer_multipliers(self.config.seed, layer.layer, self.config.max_n, max(ids) + 1), dtype=torch.long))
 
     def compress(self, input_ids_BT: torch.Tensor) -> tuple[torch.Tensor, int]:
         """Compressed ids of a batch and the compressed pad id."""
         if self.compressed_ids[0] < 0:
-            raise InputError(f"model_config.engram.tokenizer: {self.cfg.tokenizer} does not exist and no checkpoint "
+            raise InputError(f"model_config.engram.tokenizer: {self.config.tokenizer} does not exist and no checkpoint "
                              "gave the compressed-id map; give the tokenizers JSON file the data was made with")
-        return self.compressed_ids[input_ids_BT], int(self.compressed_ids[self.cfg.pad_id])
+        return self.compressed_ids[input_ids_BT], int(self.compressed_ids[self.config.pad_id])
 
     def new_cache(self, batch_size: int, d_model: int, dtype: torch.dtype, device: torch.device) -> dict[int, EngramCache]:
         return {int(name): EngramCache(torch.zeros(batch_size, layer.context, d_model, dtype=dtype, device=device))

@@ -23,7 +23,7 @@ class SwiGLU(nn.Module):
         return self.w2(F.silu(self.w1(x_BTD)) * self.w3(x_BTD))
 
 
-def build_feed_forward(cfg: ModelConfig, layer_idx: int) -> nn.Module:
-    if cfg.moe is not None:
-        return MoEFeedForward(cfg.d_model, cfg.moe, layer_idx)
-    return SwiGLU(cfg.d_model, cfg.d_ff)
+def build_feed_forward(config: ModelConfig, layer_idx: int) -> nn.Module:
+    if config.moe is not None:
+        return MoEFeedForward(config.d_model, config.moe, layer_idx)
+    return SwiGLU(config.d_model, config.d_ff)

@@ -19,7 +19,7 @@ def generate(model: Transformer, prompt_BT: torch.Tensor, max_new_tokens: int, *
     once every row has. Sampling draws from ``generator`` so evaluation does not disturb the training RNG.
     """
     B, T = prompt_BT.shape
-    total = min(T + max_new_tokens, model.cfg.max_seq_len)
+    total = min(T + max_new_tokens, model.config.max_seq_len)
     dtype = next(model.parameters()).dtype
     if torch.is_autocast_enabled(prompt_BT.device.type):
         dtype = torch.get_autocast_dtype(prompt_BT.device.type)

@@ -174,14 +174,14 @@ class SwiGLUExperts(nn.Module):
 class MoEFeedForward(nn.Module):
     """Router + dropless top-k dispatch to SwiGLU experts; a drop-in for the dense SwiGLU of a block."""
 
-    def __init__(self, d_model: int, cfg: MoEConfig, layer_idx: int) -> None:
+    def __init__(self, d_model: int, config: MoEConfig, layer_idx: int) -> None:
         super().__init__()
-        self.cfg, self.layer_idx = cfg, layer_idx
-        self.num_experts, self.top_k = cfg.num_experts, cfg.top_k
-        self.router = nn.Linear(d_model, cfg.num_experts, bias=False)
-        self.experts = SwiGLUExperts(cfg.num_experts, d_model, cfg.expert_d_ff)
+        self.config, self.layer_idx = config, layer_idx
+        self.num_experts, self.top_k = config.num_experts, config.top_k
+        self.router = nn.Linear(d_model, config.num_experts, bias=False)
+        self.experts = SwiGLUExperts(config.num_experts, d_model, config.expert_d_ff)
         # Assignments per expert since training_metrics() last read them (a float64 count, exact to 2^53).
-        self.register_buffer("load_counts_E", torch.zeros(cfg.num_experts, dtype=torch.float64), persistent=False)
+        self.register_buffer("load_counts_E", torch.zeros(config.num_experts, dtype=torch.float64), persistent=False)
         self.pending_aux_losses: Optional[dict[str, torch.Tensor]] = None
 
     def route(self, x_ND: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -190,7 +190,7 @@ class MoEFeedForward(nn.Module):
             logits_NE = F.linear(x_ND.float(), self.router.weight.float())
         scores_NE = logits_NE.softmax(dim=-1)
         weights_NK, ids_NK = scores_NE.topk(self.top_k, dim=-1)
-        if self.cfg.renormalize:
+        if self.config.renormalize:
             weights_NK = weights_NK / weights_NK.sum(dim=-1, keepdim=True)
         return logits_NE, scores_NE, weights_NK, ids_NK
 
@@ -206,7 +206,7 @@ class MoEFeedForward(nn.Module):
         }
 
     def backend_for(self, x_ND: torch.Tensor) -> str:
-        backend = self.cfg.backend
+        backend = self.config.backend
         if backend == "loop":
             return "loop"
         widths = (x_ND.shape[-1], self.experts.w1_EDF.shape[-1])
@@ -283,8 +283,8 @@ def pop_auxiliary_losses(model: nn.Module) -> tuple[Optional[torch.Tensor], dict
     layers = [m for m in model.modules() if isinstance(m, MoEFeedForward) and m.pending_aux_losses is not None]
     if not layers:
         return None, {}
-    total = sum(m.cfg.lb_loss_weight * m.pending_aux_losses["moe_lb_loss"]
-                + m.cfg.z_loss_weight * m.pending_aux_losses["moe_z_loss"] for m in layers) / len(layers)
+    total = sum(m.config.lb_loss_weight * m.pending_aux_losses["moe_lb_loss"]
+                + m.config.z_loss_weight * m.pending_aux_losses["moe_z_loss"] for m in layers) / len(layers)
     parts = {name: torch.stack([m.pending_aux_losses[name] for m in layers]).mean().detach()
              for name in ("moe_lb_loss", "moe_z_loss")}
     for m in layers:

@@ -36,13 +36,13 @@ from lit_overtok.nn.rotary import RotaryEmbedding
 class MTPModule(nn.Module):
     """One depth: combine the state with the next token's embedding, 2D -> D, one block, then a norm."""
 
-    def __init__(self, cfg: ModelConfig, layer_idx: int) -> None:
+    def __init__(self, config: ModelConfig, layer_idx: int) -> None:
         super().__init__()
-        self.hidden_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
-        self.embed_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
-        self.proj = nn.Linear(2 * cfg.d_model, cfg.d_model, bias=False)
-        self.block = Block(cfg, layer_idx)
-        self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.hidden_norm = RMSNorm(config.d_model, config.norm_eps)
+        self.embed_norm = RMSNorm(config.d_model, config.norm_eps)
+        self.proj = nn.Linear(2 * config.d_model, config.d_model, bias=False)
+        self.block = Block(config, layer_idx)
+        self.norm = RMSNorm(config.d_model, config.norm_eps)
 
     def forward(self, state_BLD: torch.Tensor, embedded_BLD: torch.Tensor, cos_LC: torch.Tensor,
                 sin_LC: torch.Tensor) -> torch.Tensor:
@@ -54,11 +54,11 @@ class MTPModule(nn.Module):
 class MultiTokenPredictionDS(nn.Module):
     """n-1 chained MTP depths sharing the model's input embedding output and its output head."""
 
-    def __init__(self, cfg: ModelConfig, multi_token: MultiTokenConfig, shared_head: NextTokenHead,
+    def __init__(self, config: ModelConfig, multi_token: MultiTokenConfig, shared_head: NextTokenHead,
                  rotary: RotaryEmbedding) -> None:
         super().__init__()
         self.weights = multi_token.head_weights
-        self.depths = nn.ModuleList(MTPModule(cfg, cfg.n_layer + k) for k in range(multi_token.n - 1))
+        self.depths = nn.ModuleList(MTPModule(config, config.n_layer + k) for k in range(multi_token.n - 1))
         # The output head and RoPE tables belong to the model: plain attributes, so they are not registered twice
         # (checkpoints would hold them twice).
         object.__setattr__(self, "shared_head", shared_head)

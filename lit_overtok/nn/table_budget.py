@@ -53,56 +53,56 @@ def size_tables(oe: OverEncodingConfig, d_model: int, budget: int,
     return dataclasses.replace(oe, m=m)
 
 
-def _over_encoding_tables(cfg: ModelConfig) -> Optional[int]:
-    oe = cfg.over_encoding
-    return None if oe is None else sum(oe.row_counts()) * oe.slice_width(cfg.d_model)
+def _over_encoding_tables(config: ModelConfig) -> Optional[int]:
+    oe = config.over_encoding
+    return None if oe is None else sum(oe.row_counts()) * oe.slice_width(config.d_model)
 
 
-def _resize_over_encoding(cfg: ModelConfig, budget: int) -> ModelConfig:
-    return cfg.replace(over_encoding=size_tables(cfg.over_encoding, cfg.d_model, budget, cfg.vocab_size))
+def _resize_over_encoding(config: ModelConfig, budget: int) -> ModelConfig:
+    return config.replace(over_encoding=size_tables(config.over_encoding, config.d_model, budget, config.vocab_size))
 
 
-def _engram_tables(cfg: ModelConfig) -> Optional[int]:
-    engram = getattr(cfg, "engram", None)  # ModelConfig.engram comes with nn.engram (issue 21's other half)
+def _engram_tables(config: ModelConfig) -> Optional[int]:
+    engram = getattr(config, "engram", None)  # ModelConfig.engram comes with nn.engram (issue 21's other half)
     return None if engram is None else engram.table_parameters()
 
 
-def _resize_engram(cfg: ModelConfig, budget: int) -> ModelConfig:
+def _resize_engram(config: ModelConfig, budget: int) -> ModelConfig:
     from lit_overtok.nn.engram import table_size_for_budget  # Engram's own sizing: its primes decide the rows
 
-    engram = cfg.engram
+    engram = config.engram
     size = table_size_for_budget(budget, len(engram.layers), engram.max_n, engram.heads, engram.ngram_width)
-    return cfg.replace(engram=dataclasses.replace(engram, table_size=size))
+    return config.replace(engram=dataclasses.replace(engram, table_size=size))
 
 
 register_sizer("over_encoding", _over_encoding_tables, _resize_over_encoding)
 register_sizer("engram", _engram_tables, _resize_engram)
 
 
-def size_memory_to_total(cfg: ModelConfig, total: int) -> ModelConfig:
-    """``cfg`` (with one memory family) with its tables resized so the model's total parameters come as close to
+def size_memory_to_total(config: ModelConfig, total: int) -> ModelConfig:
+    """``config`` (with one memory family) with its tables resized so the model's total parameters come as close to
     ``total`` as the table shape allows, from below: everything that is not a table stays as it is."""
-    present = [(tables(cfg), resize) for tables, resize in _SIZERS.values() if tables(cfg) is not None]
+    present = [(tables(config), resize) for tables, resize in _SIZERS.values() if tables(config) is not None]
     if len(present) != 1:
         raise ValueError(f"size_memory_to_total needs a config with exactly one memory (model_config fields "
                          f"{sorted(_SIZERS)}), got {len(present)}")
     (tables, resize), = present
-    fixed = parameter_counts(cfg).total - tables
+    fixed = parameter_counts(config).total - tables
     if total <= fixed:
         raise ValueError(f"a total of {total} parameters leaves no room for tables: the rest of the model has {fixed}")
-    return resize(cfg, total - fixed)
+    return resize(config, total - fixed)
 
 
-def size_experts_to_total(cfg: ModelConfig, total: int) -> ModelConfig:
-    """The MoE ``cfg`` with the number of experts whose total parameters are closest to ``total`` (at least top_k;
+def size_experts_to_total(config: ModelConfig, total: int) -> ModelConfig:
+    """The MoE ``config`` with the number of experts whose total parameters are closest to ``total`` (at least top_k;
     every other field, top_k and the expert width included, unchanged, so active parameters stay equal)."""
-    if cfg.moe is None:
+    if config.moe is None:
         raise ValueError("size_experts_to_total needs an MoE config (model_config.moe)")
 
     def with_experts(count: int) -> ModelConfig:
-        return cfg.replace(moe=dataclasses.replace(cfg.moe, num_experts=count))
+        return config.replace(moe=dataclasses.replace(config.moe, num_experts=count))
 
-    least = cfg.moe.top_k
+    least = config.moe.top_k
     smallest = parameter_counts(with_experts(least)).total
     per_expert = parameter_counts(with_experts(least + 1)).total - smallest  # linear: experts and router rows
     return with_experts(max(least, least + round((total - smallest) / per_expert)))

@@ -60,22 +60,22 @@ class ParameterCounts:
 class Transformer(nn.Module):
     """Input embedding -> blocks -> final norm -> next-token head (+ optional multi-token heads for training)."""
 
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, config: ModelConfig) -> None:
         super().__init__()
-        if cfg.vocab_size is None:
+        if config.vocab_size is None:
             raise ValueError("model_config.vocab_size is unset: link it from the data module or give it in the config")
-        self.cfg = cfg
-        self.embed = build_input_embedding(cfg)
-        self.rotary = RotaryEmbedding(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
-        self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layer))
+        self.config = config
+        self.embed = build_input_embedding(config)
+        self.rotary = RotaryEmbedding(config.head_dim, config.max_seq_len, config.rope_theta)
+        self.blocks = nn.ModuleList(Block(config, i) for i in range(config.n_layer))
         # Engram's memory, added to the hidden state before the blocks it names (``nn.engram``).
-        self.engram = None if cfg.engram is None else Engram(cfg.engram, cfg.vocab_size, cfg.d_model, cfg.norm_eps)
-        if cfg.compile_blocks:
+        self.engram = None if config.engram is None else Engram(config.engram, config.vocab_size, config.d_model, config.norm_eps)
+        if config.compile_blocks:
             for block in self.blocks:
                 block.compile()  # in place: parameter names and checkpoints stay those of the eager model
-        self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
-        self.lm_head = build_next_token_head(cfg, tied_table=self.embed.wte if cfg.tie_embeddings else None)
-        self.multi_token_head = build_multi_token_head(cfg, self.lm_head, self.rotary)
+        self.norm = RMSNorm(config.d_model, config.norm_eps)
+        self.lm_head = build_next_token_head(config, tied_table=self.embed.wte if config.tie_embeddings else None)
+        self.multi_token_head = build_multi_token_head(config, self.lm_head, self.rotary)
         self.init_weights()
 
     def hidden_states(self, input_ids_BT: torch.Tensor, caches: Optional[list[KVCache]] = None,
@@ -92,7 +92,7 @@ class Transformer(nn.Module):
         """Blocks and final norm over embedded positions ``start .. start + T``; Engram also reads the ids (all of
         them from position 0, as the embedding)."""
         cos_TC, sin_TC = self.rotary(start, x_BTD.shape[1])
-        recompute = self.cfg.activation_checkpointing and self.training and caches is None and torch.is_grad_enabled()
+        recompute = self.config.activation_checkpointing and self.training and caches is None and torch.is_grad_enabled()
         memory = self.engram.layers if self.engram is not None else {}
         if memory:
             compressed_BT, pad = self.engram.compress(input_ids_BT)
@@ -132,8 +132,8 @@ class Transformer(nn.Module):
         return total, parts
 
     def new_kv_caches(self, batch_size: int, max_len: int, dtype: torch.dtype, device: torch.device) -> list[KVCache]:
-        shape = (batch_size, self.cfg.n_head, max_len, self.cfg.head_dim)
-        memory = {} if self.engram is None else self.engram.new_cache(batch_size, self.cfg.d_model, dtype, device)
+        shape = (batch_size, self.config.n_head, max_len, self.config.head_dim)
+        memory = {} if self.engram is None else self.engram.new_cache(batch_size, self.config.d_model, dtype, device)
         return [KVCache(torch.empty(shape, dtype=dtype, device=device), torch.empty(shape, dtype=dtype, device=device),
                         memory=memory.get(i)) for i in range(len(self.blocks))]
 
@@ -148,7 +148,7 @@ class Transformer(nn.Module):
         norm_weights = {id(m.weight) for m in self.modules() if isinstance(m, RMSNorm)}
         # Modules that draw some of their parameters themselves (Over-Encoding's tables, row chunk by row chunk).
         own = {id(p) for name, m in self.named_modules() if isinstance(m, hooks.InitialisesOwnParameters)
-               for p in m.init_own_parameters(self.cfg.init_std, base_seed + zlib.crc32(name.encode()))}
+               for p in m.init_own_parameters(self.config.init_std, base_seed + zlib.crc32(name.encode()))}
         for name, param in self.named_parameters():
             if param.is_meta or id(param) in own:
                 continue
@@ -158,7 +158,7 @@ class Transformer(nn.Module):
                 param.zero_()
             else:
                 generator = torch.Generator(device=param.device).manual_seed(base_seed + zlib.crc32(name.encode()))
-                std = self.cfg.init_std
+                std = self.config.init_std
                 nn.init.trunc_normal_(param, 0.0, std, -3 * std, 3 * std, generator=generator)
 
     def parameter_counts(self) -> ParameterCounts:
@@ -179,26 +179,26 @@ class Transformer(nn.Module):
         )
 
 
-def build_next_token_head(cfg: ModelConfig, tied_table: Optional[nn.Embedding]) -> nn.Module:
+def build_next_token_head(config: ModelConfig, tied_table: Optional[nn.Embedding]) -> nn.Module:
     """The head generation and evaluation use: a V-way unembedding, or for joint n-gram decoding the first-token
     marginal of the V^n-way joint softmax."""
-    if cfg.multi_token is not None and cfg.multi_token.mode == "joint":
-        return JointNGramHead(cfg.d_model, cfg.vocab_size, cfg.multi_token.n, cfg.loss_chunk_logits)
-    return NextTokenHead(cfg.d_model, cfg.vocab_size, cfg.padded_vocab_size, tied_table, cfg.loss_chunk_logits)
+    if config.multi_token is not None and config.multi_token.mode == "joint":
+        return JointNGramHead(config.d_model, config.vocab_size, config.multi_token.n, config.loss_chunk_logits)
+    return NextTokenHead(config.d_model, config.vocab_size, config.padded_vocab_size, tied_table, config.loss_chunk_logits)
 
 
-def build_multi_token_head(cfg: ModelConfig, lm_head: nn.Module, rotary: RotaryEmbedding) -> Optional[nn.Module]:
+def build_multi_token_head(config: ModelConfig, lm_head: nn.Module, rotary: RotaryEmbedding) -> Optional[nn.Module]:
     """Training-only heads that predict tokens further ahead; None for the plain next-token objective.
 
     The returned module's ``loss(hidden_BTD, input_ids_BT, labels_BT, embedded_BTD=...)`` gives the weighted extra
     loss and named, detached parts (``loss_next2``, ...). Heads keep plain references to what they share with the
     model (its output head, its RoPE tables) and never register them.
     """
-    multi_token = cfg.multi_token
+    multi_token = config.multi_token
     if multi_token is None or multi_token.mode == "none":
         return None
     if multi_token.mode == "mtp_ds":
-        return MultiTokenPredictionDS(cfg, multi_token, lm_head, rotary)
+        return MultiTokenPredictionDS(config, multi_token, lm_head, rotary)
     if multi_token.mode == "joint":
         return JointDecodingLoss(lm_head)
-    return OverDecodingHeads(multi_token, cfg.d_model, cfg.vocab_size, cfg.padded_vocab_size, cfg.loss_chunk_logits)
+    return OverDecodingHeads(multi_token, config.d_model, config.vocab_size, config.padded_vocab_size, config.loss_chunk_logits)

@@ -18,16 +18,16 @@ from lit_overtok.nn.sharded_table import RowShardedEmbedding
 from lit_overtok.optim.config import GroupSettings, OptimizerConfig
 
 
-def _decays(module: nn.Module, name: str, param: nn.Parameter, cfg: OptimizerConfig) -> bool:
+def _decays(module: nn.Module, name: str, param: nn.Parameter, config: OptimizerConfig) -> bool:
     """Whether weight decay reaches ``param`` by the general rules (a named group may say otherwise)."""
     if isinstance(module, (nn.Embedding, RowShardedEmbedding)):  # input lookup tables, whole or row-sharded
-        return cfg.decay_embeddings
+        return config.decay_embeddings
     if param.ndim < 2 or name.endswith("bias"):
-        return cfg.decay_norms_and_biases
+        return config.decay_norms_and_biases
     return True
 
 
-def parameter_groups(model: nn.Module, cfg: OptimizerConfig) -> list[dict]:
+def parameter_groups(model: nn.Module, config: OptimizerConfig) -> list[dict]:
     """Torch param-group dicts with ``name``, ``params``, ``weight_decay`` and ``lr_multiplier``."""
     claimed: dict[int, str] = {}
     for module in model.modules():
@@ -43,7 +43,7 @@ def parameter_groups(model: nn.Module, cfg: OptimizerConfig) -> list[dict]:
             if id(param) in seen or not param.requires_grad:
                 continue
             seen.add(id(param))
-            decays = _decays(module, name, param, cfg)
+            decays = _decays(module, name, param, config)
             group = claimed.get(id(param), "decay" if decays else "no_decay")
             buckets.setdefault(group, []).append(param)
             rules.setdefault(group, set()).add(decays)
@@ -51,13 +51,13 @@ def parameter_groups(model: nn.Module, cfg: OptimizerConfig) -> list[dict]:
     assert seen == trainable, "parameter grouping missed some trainable parameters"
     groups = []
     for name, params in buckets.items():
-        settings = cfg.groups.get(name, GroupSettings())
+        settings = config.groups.get(name, GroupSettings())
         weight_decay = settings.weight_decay
         if weight_decay is None:
             if len(rules[name]) > 1:
                 raise ValueError(f"optimizer.groups.{name}.weight_decay: the group holds parameters the general rules "
                                  "decay and parameters they do not; give the group's weight_decay")
-            weight_decay = cfg.weight_decay if rules[name] == {True} else 0.0
+            weight_decay = config.weight_decay if rules[name] == {True} else 0.0
         groups.append({"name": name, "params": params, "weight_decay": weight_decay,
-                       "lr_multiplier": settings.lr_multiplier, "lr": cfg.lr * settings.lr_multiplier})
+                       "lr_multiplier": settings.lr_multiplier, "lr": config.lr * settings.lr_multiplier})
     return groups

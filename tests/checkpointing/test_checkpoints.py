@@ -57,7 +57,7 @@ def test_an_ne_run_strips_and_resumes_with_its_options(trained_checkpoint, tmp_p
     cli_main(["strip", "--checkpoint", str(source), "--out", str(out)])
     trained, _ = load_transformer(source)
     stripped, _ = load_transformer(out)
-    oe = stripped.cfg.over_encoding
+    oe = stripped.config.over_encoding
     assert (oe.flavor, oe.proj_bias, oe.ignore_ids, oe.row_counts()) == ("longcat", False, [0], [97, 99, 101, 103])
     ids_BT = torch.randint(0, 7, (2, 20), generator=torch.Generator().manual_seed(0))
     ids_BT[:, [0, 7]] = 0
@@ -67,7 +67,7 @@ def test_an_ne_run_strips_and_resumes_with_its_options(trained_checkpoint, tmp_p
     cli_main(["fit", f"--trainer.default_root_dir={tmp_path / 'resumed'}", *TINY_FIT, *RUN_FAMILIES["ne"],
               "--trainer.max_steps=3", f"--ckpt_path={source}"])
     resumed, info = load_transformer(tmp_path / "resumed" / "version_0" / "checkpoints" / "last.ckpt")
-    assert info.global_step == 3 and resumed.cfg.over_encoding == oe
+    assert info.global_step == 3 and resumed.config.over_encoding == oe
     with torch.no_grad():
         assert not torch.equal(resumed(ids_BT), trained(ids_BT))  # it trained on from the checkpoint
 
@@ -97,9 +97,9 @@ def test_an_engram_checkpoint_carries_its_compressed_ids_through_strip_and_resum
     cli_main(["strip", "--checkpoint", str(last), "--out", str(out)])
     trained, _ = load_transformer(last)
     stripped, _ = load_transformer(out)
-    expected = compressed_id_map(Tokenizer.from_file(str(text_corpus / "tokenizer.json")), trained.cfg.vocab_size)
+    expected = compressed_id_map(Tokenizer.from_file(str(text_corpus / "tokenizer.json")), trained.config.vocab_size)
     assert stripped.engram.compressed_ids.tolist() == expected and max(expected) + 1 < len(expected)
-    ids_BT = torch.randint(0, trained.cfg.vocab_size, (2, 12), generator=torch.Generator().manual_seed(0))
+    ids_BT = torch.randint(0, trained.config.vocab_size, (2, 12), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         assert torch.equal(trained(ids_BT), stripped(ids_BT))
     cli_main([*args, "--trainer.max_steps=4", f"--ckpt_path={last}"])

@@ -19,10 +19,10 @@ OE_12_8M = {"m": 12_800_001, "n": 3, "k": 2, "sparse": True}
 
 
 def test_estimate_counts_weights_gradients_moments_and_this_ranks_table_rows():
-    cfg = ModelConfig(preset="olmo2-400m", vocab_size=50_280, over_encoding={**OE_12_8M, "sharded": True})
-    rows = sum(cfg.over_encoding.row_counts())  # 4 tables of ~12.8M rows, width 256: 13.1B parameters
-    one = estimate_per_rank(cfg, world=1)
-    eight = estimate_per_rank(cfg, world=8, fsdp=True)
+    config = ModelConfig(preset="olmo2-400m", vocab_size=50_280, over_encoding={**OE_12_8M, "sharded": True})
+    rows = sum(config.over_encoding.row_counts())  # 4 tables of ~12.8M rows, width 256: 13.1B parameters
+    one = estimate_per_rank(config, world=1)
+    eight = estimate_per_rank(config, world=8, fsdp=True)
     # Sparse tables: weight and two moments (fp32), RowSparseAdamW's int32 row step and a coverage byte per row,
     # 1/world of the rows per rank.
     assert one.tables == rows * (256 * 12 + 4 + 1)
@@ -31,7 +31,7 @@ def test_estimate_counts_weights_gradients_moments_and_this_ranks_table_rows():
     assert eight.weights == -(-one.weights // 4 // 8) * 4  # FSDP2 shards the backbone too
     assert one.total / GIB > 140 and eight.total / GIB < 20
     # DDP keeps the backbone whole and adds its gradient buckets.
-    assert estimate_per_rank(cfg, world=8, ddp=True).gradients == 2 * one.weights
+    assert estimate_per_rank(config, world=8, ddp=True).gradients == 2 * one.weights
 
 
 def test_a_configuration_that_cannot_fit_stops_with_one_clear_error_before_training(tmp_path):
@@ -42,9 +42,9 @@ def test_a_configuration_that_cannot_fit_stops_with_one_clear_error_before_train
     with pytest.raises(ValueError, match=r"does not fit the declared devices: memory per rank .* tables .*"
                                          r"FSDP2Strategy with over_encoding.sharded: true fits it from \d+ devices"):
         trainer.fit(module, datamodule=FixedGlobalBatches(1))
-    cfg = module.model_config
+    config = module.model_config
     with pytest.raises(ValueError, match="no world size up to 65536"):
-        check_fits(estimate_per_rank(cfg, 1), 1, "a 1-byte device", cfg, "32-true")
+        check_fits(estimate_per_rank(config, 1), 1, "a 1-byte device", config, "32-true")
 
 
 def _on_two_ranks(strategy):
@@ -55,11 +55,11 @@ def _on_two_ranks(strategy):
 
 
 def test_sharded_tables_need_a_strategy_with_sharded_checkpoints():
-    cfg = ModelConfig(preset="tiny", vocab_size=11, over_encoding={"m": 31, "sharded": True})
+    config = ModelConfig(preset="tiny", vocab_size=11, over_encoding={"m": 31, "sharded": True})
     with pytest.raises(ValueError, match="rank 0 only.*ShardedDDPStrategy.*FSDP2Strategy"):
-        check_strategy(cfg, _on_two_ranks(DDPStrategy()))
-    check_strategy(cfg, _on_two_ranks(ShardedDDPStrategy()))
-    check_strategy(cfg, DDPStrategy())  # one rank: nothing is split
+        check_strategy(config, _on_two_ranks(DDPStrategy()))
+    check_strategy(config, _on_two_ranks(ShardedDDPStrategy()))
+    check_strategy(config, DDPStrategy())  # one rank: nothing is split
     replicated_sparse = ModelConfig(preset="tiny", vocab_size=11, over_encoding={"m": 31, "sparse": True})
     with pytest.raises(ValueError, match="FSDP cannot shard sparse table gradients"):
         check_strategy(replicated_sparse, _on_two_ranks(FSDP2Strategy()))

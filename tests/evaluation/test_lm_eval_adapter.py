@@ -162,7 +162,7 @@ def arc_scores(model: Transformer, tokenizer: TextTokenizer) -> list[list[float]
         row = []
         for choice in choices:
             whole, head = tokenizer.encode(context + " " + choice), tokenizer.encode(context)
-            row.append(reference(model, head, whole[len(head):], model.cfg.max_seq_len)[0])
+            row.append(reference(model, head, whole[len(head):], model.config.max_seq_len)[0])
         scores.append(row)
     return scores
 

@@ -28,7 +28,7 @@ def assert_same_logits(checkpoint: Path, folder: Path, remote_code: bool) -> flo
     ours, _ = load_transformer(checkpoint)
     theirs, info = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=remote_code, output_loading_info=True)
     assert not any(info[key] for key in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
-    ids_BT = torch.randint(0, ours.cfg.vocab_size, (3, 40), generator=torch.Generator().manual_seed(0))
+    ids_BT = torch.randint(0, ours.config.vocab_size, (3, 40), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         delta = (ours(ids_BT) - theirs.eval()(ids_BT).logits).abs().max().item()
     assert delta <= TOLERANCE, delta

@@ -95,12 +95,12 @@ def test_logits_equal_ours(name, tmp_path):
     remote = "auto_map" in config
     theirs = load(folder, trust_remote_code=remote)
     assert type(theirs).__name__ == class_name
-    V = ours.cfg.vocab_size
+    V = ours.config.vocab_size
     ids_BT = torch.randint(0, V, (3, 24), generator=torch.Generator().manual_seed(2))
-    if ours.cfg.over_encoding is not None and ours.cfg.over_encoding.reset_at_eos:
-        ids_BT[:, [5, 6, 15]] = ours.cfg.over_encoding.eos_id
-    if ours.cfg.over_encoding is not None and ours.cfg.over_encoding.ignore_ids:
-        ids_BT[:, [0, 5, 6, 15]] = ours.cfg.over_encoding.ignored_token_ids()[-1]  # at the start, adjacent, alone
+    if ours.config.over_encoding is not None and ours.config.over_encoding.reset_at_eos:
+        ids_BT[:, [5, 6, 15]] = ours.config.over_encoding.eos_id
+    if ours.config.over_encoding is not None and ours.config.over_encoding.ignore_ids:
+        ids_BT[:, [0, 5, 6, 15]] = ours.config.over_encoding.ignored_token_ids()[-1]  # at the start, adjacent, alone
     with torch.no_grad():
         ours_BTV, theirs_BTV = ours(ids_BT), theirs(ids_BT).logits
     assert theirs_BTV.shape == ours_BTV.shape == (3, 24, V)

@@ -19,9 +19,9 @@ MEMORIES = {"": {}, "engram": {"engram": {"layers": [0, 1], "table_size": 31, "h
 
 
 def model_pair(preset, memory=None, **option):
-    cfg = ModelConfig(preset=preset, vocab_size=V, multi_token=MultiTokenConfig(mode="mtp_ds"), **(memory or {}))
-    plain = Transformer(cfg)
-    other = Transformer(cfg.replace(**option))
+    config = ModelConfig(preset=preset, vocab_size=V, multi_token=MultiTokenConfig(mode="mtp_ds"), **(memory or {}))
+    plain = Transformer(config)
+    other = Transformer(config.replace(**option))
     other.load_state_dict(plain.state_dict())
     return plain, other
 
@@ -61,9 +61,9 @@ def test_activation_checkpointing_gives_the_plain_gradients(preset, memory):
 
 def test_compiled_blocks_match_eager_output_and_gradients():
     # One small block: inductor compiles a forward and a backward graph, which takes a while on a loaded CPU.
-    cfg = ModelConfig(preset="tiny", vocab_size=V, n_layer=1)
-    eager = Transformer(cfg)
-    compiled = Transformer(cfg.replace(compile_blocks=True))
+    config = ModelConfig(preset="tiny", vocab_size=V, n_layer=1)
+    eager = Transformer(config)
+    compiled = Transformer(config.replace(compile_blocks=True))
     compiled.load_state_dict(eager.state_dict())
     ids_BT = torch.randint(0, V, (2, 16), generator=torch.Generator().manual_seed(0))
     counters.clear()

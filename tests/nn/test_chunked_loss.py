@@ -28,11 +28,11 @@ CASES = [(mode, {}) for mode in MODES] + [(mode, memory) for memory in (ENGRAM, 
 
 def model_pair(multi_token, chunk_logits, **overrides):
     """The plain model and one computing its losses by chunks, with equal weights."""
-    cfg = ModelConfig(preset="tiny", vocab_size=V, multi_token=multi_token, vocab_pad_multiple=8, **overrides)
+    config = ModelConfig(preset="tiny", vocab_size=V, multi_token=multi_token, vocab_pad_multiple=8, **overrides)
     torch.manual_seed(0)
-    plain = Transformer(cfg)
+    plain = Transformer(config)
     torch.manual_seed(0)
-    chunked = Transformer(cfg.replace(loss_chunk_logits=chunk_logits))
+    chunked = Transformer(config.replace(loss_chunk_logits=chunk_logits))
     chunked.load_state_dict(plain.state_dict())
     return plain, chunked
 
@@ -92,10 +92,10 @@ class LargestTensor(TorchDispatchMode):
 def test_no_tensor_holds_the_full_logits(mode):
     V_big, B, T, chunk = 1000, 2, 128, 48  # the logits (256k elements) dwarf the other tensors (V × d_model = 32k)
     ids_BT = torch.randint(0, V_big, (B, T))
-    cfg = ModelConfig(preset="tiny", vocab_size=V_big, multi_token=MODES[mode])
+    config = ModelConfig(preset="tiny", vocab_size=V_big, multi_token=MODES[mode])
     largest = {}
     for chunk_logits in (None, chunk * V_big):
-        model = Transformer(cfg.replace(loss_chunk_logits=chunk_logits))
+        model = Transformer(config.replace(loss_chunk_logits=chunk_logits))
         tracker = LargestTensor()
         with tracker:
             model.loss(ids_BT, ids_BT)[0].backward()

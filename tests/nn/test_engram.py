@@ -99,20 +99,20 @@ def literal_next_prime(start: int, used: set[int]) -> int:
 
 
 def test_primes_are_distinct_across_the_whole_model():
-    cfg = EngramConfig(layers=[0, 2], max_n=3, table_size=[10, 10], heads=2, ngram_width=4)
+    config = EngramConfig(layers=[0, 2], max_n=3, table_size=[10, 10], heads=2, ngram_width=4)
     # Layer 0, order 2: 11, 13; order 3 starts again at 10 but 11 and 13 are taken: 17, 19; layer 2 goes on.
-    assert cfg.head_primes() == {0: [11, 13, 17, 19], 2: [23, 29, 31, 37]}
-    cfg = EngramConfig(layers=[1, 3, 4], max_n=4, table_size=[100, 1000, 30], heads=3, ngram_width=6)
+    assert config.head_primes() == {0: [11, 13, 17, 19], 2: [23, 29, 31, 37]}
+    config = EngramConfig(layers=[1, 3, 4], max_n=4, table_size=[100, 1000, 30], heads=3, ngram_width=6)
     used: set[int] = set()
-    for layer in cfg.layers:
+    for layer in config.layers:
         expected = []
-        for size in cfg.order_table_sizes():
+        for size in config.order_table_sizes():
             start = size - 1
-            for _ in range(cfg.heads):
+            for _ in range(config.heads):
                 start = literal_next_prime(start, used)
                 used.add(start)
                 expected.append(start)
-        assert cfg.head_primes()[layer] == expected
+        assert config.head_primes()[layer] == expected
 
 
 def test_multipliers_follow_the_seed_rule():
@@ -128,17 +128,17 @@ def engram_model(seed=0, **engram) -> Transformer:
     options = dict(layers=[0, 1], max_n=3, table_size=[17, 23], heads=2, ngram_width=8, seed=5, pad_id=3)
     options.update(engram)
     torch.manual_seed(seed)
-    cfg = ModelConfig(preset="tiny", vocab_size=V, init_std=0.3, engram=EngramConfig(**options))
-    return Transformer(cfg).double()
+    config = ModelConfig(preset="tiny", vocab_size=V, init_std=0.3, engram=EngramConfig(**options))
+    return Transformer(config).double()
 
 
 def literal_engram(model: Transformer, layer: int, h_BTD: torch.Tensor, ids_BT: torch.Tensor):
     """§2 steps 3-7, one position and one head at a time; returns (head ids, α, y), y the residual's addend."""
-    module, cfg = model.engram.layers[str(layer)], model.cfg.engram
+    module, config = model.engram.layers[str(layer)], model.config.engram
     compressed = model.engram.compressed_ids.tolist()
     mu = module.multipliers.tolist()
-    primes = cfg.head_primes()[layer]
-    width = cfg.head_width()
+    primes = config.head_primes()[layer]
+    width = config.head_width()
     D = h_BTD.shape[-1]
     B, T = ids_BT.shape
     table = module.tables.weight
@@ -147,28 +147,28 @@ def literal_engram(model: Transformer, layer: int, h_BTD: torch.Tensor, ids_BT: 
         return (value + 2**63) % INT64 - 2**63
 
     def rms(x, weight):
-        return x / torch.sqrt((x * x).mean() + model.cfg.norm_eps) * weight
+        return x / torch.sqrt((x * x).mean() + model.config.norm_eps) * weight
 
     head_ids = torch.zeros(B, T, len(primes), dtype=torch.long)
     alpha = torch.zeros(B, T, dtype=torch.float64)
     v = torch.zeros(B, T, D, dtype=torch.float64)
     for b in range(B):
         x = [compressed[i] for i in ids_BT[b].tolist()]
-        pad = compressed[cfg.pad_id]
+        pad = compressed[config.pad_id]
         for t in range(T):
             pieces, head = [], 0
-            for g in range(2, cfg.max_n + 1):
+            for g in range(2, config.max_n + 1):
                 mix = 0
                 for delta in range(g):
                     token = x[t - delta] if t - delta >= 0 else pad
                     mix = wrap(mix ^ wrap(token * mu[delta]))
-                for _ in range(cfg.heads):
+                for _ in range(config.heads):
                     p = primes[head]
                     head_ids[b, t, head] = mix % p
                     pieces.append(table[sum(primes[:head]) + mix % p])
                     head += 1
             e = torch.cat(pieces)
-            assert e.shape == (cfg.ngram_width * (cfg.max_n - 1),) and pieces[0].shape == (width,)
+            assert e.shape == (config.ngram_width * (config.max_n - 1),) and pieces[0].shape == (width,)
             k = rms(module.key_proj.weight @ e, module.key_norm.weight)
             q = rms(h_BTD[b, t], module.query_norm.weight)
             s = float((k @ q).detach()) / math.sqrt(D)
@@ -181,7 +181,7 @@ def literal_engram(model: Transformer, layer: int, h_BTD: torch.Tensor, ids_BT: 
         u = [rms(v[b, t], module.conv_norm.weight) for t in range(T)]
         for t in range(T):
             # Causal depthwise convolution, dilation max_n: tap j reads u_{t - (K-1-j)·max_n}, zero before the start.
-            conv = sum(kernel[:, j] * u[t - (K - 1 - j) * cfg.max_n] for j in range(K) if t - (K - 1 - j) * cfg.max_n >= 0)
+            conv = sum(kernel[:, j] * u[t - (K - 1 - j) * config.max_n] for j in range(K) if t - (K - 1 - j) * config.max_n >= 0)
             y[b, t] = v[b, t] + torch.nn.functional.silu(torch.as_tensor(conv, dtype=torch.float64))
     return head_ids, alpha, y
 
@@ -194,7 +194,7 @@ def test_every_step_equals_the_literal_reading(options):
         model.engram.set_compressed_ids([0, 1, 2, 1, 3, 4, 0, 5, 6, 7, 5, 8, 9])
     generator = torch.Generator().manual_seed(1)
     ids_BT = torch.randint(0, V, (2, 14), generator=generator)
-    h_BTD = torch.randn(2, 14, model.cfg.d_model, dtype=torch.float64, generator=generator)
+    h_BTD = torch.randn(2, 14, model.config.d_model, dtype=torch.float64, generator=generator)
     for layer, module in model.engram.layers.items():
         compressed_BT, pad = model.engram.compress(ids_BT)
         head_ids, alpha, y = literal_engram(model, int(layer), h_BTD, ids_BT)
@@ -223,7 +223,7 @@ def test_the_model_adds_engram_before_its_blocks():
 def test_sequences_shorter_than_the_window(T):
     model = engram_model(max_n=4, table_size=11)
     ids_BT = torch.randint(0, V, (2, T), generator=torch.Generator().manual_seed(T))
-    h_BTD = torch.randn(2, T, model.cfg.d_model, dtype=torch.float64)
+    h_BTD = torch.randn(2, T, model.config.d_model, dtype=torch.float64)
     module = model.engram.layers["0"]
     compressed_BT, pad = model.engram.compress(ids_BT)
     torch.testing.assert_close(module(h_BTD, compressed_BT, pad), literal_engram(model, 0, h_BTD, ids_BT)[2],
@@ -242,12 +242,12 @@ def test_table_size_for_budget_matches_an_oe_arm():
 
 
 def test_missing_map_is_a_clear_error_and_a_checkpoint_supplies_it(tmp_path):
-    cfg = ModelConfig(preset="tiny", vocab_size=V, engram=EngramConfig(layers=[0], table_size=11,
+    config = ModelConfig(preset="tiny", vocab_size=V, engram=EngramConfig(layers=[0], table_size=11,
                                                                        tokenizer=str(tmp_path / "absent.json")))
-    model = Transformer(cfg)
+    model = Transformer(config)
     with pytest.raises(InputError, match="model_config.engram.tokenizer"):
         model(torch.zeros(1, 3, dtype=torch.long))
-    trained = Transformer(cfg.replace(engram=EngramConfig(layers=[0], table_size=11)))
+    trained = Transformer(config.replace(engram=EngramConfig(layers=[0], table_size=11)))
     model.load_state_dict(trained.state_dict())
     assert torch.equal(model(torch.arange(5)[None]), trained(torch.arange(5)[None]))
 

@@ -51,6 +51,6 @@ def test_kv_cached_greedy_generation_equals_step_by_step_recomputation(family, p
         ids_BT = torch.cat([ids_BT, model(ids_BT)[:, -1].argmax(-1, keepdim=True)], dim=1)
     assert torch.equal(cached, ids_BT)
     assert ids_BT[:, prompt_len:].unique().numel() > 1  # the continuation is not a constant the bug could also give
-    ignored = model.embed.ignored_ids if model.cfg.over_encoding is not None else []
+    ignored = model.embed.ignored_ids if model.config.over_encoding is not None else []
     if ignored:  # the case this family is here for: an ignored id in the generated history
         assert torch.isin(ids_BT[:, :-1], torch.tensor(ignored)).any()

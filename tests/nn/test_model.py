@@ -41,10 +41,10 @@ def test_causality_future_tokens_do_not_change_past_logits():
 
 def test_reordered_norm_block_and_qk_norm_match_a_direct_computation():
     torch.manual_seed(0)
-    cfg = tiny()
-    model = Transformer(cfg)
+    config = tiny()
+    model = Transformer(config)
     block = model.blocks[0]
-    x_BTD = torch.randn(2, 6, cfg.d_model)
+    x_BTD = torch.randn(2, 6, config.d_model)
     cos_TK, sin_TK = model.rotary(0, 6)
 
     def rms(x, w):
@@ -55,13 +55,13 @@ def test_reordered_norm_block_and_qk_norm_match_a_direct_computation():
         return x * cos_TK + torch.cat([-x2, x1], -1) * sin_TK
 
     att = block.attention
-    heads = lambda t: t.view(2, 6, cfg.n_head, cfg.head_dim).transpose(1, 2)
+    heads = lambda t: t.view(2, 6, config.n_head, config.head_dim).transpose(1, 2)
     q = rope(heads(rms(x_BTD @ att.q_proj.weight.T, att.q_norm.weight)))
     k = rope(heads(rms(x_BTD @ att.k_proj.weight.T, att.k_norm.weight)))
     v = heads(x_BTD @ att.v_proj.weight.T)
-    scores = (q @ k.transpose(-1, -2)) / math.sqrt(cfg.head_dim)
+    scores = (q @ k.transpose(-1, -2)) / math.sqrt(config.head_dim)
     scores = scores.masked_fill(torch.ones(6, 6, dtype=torch.bool).triu(1), float("-inf"))
-    attn = (scores.softmax(-1) @ v).transpose(1, 2).reshape(2, 6, cfg.d_model) @ att.o_proj.weight.T
+    attn = (scores.softmax(-1) @ v).transpose(1, 2).reshape(2, 6, config.d_model) @ att.o_proj.weight.T
     h = x_BTD + rms(attn, block.attention_norm.weight)
     ff = block.feed_forward
     mlp = (F.silu(h @ ff.w1.weight.T) * (h @ ff.w3.weight.T)) @ ff.w2.weight.T
@@ -99,26 +99,26 @@ def test_weight_tying_shares_the_table():
     ("olmo2-151m", 100_278, 151e6), ("olmo2-400m", 100_278, 400e6), ("olmo2-1b", 100_278, 1.0e9),
 ])
 def test_preset_parameter_counts(preset, vocab, non_embedding):
-    cfg = ModelConfig(preset=preset, vocab_size=vocab)
-    counts = parameter_counts(cfg)
+    config = ModelConfig(preset=preset, vocab_size=vocab)
+    counts = parameter_counts(config)
     assert abs(counts.non_embedding - non_embedding) / non_embedding < 0.08
     assert counts.total == counts.embedding + counts.non_embedding
     assert counts.active == counts.total  # dense
-    padded = cfg.padded_vocab_size
-    tables = 1 if cfg.tie_embeddings else 2
-    assert counts.embedding == tables * padded * cfg.d_model
+    padded = config.padded_vocab_size
+    tables = 1 if config.tie_embeddings else 2
+    assert counts.embedding == tables * padded * config.d_model
 
 
 def test_parameter_counts_match_a_materialised_model():
-    cfg = tiny()
-    model = Transformer(cfg)
-    assert parameter_counts(cfg).total == sum(p.numel() for p in model.parameters())
+    config = tiny()
+    model = Transformer(config)
+    assert parameter_counts(config).total == sum(p.numel() for p in model.parameters())
 
 
 def test_padded_vocab_rows_are_never_predicted():
-    cfg = ModelConfig(preset="tiny", vocab_size=13, vocab_pad_multiple=8)
-    assert cfg.padded_vocab_size == 16
-    model = Transformer(cfg)
+    config = ModelConfig(preset="tiny", vocab_size=13, vocab_pad_multiple=8)
+    assert config.padded_vocab_size == 16
+    model = Transformer(config)
     assert model(torch.zeros(1, 4, dtype=torch.long)).shape[-1] == 13
 
 

@@ -20,9 +20,9 @@ from lit_overtok.nn.moe import MoEConfig, MoEFeedForward, pop_auxiliary_losses
 
 def make_layer(backend: str = "auto", *, d_model: int = 32, num_experts: int = 8, top_k: int = 2,
                expert_d_ff: int = 24, renormalize: bool = False, seed: int = 0) -> MoEFeedForward:
-    cfg = MoEConfig(num_experts=num_experts, top_k=top_k, expert_d_ff=expert_d_ff, renormalize=renormalize,
+    config = MoEConfig(num_experts=num_experts, top_k=top_k, expert_d_ff=expert_d_ff, renormalize=renormalize,
                     backend=backend)
-    layer = MoEFeedForward(d_model, cfg, layer_idx=0)
+    layer = MoEFeedForward(d_model, config, layer_idx=0)
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for param in layer.parameters():
@@ -31,7 +31,7 @@ def make_layer(backend: str = "auto", *, d_model: int = 32, num_experts: int = 8
 
 
 def copy_of(layer: MoEFeedForward, backend: str) -> MoEFeedForward:
-    twin = MoEFeedForward(layer.router.in_features, dataclasses.replace(layer.cfg, backend=backend), layer.layer_idx)
+    twin = MoEFeedForward(layer.router.in_features, dataclasses.replace(layer.config, backend=backend), layer.layer_idx)
     twin.load_state_dict(layer.state_dict())
     return twin
 
@@ -40,7 +40,7 @@ def dense_reference(layer: MoEFeedForward, x_ND: torch.Tensor) -> torch.Tensor:
     """Every expert on every token, then each token keeps its top-k outputs weighted by the router (no dispatch)."""
     scores_NE = F.linear(x_ND.float(), layer.router.weight.float()).softmax(-1)
     weights_NK, ids_NK = scores_NE.topk(layer.top_k, dim=-1)
-    if layer.cfg.renormalize:
+    if layer.config.renormalize:
         weights_NK = weights_NK / weights_NK.sum(-1, keepdim=True)
     ex = layer.experts
     h_ENF = F.silu(torch.einsum("nd,edf->enf", x_ND, ex.w1_EDF)) * torch.einsum("nd,edf->enf", x_ND, ex.w3_EDF)
@@ -186,8 +186,8 @@ def test_balanced_routing_has_load_balancing_loss_one():
 
 def test_aux_losses_join_the_objective_averaged_over_layers_only_in_training():
     torch.manual_seed(0)
-    cfg = ModelConfig(preset="moe-tiny", vocab_size=13, moe={"lb_loss_weight": 0.5, "z_loss_weight": 0.25})
-    model = Transformer(cfg).train()
+    config = ModelConfig(preset="moe-tiny", vocab_size=13, moe={"lb_loss_weight": 0.5, "z_loss_weight": 0.25})
+    model = Transformer(config).train()
     ids_BT = torch.randint(0, 13, (2, 9))
     total, parts = model.loss(ids_BT, ids_BT.roll(-1, 1))
     layers = [b.feed_forward for b in model.blocks]
@@ -298,15 +298,15 @@ def test_expert_load_and_aux_losses_reach_tensorboard(tmp_path):
 
 # ------------------------------------------------------------------------------------ parameter counts, presets
 def test_active_parameters_count_k_of_e_experts():
-    cfg = ModelConfig(preset="moe-tiny", vocab_size=13)
-    model = Transformer(cfg)
-    counts = parameter_counts(cfg)
+    config = ModelConfig(preset="moe-tiny", vocab_size=13)
+    model = Transformer(config)
+    counts = parameter_counts(config)
     assert counts.total == sum(p.numel() for p in model.parameters())
     E, K, D, Fe = 4, 2, 32, 16
-    assert counts.total - counts.active == cfg.n_layer * (E - K) * 3 * D * Fe
+    assert counts.total - counts.active == config.n_layer * (E - K) * 3 * D * Fe
     assert counts.active_non_embedding == counts.active - counts.embedding
     dense = parameter_counts(ModelConfig(preset="tiny", vocab_size=13, d_ff=K * Fe))
-    router = cfg.n_layer * D * E
+    router = config.n_layer * D * E
     assert counts.active == dense.active + router  # same active weights as the dense SwiGLU of width K·F
 
 
@@ -315,17 +315,17 @@ def test_active_parameters_count_k_of_e_experts():
     ("olmoe-1.3b", 260e6, 1.3e9),    # the paper's OLMoE-1.3B (docs/method.md §3.3)
 ])
 def test_olmoe_presets_hit_the_published_counts(preset, active, total):
-    cfg = ModelConfig(preset=preset, vocab_size=50_280)
-    assert cfg.padded_vocab_size == 50_304
-    counts = parameter_counts(cfg)
+    config = ModelConfig(preset=preset, vocab_size=50_280)
+    assert config.padded_vocab_size == 50_304
+    counts = parameter_counts(config)
     assert abs(counts.active / active - 1) < 0.03
     assert abs(counts.total / total - 1) < 0.03
 
 
 def test_olmoe_7b_forward_flops_match_the_paper():
     # docs/method.md §4.11: 2.3578 forward GFLOPs per token for the OLMoE-7B baseline (no attention term there).
-    cfg = ModelConfig(preset="olmoe-1b-7b", vocab_size=50_280)
-    assert flops_per_token(cfg, seq_len=0) / 3 == pytest.approx(2.3578e9, rel=1e-3)
+    config = ModelConfig(preset="olmoe-1b-7b", vocab_size=50_280)
+    assert flops_per_token(config, seq_len=0) / 3 == pytest.approx(2.3578e9, rel=1e-3)
 
 
 def test_small_moe_preset_has_the_active_size_of_cfg_small():
@@ -337,9 +337,9 @@ def test_small_moe_preset_has_the_active_size_of_cfg_small():
 
 # --------------------------------------------------------------------------------------------------- config
 def test_moe_fields_override_the_preset_and_survive_the_hparams_round_trip():
-    cfg = ModelConfig(preset="moe-small", vocab_size=7, moe={"backend": "loop", "top_k": 1})
-    assert (cfg.moe.num_experts, cfg.moe.top_k, cfg.moe.expert_d_ff, cfg.moe.backend) == (8, 1, 176, "loop")
-    assert ModelConfig(**dataclasses.asdict(cfg)) == cfg
+    config = ModelConfig(preset="moe-small", vocab_size=7, moe={"backend": "loop", "top_k": 1})
+    assert (config.moe.num_experts, config.moe.top_k, config.moe.expert_d_ff, config.moe.backend) == (8, 1, 176, "loop")
+    assert ModelConfig(**dataclasses.asdict(config)) == config
     given = ModelConfig(preset="cfg-small", vocab_size=7, moe=MoEConfig(num_experts=4, top_k=1, expert_d_ff=64))
     assert given.moe.num_experts == 4 and ModelConfig(**dataclasses.asdict(given)) == given
     assert ModelConfig(preset="cfg-small", vocab_size=7).moe is None
@@ -373,23 +373,23 @@ def test_moe_on_a_dense_preset_takes_the_expert_width_from_it_or_names_the_field
 @pytest.mark.parametrize("path", sorted(glob.glob("configs/olmoe/*.yaml") + glob.glob("configs/cfg/*moe*.yaml")))
 def test_moe_experiment_configs_build_with_the_published_counts(path):
     with open(path) as f:
-        config = yaml.safe_load(f)
-    model_args = config["model"]["init_args"]["model_config"]
+        experiment = yaml.safe_load(f)
+    model_args = experiment["model"]["init_args"]["model_config"]
     vocab = 50_280 if "olmoe" in path else 5  # the OLMoE tokenizer; cfg3f
-    cfg = ModelConfig(**model_args, vocab_size=vocab)
-    assert cfg.moe is not None
+    config = ModelConfig(**model_args, vocab_size=vocab)
+    assert config.moe is not None
     # The backbone's counts, without the Over-Encoding tables or training-only heads the paper counts apart.
-    counts = parameter_counts(dataclasses.replace(cfg, **{name: None for name in ("over_encoding", "multi_token")
+    counts = parameter_counts(dataclasses.replace(config, **{name: None for name in ("over_encoding", "multi_token")
                                          if name in model_args}))
     if "olmoe_1.3b" in path:
         assert abs(counts.active / 260e6 - 1) < 0.03 and abs(counts.total / 1.3e9 - 1) < 0.03
     elif "olmoe_7b" in path:
         assert abs(counts.active / 1.3e9 - 1) < 0.03 and abs(counts.total / 6.9e9 - 1) < 0.03
     if "olmoe" in path:
-        assert config["trainer"]["precision"] == "bf16-mixed" and config["trainer"]["gradient_clip_val"] == 1.0
-        optimizer = config["model"]["init_args"]["optimizer"]
+        assert experiment["trainer"]["precision"] == "bf16-mixed" and experiment["trainer"]["gradient_clip_val"] == 1.0
+        optimizer = experiment["model"]["init_args"]["optimizer"]
         assert (optimizer["lr"], optimizer["betas"], optimizer["weight_decay"], optimizer["min_lr_ratio"]) == (
             4e-4, [0.9, 0.95], 0.1, 0.1)
-        oe = getattr(cfg, "over_encoding", None)
+        oe = getattr(config, "over_encoding", None)
         if "oe12.8m" in path or "ot12.8m" in path:
-            assert (oe.n, round(oe.m / 1e5) / 10, oe.slice_width(cfg.d_model)) == (3, 12.8, 256)
+            assert (oe.n, round(oe.m / 1e5) / 10, oe.slice_width(config.d_model)) == (3, 12.8, 256)

@@ -76,9 +76,9 @@ def test_ot_gradients_reach_the_over_encoding_tables_through_mtp_ds():
     """OT: the next token's embedding is the Over-Encoding vector (its n-gram context), so the OE tables learn
     from the future-token loss too."""
     torch.manual_seed(0)
-    cfg = ModelConfig(preset="tiny", vocab_size=V, over_encoding={"m": 101, "n": 3, "k": 2},
+    config = ModelConfig(preset="tiny", vocab_size=V, over_encoding={"m": 101, "n": 3, "k": 2},
                       multi_token=MultiTokenConfig(mode="mtp_ds"))
-    model = Transformer(cfg)
+    model = Transformer(config)
     ids_BT = torch.randint(0, V, (2, 12))
     mtp_only_gradients(model, ids_BT)
     oe_params = [(name, p) for name, p in model.embed.named_parameters() if not name.startswith("wte")]

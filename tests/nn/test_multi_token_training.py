@@ -96,11 +96,11 @@ def test_a_checkpoint_trained_with_od_serves_plain_next_token_inference(run_dir)
 def test_gpu_sized_configs_build_with_the_expected_heads(path):
     model_args = yaml.safe_load((CONFIGS / path).read_text())["model"]["init_args"]["model_config"]
     vocab = 7 if path.startswith("cfg/") else 50_280
-    cfg = ModelConfig(vocab_size=vocab, **model_args)
-    counts = parameter_counts(cfg)  # built on the meta device
-    D, n = cfg.d_model, cfg.multi_token.n
-    if cfg.multi_token.mode == "joint":
+    config = ModelConfig(vocab_size=vocab, **model_args)
+    counts = parameter_counts(config)  # built on the meta device
+    D, n = config.d_model, config.multi_token.n
+    if config.multi_token.mode == "joint":
         assert counts.embedding == vocab * D + vocab ** n * D  # untied 1-gram table + the V^n joint table
-    elif cfg.multi_token.mode == "od":
+    elif config.multi_token.mode == "od":
         assert counts.embedding == vocab * D * n  # tied 1-gram table/head 1, plus heads 2..n
-    assert flops_per_token(cfg, 512) > flops_per_token(ModelConfig(vocab_size=vocab, **{**model_args, "multi_token": None}), 512)
+    assert flops_per_token(config, 512) > flops_per_token(ModelConfig(vocab_size=vocab, **{**model_args, "multi_token": None}), 512)

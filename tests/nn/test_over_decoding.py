@@ -42,11 +42,11 @@ def test_future_labels_shift_by_j_minus_1_and_mask_the_window_end():
 
 def test_od_loss_is_the_weighted_mean_of_per_head_cross_entropies_over_valid_positions():
     torch.manual_seed(0)
-    cfg = tiny(MultiTokenConfig(mode="od", n=3, loss_weights=[0.5, 0.25], low_rank=4))
-    heads = OverDecodingHeads(cfg.multi_token, cfg.d_model, cfg.vocab_size, cfg.padded_vocab_size)
+    config = tiny(MultiTokenConfig(mode="od", n=3, loss_weights=[0.5, 0.25], low_rank=4))
+    heads = OverDecodingHeads(config.multi_token, config.d_model, config.vocab_size, config.padded_vocab_size)
     for p in heads.parameters():
         torch.nn.init.normal_(p, std=0.5)
-    hidden_BTD = torch.randn(3, 9, cfg.d_model)
+    hidden_BTD = torch.randn(3, 9, config.d_model)
     labels_BT = labels_with_padding()
     total, parts = heads.loss(hidden_BTD, None, labels_BT)
     # Straightforward reference: loop over positions, keep those whose j-ahead token is inside the window.
@@ -68,9 +68,9 @@ def test_od_loss_is_the_weighted_mean_of_per_head_cross_entropies_over_valid_pos
 
 def test_od_heads_get_no_signal_from_positions_past_the_window_or_at_padding():
     torch.manual_seed(0)
-    cfg = tiny(MultiTokenConfig(mode="od", n=3))
-    heads = OverDecodingHeads(cfg.multi_token, cfg.d_model, cfg.vocab_size, cfg.padded_vocab_size)
-    hidden_BTD = torch.randn(3, 9, cfg.d_model, requires_grad=True)
+    config = tiny(MultiTokenConfig(mode="od", n=3))
+    heads = OverDecodingHeads(config.multi_token, config.d_model, config.vocab_size, config.padded_vocab_size)
+    hidden_BTD = torch.randn(3, 9, config.d_model, requires_grad=True)
     labels_BT = labels_with_padding()
     for j, nll_BT in enumerate(heads.per_position_nll(hidden_BTD, labels_BT), start=2):
         (grad_BTD,) = torch.autograd.grad(nll_BT.sum(), hidden_BTD)
@@ -86,11 +86,11 @@ def product_form_and_joint_heads(n=3, D=8, seed=0):
     """Head 1 (the model's next-token head), OD heads 2..n with lambda = 1, and a joint head whose V^n table is
     E~(z_1..z_n) = sum_j E_j(z_j): the parameterization of App. C."""
     torch.manual_seed(seed)
-    cfg = ModelConfig(preset=None, n_layer=1, d_model=D, n_head=2, d_ff=8, max_seq_len=64, tie_embeddings=False,
+    config = ModelConfig(preset=None, n_layer=1, d_model=D, n_head=2, d_ff=8, max_seq_len=64, tie_embeddings=False,
                       vocab_pad_multiple=1, vocab_size=V, multi_token=MultiTokenConfig(mode="od", n=n, loss_weights=[1.0] * (n - 1)))
-    head1 = NextTokenHead(cfg.d_model, cfg.vocab_size, cfg.padded_vocab_size)
-    od = OverDecodingHeads(cfg.multi_token, cfg.d_model, cfg.vocab_size, cfg.padded_vocab_size)
-    joint = JointNGramHead(cfg.d_model, cfg.vocab_size, n)
+    head1 = NextTokenHead(config.d_model, config.vocab_size, config.padded_vocab_size)
+    od = OverDecodingHeads(config.multi_token, config.d_model, config.vocab_size, config.padded_vocab_size)
+    joint = JointNGramHead(config.d_model, config.vocab_size, n)
     tables = [head1.proj.weight] + [h.table.proj.weight for h in od.heads]
     with torch.no_grad():
         for E_VD in tables:
@@ -124,10 +124,10 @@ def test_product_decomposition_loss_equals_the_joint_cross_entropy(n):
 
 def test_joint_head_scores_the_joint_label_and_marginalizes_past_the_window():
     torch.manual_seed(0)
-    cfg = tiny(MultiTokenConfig(mode="joint", n=3))
-    head = JointNGramHead(cfg.d_model, cfg.vocab_size, 3)
+    config = tiny(MultiTokenConfig(mode="joint", n=3))
+    head = JointNGramHead(config.d_model, config.vocab_size, 3)
     torch.nn.init.normal_(head.proj.weight)
-    hidden_BTD = torch.randn(2, 6, cfg.d_model)
+    hidden_BTD = torch.randn(2, 6, config.d_model)
     labels_BT = labels_with_padding(B=2, T=6)
     joint_nll_BT, _ = head.per_position_nll(hidden_BTD, labels_BT)
     weight_ND = head.proj.weight.detach()
@@ -207,9 +207,9 @@ def test_od_tables_count_as_embedding_and_add_their_flops():
 
 
 def test_multi_token_config_round_trips_through_checkpoint_dicts():
-    cfg = tiny(MultiTokenConfig(mode="od", n=3, loss_weights=[0.2, 0.1], low_rank=8))
-    rebuilt = ModelConfig(**dataclasses.asdict(cfg))
-    assert rebuilt == cfg and isinstance(rebuilt.multi_token, MultiTokenConfig)
+    config = tiny(MultiTokenConfig(mode="od", n=3, loss_weights=[0.2, 0.1], low_rank=8))
+    rebuilt = ModelConfig(**dataclasses.asdict(config))
+    assert rebuilt == config and isinstance(rebuilt.multi_token, MultiTokenConfig)
     assert MultiTokenConfig(mode="mtp_ds").head_weights == [0.1]
 
 

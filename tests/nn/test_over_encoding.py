@@ -53,11 +53,11 @@ class ReferenceOverEncoding(nn.Module):
 
 def fast_and_reference(m, n, k, sparse=False, d_model=32):
     torch.manual_seed(0)
-    cfg = ModelConfig(preset="tiny", vocab_size=V, d_model=d_model,
+    config = ModelConfig(preset="tiny", vocab_size=V, d_model=d_model,
                       over_encoding=OverEncodingConfig(m=m, n=n, k=k, sparse=sparse))
-    fast = OverEncoding(cfg.over_encoding, cfg.vocab_size, cfg.padded_vocab_size, cfg.d_model).double()
-    ref = ReferenceOverEncoding(V, cfg.d_model, m, n, k).double()
-    width = cfg.d_model // (k * (n - 1))
+    fast = OverEncoding(config.over_encoding, config.vocab_size, config.padded_vocab_size, config.d_model).double()
+    ref = ReferenceOverEncoding(V, config.d_model, m, n, k).double()
+    width = config.d_model // (k * (n - 1))
     with torch.no_grad():
         fast.wte.weight.copy_(ref.wte.weight)
         for i, (table, proj) in enumerate(zip(ref.oe_embedders, ref.oe_projs)):
@@ -207,16 +207,16 @@ def test_oe_off_is_bit_identical_to_the_baseline():
 
 
 def test_tied_table_and_parameter_accounting():
-    cfg = ModelConfig(preset="tiny", vocab_size=V, tie_embeddings=True, over_encoding=OverEncodingConfig(m=1000, n=3, k=2))
-    model = Transformer(cfg)
+    config = ModelConfig(preset="tiny", vocab_size=V, tie_embeddings=True, over_encoding=OverEncodingConfig(m=1000, n=3, k=2))
+    model = Transformer(config)
     assert model.lm_head.proj.weight is model.embed.wte.weight
-    counts, base = parameter_counts(cfg), parameter_counts(cfg.replace(over_encoding=None))
-    d = cfg.d_model
+    counts, base = parameter_counts(config), parameter_counts(config.replace(over_encoding=None))
+    d = config.d_model
     tables = sum(rows * d // 4 for rows in (1000, 1002, 1004, 1006))
     assert counts.embedding - base.embedding == tables  # OE-m: about m·D table parameters
     assert abs(tables - 1000 * d) / (1000 * d) < 0.01
     assert counts.non_embedding - base.non_embedding == d * d + d  # the projections are dense matmul weights
-    assert flops_per_token(cfg, 16) - flops_per_token(cfg.replace(over_encoding=None), 16) == 6 * (d * d + d)
+    assert flops_per_token(config, 16) - flops_per_token(config.replace(over_encoding=None), 16) == 6 * (d * d + d)
 
 
 def test_tables_get_their_own_optimizer_group():
@@ -278,9 +278,9 @@ def test_unknown_over_encoding_field_is_a_clear_error():
 
 def test_config_round_trips_through_a_plain_dict():
     import dataclasses
-    cfg = oe_config(reset_at_eos=True, eos_id=3, sparse=True)
-    again = ModelConfig(**dataclasses.asdict(cfg))
-    assert again == cfg and isinstance(again.over_encoding, OverEncodingConfig)
+    config = oe_config(reset_at_eos=True, eos_id=3, sparse=True)
+    again = ModelConfig(**dataclasses.asdict(config))
+    assert again == config and isinstance(again.over_encoding, OverEncodingConfig)
 
 
 @pytest.mark.parametrize("path", sorted(glob.glob("configs/cfg/cfg3f_*.yaml") + glob.glob("configs/olmo2/olmo2_*.yaml")))
@@ -291,18 +291,18 @@ def test_experiment_configs_build_with_the_papers_table_sizes(path):
     for vocab in vocabularies:
         with warnings.catch_warnings():
             warnings.simplefilter("error")  # no structured-collision warning for the shipped tables
-            cfg = ModelConfig(**model_args, vocab_size=vocab)
-        oe = cfg.over_encoding
+            config = ModelConfig(**model_args, vocab_size=vocab)
+        oe = config.over_encoding
         if oe is None:
             continue
-        tables = parameter_counts(cfg).embedding - parameter_counts(cfg.replace(over_encoding=None)).embedding
+        tables = parameter_counts(config).embedding - parameter_counts(config.replace(over_encoding=None)).embedding
         if oe.form == "single":
-            tables += cfg.padded_vocab_size * cfg.d_model  # it replaces the 1-gram input table
-        assert tables == sum(oe.row_counts()) * oe.slice_width(cfg.d_model)
+            tables += config.padded_vocab_size * config.d_model  # it replaces the 1-gram input table
+        assert tables == sum(oe.row_counts()) * oe.slice_width(config.d_model)
         if "olmo2" in path:
-            assert abs(tables - oe.m * cfg.d_model) / (oe.m * cfg.d_model) < 1e-4  # OE-m = m x d_model
+            assert abs(tables - oe.m * config.d_model) / (oe.m * config.d_model) < 1e-4  # OE-m = m x d_model
             assert round(oe.m / 1e5) / 10 in (1.2, 12.8) and oe.n == 3
-            assert oe.slice_width(cfg.d_model) == (384 if cfg.d_model == 768 else 256)
+            assert oe.slice_width(config.d_model) == (384 if config.d_model == 768 else 256)
         else:
             assert oe.m >= vocab**oe.n  # exact n-gram encoding
 
@@ -317,10 +317,10 @@ def test_single_form_is_one_table_over_the_exact_ngram_ids():
     # The CFG study's n-gram encoding model with cfg3f's 7 ids: position t reads row x_t + 7·x_(t-1) + 49·x_(t-2)
     # of ONE 343-row table of width d_model, ids before the start being 0 (Algorithm 1); nothing else.
     torch.manual_seed(0)
-    cfg = single_config()
-    embed = OverEncoding(cfg.over_encoding, cfg.vocab_size, cfg.padded_vocab_size, cfg.d_model).double()
+    config = single_config()
+    embed = OverEncoding(config.over_encoding, config.vocab_size, config.padded_vocab_size, config.d_model).double()
     assert embed.wte is None and embed.proj is None
-    assert [p.shape for p in embed.parameters()] == [(343, cfg.d_model)]
+    assert [p.shape for p in embed.parameters()] == [(343, config.d_model)]
     ids_BT = torch.tensor([[2, 4, 0, 6, 1, 3, 5], [0, 0, 1, 2, 3, 1, 1]])
     padded_BT = torch.cat([torch.zeros(2, 2, dtype=torch.long), ids_BT], dim=1)
     for b, t in itertools.product(range(2), range(7)):
@@ -329,7 +329,7 @@ def test_single_form_is_one_table_over_the_exact_ngram_ids():
     # Exact: the 343 3-grams get 343 different rows.
     grams = torch.tensor(list(itertools.product(range(7), repeat=3)))
     assert embed.lookup_rows(grams)[:, -1, 0].unique().numel() == 343
-    target_BTD = torch.randn(2, 7, cfg.d_model, dtype=torch.float64)
+    target_BTD = torch.randn(2, 7, config.d_model, dtype=torch.float64)
     (embed(ids_BT) * target_BTD).sum().backward()
     touched = embed.tables.weight.grad.abs().sum(1).nonzero().flatten()
     assert touched.tolist() == sorted(set(embed.lookup_rows(ids_BT).flatten().tolist()))
@@ -342,14 +342,14 @@ def test_single_form_refuses_a_tied_head():
 
 
 def test_single_form_model_trains_with_an_untied_head_and_counts_its_table():
-    cfg = single_config()
-    model = Transformer(cfg)
+    config = single_config()
+    model = Transformer(config)
     assert model.lm_head.proj.weight is not model.embed.tables.weight
-    counts, untied = parameter_counts(cfg), parameter_counts(cfg.replace(over_encoding=None))
-    assert counts.embedding - untied.embedding == (343 - 7) * cfg.d_model  # the n-gram table replaces the 1-gram one
+    counts, untied = parameter_counts(config), parameter_counts(config.replace(over_encoding=None))
+    assert counts.embedding - untied.embedding == (343 - 7) * config.d_model  # the n-gram table replaces the 1-gram one
     assert counts.non_embedding == untied.non_embedding
-    assert flops_per_token(cfg, 16) == flops_per_token(cfg.replace(over_encoding=None), 16)  # lookups are free
-    assert model.embed.parameter_metrics() == {"over_encoding_tables": 343 * cfg.d_model, "over_encoding_projection": 0}
+    assert flops_per_token(config, 16) == flops_per_token(config.replace(over_encoding=None), 16)  # lookups are free
+    assert model.embed.parameter_metrics() == {"over_encoding_tables": 343 * config.d_model, "over_encoding_projection": 0}
     ids_BT = torch.randint(0, 7, (2, 12))
     loss, _ = model.loss(ids_BT[:, :-1], ids_BT[:, 1:])
     loss.backward()
@@ -360,8 +360,8 @@ def test_single_form_model_trains_with_an_untied_head_and_counts_its_table():
 
 
 def test_single_form_hashes_when_m_is_smaller_than_v_to_the_n():
-    cfg = single_config(vocab=V, m=101, n=2)
-    embed = OverEncoding(cfg.over_encoding, cfg.vocab_size, cfg.padded_vocab_size, cfg.d_model)
+    config = single_config(vocab=V, m=101, n=2)
+    embed = OverEncoding(config.over_encoding, config.vocab_size, config.padded_vocab_size, config.d_model)
     ids_BT = torch.tensor([[5, 7, 2]])
     assert embed.lookup_rows(ids_BT)[0, :, 0].tolist() == [5, (7 + 5 * V) % 101, (2 + 7 * V) % 101]
 
@@ -414,16 +414,16 @@ NE_CASES = {
 def test_ne_options_equal_a_literal_per_position_reading(case):
     options = {"m": 40, "n": 3, "k": 2, **NE_CASES[case]}
     torch.manual_seed(0)
-    cfg = ModelConfig(preset="tiny", vocab_size=V, d_model=24, over_encoding=OverEncodingConfig(**options))
-    oe = cfg.over_encoding
-    embed = OverEncoding(oe, V, cfg.padded_vocab_size, cfg.d_model).double()
+    config = ModelConfig(preset="tiny", vocab_size=V, d_model=24, over_encoding=OverEncodingConfig(**options))
+    oe = config.over_encoding
+    embed = OverEncoding(oe, V, config.padded_vocab_size, config.d_model).double()
     with torch.no_grad():
         for p in embed.parameters():
             p.normal_()  # biases too, which start at zero
     ids_BT = torch.randint(0, V, (3, 12), generator=torch.Generator().manual_seed(1))
     ids_BT[0, [0, 4, 5, 9]] = torch.tensor([3, 5, 3, 6])  # ignored ids at the start, adjacent, and mid-sequence
-    target_BTD = torch.randn(3, 12, cfg.d_model, dtype=torch.float64)
-    fast, literal = embed(ids_BT), literal_embedding(ids_BT, embed, oe, cfg.d_model)
+    target_BTD = torch.randn(3, 12, config.d_model, dtype=torch.float64)
+    fast, literal = embed(ids_BT), literal_embedding(ids_BT, embed, oe, config.d_model)
     torch.testing.assert_close(fast, literal, rtol=1e-12, atol=1e-12)
     params = [p for p in embed.parameters()]
     grads_fast = torch.autograd.grad((fast * target_BTD).sum(), params)
@@ -455,8 +455,8 @@ def test_longcat_row_rule_matches_released_sizes():
 
 def test_ignored_ids_delimit_the_history_like_a_sequence_start():
     oe = OverEncodingConfig(m=1000, n=3, k=1, flavor="longcat", ignore_ids=[3])
-    cfg = ModelConfig(preset="tiny", vocab_size=V, over_encoding=oe)
-    embed = OverEncoding(oe, V, cfg.padded_vocab_size, cfg.d_model)
+    config = ModelConfig(preset="tiny", vocab_size=V, over_encoding=oe)
+    embed = OverEncoding(oe, V, config.padded_vocab_size, config.d_model)
     doc = [5, 6, 7, 8]
     after = embed(torch.tensor([[9, 8, 3] + doc]))
     alone = embed(torch.tensor([doc]))

@@ -18,9 +18,9 @@ OLMOE_RULES = dict(weight_decay=0.1, decay_embeddings=True, decay_norms_and_bias
 OE = {"m": 101, "n": 3, "k": 1}
 
 
-def decay_of(model: nn.Module, cfg: OptimizerConfig) -> dict[str, float]:
+def decay_of(model: nn.Module, config: OptimizerConfig) -> dict[str, float]:
     """Each parameter's weight decay, by name."""
-    group_of = {id(p): g for g in parameter_groups(model, cfg) for p in g["params"]}
+    group_of = {id(p): g for g in parameter_groups(model, config) for p in g["params"]}
     return {name: group_of[id(p)]["weight_decay"] for name, p in model.named_parameters()}
 
 
@@ -63,9 +63,9 @@ def test_decay_shrinks_tables_and_norms_in_a_real_adamw_step():
     with torch.no_grad():
         model.norm.weight.fill_(2.0)
     for rules, table_kept in ((OLMOE_RULES, False), (OLMO2_RULES, True)):
-        cfg = OptimizerConfig(lr=0.5, warmup_steps=0, **rules)
+        config = OptimizerConfig(lr=0.5, warmup_steps=0, **rules)
         before = {name: p.detach().clone() for name, p in model.named_parameters()}
-        optimizer, _ = build_optimizer(model, cfg, total_steps=10)
+        optimizer, _ = build_optimizer(model, config, total_steps=10)
         for p in model.parameters():
             p.grad = torch.zeros_like(p)
         optimizer.step()

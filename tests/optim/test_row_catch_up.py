@@ -395,14 +395,14 @@ def test_over_encoding_model_trains_like_dense_adamw(eps, atol):
     to ~10-100 eps), where a catch-up falls short by up to ~1e-4..1e-3 of its movement (BENCHMARKS.md, Sparse AdamW):
     measured 2.4e-6 on the tables, whose entries move by ~1e-1; 1e-5 allows for it."""
     groups_cfg = {"over_encoding": {"weight_decay": 0.1, "lr_multiplier": 2.0}}
-    cfg = OptimizerConfig(lr=1e-2, warmup_steps=5, groups=groups_cfg)
+    config = OptimizerConfig(lr=1e-2, warmup_steps=5, groups=groups_cfg)
     runs = []
     for sparse in (True, False):
         torch.manual_seed(0)
         model = Transformer(ModelConfig(preset="tiny", vocab_size=13, over_encoding=OverEncodingConfig(
             m=211, n=3, k=2, sparse=sparse))).double()
-        groups = parameter_groups(model, cfg)
-        opt = (RowSparseAdamW if sparse else torch.optim.AdamW)(groups, lr=cfg.lr, betas=cfg.betas, eps=eps)
+        groups = parameter_groups(model, config)
+        opt = (RowSparseAdamW if sparse else torch.optim.AdamW)(groups, lr=config.lr, betas=config.betas, eps=eps)
         if sparse:
             assert len(opt.register_catch_up_hooks(model)) == 2
         scheduler = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: warmup_cosine(s, 5, 40))

@@ -44,8 +44,8 @@ def model(sparse: bool, seed: int = 0, m: int = 40, family: str = "oe") -> Trans
     return Transformer(ModelConfig(preset="tiny", vocab_size=V, **memory(family, m, sparse)))
 
 
-def lazy(cfg: OptimizerConfig) -> OptimizerConfig:
-    return OptimizerConfig(**{**cfg.__dict__, "sparse_row_semantics": "lazy"})
+def lazy(config: OptimizerConfig) -> OptimizerConfig:
+    return OptimizerConfig(**{**config.__dict__, "sparse_row_semantics": "lazy"})
 
 
 def batch(seed: int) -> tuple[torch.Tensor, torch.Tensor]:
