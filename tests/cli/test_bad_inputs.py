@@ -59,20 +59,6 @@ CASES = {
 }
 
 
-@pytest.mark.parametrize("case", CASES)
-def test_bad_input_is_one_line_naming_it_before_any_step(tmp_path, text_corpus, capsys, case):
-    edits, extra, message = CASES[case]
-    corpus = edited_corpus(text_corpus, tmp_path, edits[0]) if edits else text_corpus
-    with pytest.raises(SystemExit) as stopped:
-        cli_main(fit_args(tmp_path / "run", corpus, *extra))
-    assert stopped.value.code == 2
-    err = capsys.readouterr().err
-    last = err.strip().splitlines()[-1]
-    assert last.startswith("error: ") and "Traceback" not in err
-    assert re.search(message, last), last
-    assert not list((tmp_path / "run").rglob("*.ckpt"))  # no step was trained, nothing saved
-
-
 def corrupt_every_shard(text: str, folder: Path) -> str:
     for shard in folder.glob("*.tar"):
         shard.write_bytes(b"\0" * shard.stat().st_size)  # same size, no tar inside
@@ -88,9 +74,9 @@ MORE_CASES = {  # issue 22: each was a traceback or a 60-line usage dump
 }
 
 
-@pytest.mark.parametrize("case", MORE_CASES)
-def test_more_bad_input_is_one_line(tmp_path, text_corpus, capsys, case):
-    edits, extra, message = MORE_CASES[case]
+@pytest.mark.parametrize("case", [*CASES, *MORE_CASES])
+def test_bad_input_is_one_line_naming_it_before_any_step(tmp_path, text_corpus, capsys, case):
+    edits, extra, message = {**CASES, **MORE_CASES}[case]
     corpus = edited_corpus(text_corpus, tmp_path, edits[0]) if edits else text_corpus
     with pytest.raises(SystemExit) as stopped:
         cli_main(fit_args(tmp_path / "run", corpus, *extra))
@@ -98,8 +84,8 @@ def test_more_bad_input_is_one_line(tmp_path, text_corpus, capsys, case):
     err = capsys.readouterr().err
     assert "usage:" not in err and "Traceback" not in err, err[-3000:]
     last = err.strip().splitlines()[-1]
-    assert last.startswith("error: ") and "Traceback" not in err and re.search(message, last), last
-    assert not list((tmp_path / "run").rglob("*.ckpt"))
+    assert last.startswith("error: ") and re.search(message, last), last
+    assert not list((tmp_path / "run").rglob("*.ckpt"))  # no step was trained, nothing saved
 
 
 @pytest.mark.parametrize("content, what", [("- trainer\n- model\n", "a YAML list"), ("", "empty")])
