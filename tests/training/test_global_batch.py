@@ -29,10 +29,10 @@ def last_checkpoint(root: Path) -> dict:
     return torch.load(path, map_location="cpu", weights_only=False)
 
 
-def built_trainer(*extra: str):
-    """The trainer the CLI builds (nothing runs)."""
+def built_trainer(root: Path, *extra: str):
+    """The trainer the CLI builds (nothing runs; building claims a run folder under ``root``)."""
     return OverTokCLI(OverTokLM, LightningDataModule, subclass_mode_model=True, subclass_mode_data=True,
-                      trainer_defaults=DEFAULT_TRAINER, run=False, args=tiny_run(Path("unused"), *extra)[1:]).trainer
+                      trainer_defaults=DEFAULT_TRAINER, run=False, args=tiny_run(root, *extra)[1:]).trainer
 
 
 @pytest.mark.parametrize("devices", [1, 2], ids=["one_process", "two_gloo_ranks"])
@@ -48,20 +48,20 @@ def test_each_optimizer_step_trains_the_global_batch_whatever_the_processes(tmp_
 
 @pytest.mark.parametrize(("devices", "accumulation"), [("auto", 4), (1, 4), ("2", 2), (2, 2)],
                          ids=["auto", "int_1", "string_2", "int_2"])
-def test_accumulation_follows_devices_given_as_auto_int_or_string(devices, accumulation):
+def test_accumulation_follows_devices_given_as_auto_int_or_string(tmp_path, devices, accumulation):
     strategy = ["--trainer.strategy=ddp_fork"] if str(devices) == "2" else []
-    trainer = built_trainer(f"--trainer.devices={devices}", *strategy, f"--global_batch.sequences={SEQUENCES}")
+    trainer = built_trainer(tmp_path, f"--trainer.devices={devices}", *strategy, f"--global_batch.sequences={SEQUENCES}")
     assert trainer.accumulate_grad_batches == accumulation
     assert trainer.val_check_interval == 2 * accumulation  # micro-batches, for 2 optimizer steps
 
 
-def test_global_batch_in_tokens():
-    trainer = built_trainer(f"--global_batch.tokens={SEQUENCES * SEQ_LEN}")
+def test_global_batch_in_tokens(tmp_path):
+    trainer = built_trainer(tmp_path, f"--global_batch.tokens={SEQUENCES * SEQ_LEN}")
     assert trainer.accumulate_grad_batches == SEQUENCES // PER_DEVICE
 
 
-def test_without_a_global_batch_the_trainer_is_left_alone():
-    trainer = built_trainer("--trainer.accumulate_grad_batches=3")
+def test_without_a_global_batch_the_trainer_is_left_alone(tmp_path):
+    trainer = built_trainer(tmp_path, "--trainer.accumulate_grad_batches=3")
     assert (trainer.accumulate_grad_batches, trainer.val_check_interval) == (3, 2)
 
 
