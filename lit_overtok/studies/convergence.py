@@ -99,8 +99,8 @@ class Speedup:
     """REACHED: the estimate; CENSORED: a lower bound; NEVER: None."""
     low: Optional[float] = None
     high: Optional[float] = None
-    """The 95% interval of a REACHED ratio (None when neither run has 5 points); 0 or inf at an end where many
-    draws never crossed or were censored."""
+    """The 95% interval of a REACHED ratio (None when neither run has 5 points); 0 (printed "never") or inf at an
+    end where more than 2.5% of the draws never crossed or were censored."""
     uninformative: bool = False
     """The baseline's own first point is at or beyond its final value: reaching that says nothing about speed."""
 
@@ -118,6 +118,9 @@ class Speedup:
 
 
 def format_ratio(ratio: float) -> str:
+    """An interval end: "never" for 0 (enough draws never reach the target: not a 0.00x speedup), "∞" for inf."""
+    if ratio == 0:
+        return "never"
     return "∞" if math.isinf(ratio) else f"{ratio:.2f}x"
 
 

@@ -23,7 +23,8 @@ What it holds (docs/method.md §4.2, §4.7; docs/studies.md, "Reading a speedup"
 - **Benchmark scores** of the final checkpoints (``evaluation/evaluate.py``; ``paper`` = the five downstream tasks
   for text runs, ``grammar`` for cfg runs; near chance at CPU scale, reported all the same). ``--limit N`` scores
   a fixed random subset of about N documents of each task (evaluate.py's ``--limit``).
-- **CPU-hours**: the sum of every point's recorded training CPU time (``done.json``), and the evaluation's own.
+- **CPU-hours**: the sum of every point's recorded training CPU time (``done.json``), and the evaluation's own;
+  beside them the commits and CPUs (model, timing flags) the points ran on (``provenance``, from ``attempts.jsonl``).
 
 The grid file's optional ``report`` section: ``baseline`` (default: the first arm), ``baselines`` (a mapping arm ->
 the arm it is compared with, for arms that differ from another baseline by one switch), ``law_arms`` (a list),
@@ -51,7 +52,7 @@ import yaml
 from lit_overtok.checkpointing.files import find_resume_checkpoint
 from lit_overtok.errors import InputError
 from lit_overtok.evaluation import score_checkpoints
-from lit_overtok.studies import convergence, figures, speedup, verdicts
+from lit_overtok.studies import convergence, figures, provenance, speedup, verdicts
 from lit_overtok.studies.convergence import Curve
 from lit_overtok.studies.run_logs import event_folders, read_run_scalars, Scalars
 from lit_overtok.studies.sweep import GridError, load_grid
@@ -274,7 +275,8 @@ def markdown(report: dict[str, Any]) -> str:
              + "".join(f"; `{arm}` against `{base}`" for arm, base in report["baselines"].items()
                        if base != report["baseline"]) + ". "
              f"Training CPU-hours: **{report['cpu_hours']:.3f}** over {report['points_done']} finished points "
-             f"(attempts killed before they could record their time are not counted).", "",
+             f"(attempts killed before they could record their time are not counted). Ran on: "
+             f"{report['provenance']}.", "",
              "## Verdicts", "", "Each arm against its baseline, seed by seed (one pair per seed both ran). The rules "
              "(docs/studies.md, \"Reading a speedup\"):", "", verdicts.rules_markdown(), "",
              "### Final loss: treatment − baseline, paired by seed", "",
@@ -381,8 +383,10 @@ def build(grid_path: str, output: Optional[str] = None, evaluate: bool = True, l
     missing = [a for a in law_arms if a not in finished]
     if missing:
         raise GridError(f"{grid.path}: report.law_arms: {', '.join(missing)} has no finished point")
+    attempts = [json.loads(line) for rs in finished.values() for r in rs if (r.folder / "attempts.jsonl").is_file()
+                for line in (r.folder / "attempts.jsonl").read_text().splitlines() if line]
     report: dict[str, Any] = {
-        "name": grid.name, "grid": str(grid.path), "baseline": baseline,
+        "name": grid.name, "grid": str(grid.path), "baseline": baseline, "provenance": provenance.describe(attempts),
         "cpu_hours": sum(r.done["cpu_seconds"] for rs in finished.values() for r in rs) / 3600,
         "points_done": sum(len(rs) for rs in finished.values()),
         "runs": [{"arm": r.arm, "seed": r.seed, "done": r.done is not None, "versions": r.versions,

@@ -53,6 +53,7 @@ import yaml
 
 from lit_overtok.checkpointing.files import find_resume_checkpoint
 from lit_overtok.errors import InputError
+from lit_overtok.studies import provenance
 
 THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "NUMEXPR_NUM_THREADS",
                     "VECLIB_MAXIMUM_THREADS")
@@ -284,7 +285,8 @@ def run_point(point: Point) -> dict[str, Any]:
             process.returncode = os.waitstatus_to_exitcode(status)
         attempt = {"started": time.time(), "wall_seconds": time.perf_counter() - start,
                    "cpu_seconds": usage.ru_utime + usage.ru_stime, "returncode": process.returncode,
-                   "ckpt_path": str(checkpoint) if checkpoint else None}
+                   "ckpt_path": str(checkpoint) if checkpoint else None,
+                   "commit": provenance.commit(point.workdir), "cpu": provenance.cpu()}
         with open(folder / "attempts.jsonl", "a") as attempts:
             attempts.write(json.dumps(attempt) + "\n")
         if process.returncode != 0:

@@ -171,6 +171,8 @@ def test_the_report_of_a_real_sweep_matches_its_event_files_and_scores_its_check
     assert evaluation["per_point"][0]["scores"]["cfg_next_token_validity"]["acc"] == scores["acc,none"]
     text = (tmp_path / "report" / "report.md").read_text()
     assert "| base | 1 | 5 | acc " in text
+    assert f"Ran on: {result['provenance']}." in text and result["provenance"].startswith("commit ")
+    assert "CPU not recorded" not in text  # the sweep recorded it with each attempt
     # The in-training evaluation ran once, at the end: its "speedup" is flagged as saying nothing.
     flagged = [r for r in result["speedups"] if r["metric"].startswith("eval/")]
     assert flagged and all(r["uninformative"] for r in flagged) and "Uninformative readings" in text

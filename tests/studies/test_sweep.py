@@ -15,7 +15,7 @@ import pytest
 import torch
 import yaml
 
-from lit_overtok.studies import report, sweep
+from lit_overtok.studies import provenance, report, sweep
 from lit_overtok.studies.run_logs import event_folders, read_run_scalars
 from lit_overtok.checkpointing.files import save_atomically
 from lit_overtok.cli.main import main as cli_main
@@ -54,6 +54,9 @@ def test_a_grid_run_twice_gives_the_same_losses_bit_for_bit_in_parallel_beside_a
     done = json.loads((Path(first) / "oe" / "seed1" / "done.json").read_text())
     last = Path(first) / "oe" / "seed1" / "version_0" / "checkpoints" / "last.ckpt"
     assert done["attempts"] == 1 and done["cpu_seconds"] > 0 and Path(done["checkpoint"]).resolve() == last.resolve()
+    # Each attempt names the code and the CPU it ran on (the report's "Ran on" line).
+    [attempt] = [json.loads(line) for line in (Path(first) / "oe" / "seed1" / "attempts.jsonl").read_text().splitlines()]
+    assert attempt["commit"] == provenance.commit(Path.cwd()) and attempt["cpu"] == provenance.cpu()
 
 
 def test_finished_points_are_skipped_and_changed_arguments_refused(tiny_sweep, capsys):
