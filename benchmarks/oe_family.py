@@ -6,7 +6,7 @@ For each table budget (the tables of OE-m, n = 3, k = 1) the three families are 
 block 1), all with sparse tables and ``RowSparseAdamW`` (AdamW row semantics), and one training step of each
 (zero_grad, forward, loss, backward, clipping, optimizer step) is timed interleaved with a step of the memory-free
 baseline on the same batches (``benchmarks/over_encoding.py``'s ``measure``: ratios from one run; an A/A control
-shows the noise floor). Engram is skipped with a note when ``lit_overtok.nn.engram`` is not in this checkout.
+shows the noise floor).
 
     python benchmarks/oe_family.py            # d_model 256, 4 layers, m = 131,071 and 1,048,573: a few minutes
     python benchmarks/oe_family.py --quick    # a smaller backbone, two small m: under a minute
@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import gc
-import importlib.util
 import json
 import sys
 from pathlib import Path
@@ -30,6 +29,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's lit_overtok
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from lit_overtok.nn.counts import parameter_counts  # noqa: E402
+from lit_overtok.nn.engram import EngramConfig, table_size_for_budget  # noqa: E402
 from lit_overtok.nn.over_encoding import OverEncodingConfig  # noqa: E402
 from lit_overtok.nn.table_budget import size_tables  # noqa: E402
 from over_encoding import backbone, measure, Trainee  # noqa: E402
@@ -44,14 +44,10 @@ def family_configs(args, m: int) -> dict:
     oe = OverEncodingConfig(m=m, n=3, k=1, sparse=True)
     budget = sum(oe.row_counts()) * oe.slice_width(args.d_model)
     ne = size_tables(OverEncodingConfig(m=1, n=3, k=1, flavor="longcat", sparse=True), args.d_model, budget, args.vocab)
-    configs = {"oe": backbone(args, oe), "ne": backbone(args, ne)}
-    if importlib.util.find_spec("lit_overtok.nn.engram") is not None:
-        from lit_overtok.nn.engram import EngramConfig, table_size_for_budget
-
-        size = table_size_for_budget(budget, 1, 3, 4, args.d_model // 2)
-        configs["engram"] = dataclasses.replace(backbone(args), engram=EngramConfig(
-            layers=[1], max_n=3, heads=4, ngram_width=args.d_model // 2, table_size=size, sparse=True))
-    return configs
+    size = table_size_for_budget(budget, 1, 3, 4, args.d_model // 2)
+    engram = dataclasses.replace(backbone(args), engram=EngramConfig(
+        layers=[1], max_n=3, heads=4, ngram_width=args.d_model // 2, table_size=size, sparse=True))
+    return {"oe": backbone(args, oe), "ne": backbone(args, ne), "engram": engram}
 
 
 def main() -> None:
@@ -81,16 +77,10 @@ def main() -> None:
     control = measure(baseline, Trainee(backbone(args)), batches, args.warmup)
     print(f"control (baseline vs a copy): ratio {control['step_time_ratio']:.3f} (median of pairs "
           f"{control['median_ratio']:.3f})")
-    results, notes = [], []
+    results = []
     for m in args.m or (QUICK_M if args.quick else FULL_M):
-        configs = family_configs(args, m)
-        if "engram" not in configs and not notes:
-            notes.append("engram skipped: lit_overtok.nn.engram is not in this checkout")
-            print(notes[-1])
-        for family, config in configs.items():
+        for family, config in family_configs(args, m).items():
             tables = sum(parameter_counts(config).memory_tables.values())
-            if family == "engram" and tables == 0:  # its tables may not be marked with a memory_family
-                tables = config.engram.table_parameters()
             timing = measure(baseline, Trainee(config), batches, args.warmup)
             results.append({"family": family, "m": m, "table_parameters": tables,
                             "step_time_ratio": round(timing["step_time_ratio"], 4),
@@ -105,7 +95,7 @@ def main() -> None:
         "backbone": {"n_layer": args.layers, "d_model": args.d_model, "vocab_size": args.vocab, "batch": args.batch,
                      "seq_len": args.seq_len},
         "control": {k: round(v, 4) for k, v in control.items() if k.endswith("ratio")},
-        "notes": notes, "results": results,
+        "results": results,
     }))
 
 
