@@ -230,11 +230,11 @@ class EngramLayer(nn.Module):
 
     def __init__(self, config: EngramConfig, layer: int, primes: list[int], d_model: int, norm_eps: float) -> None:
         super().__init__()
-        self.layer, self.max_n, self.heads = layer, config.max_n, config.heads
+        self.layer, self.max_n, self.heads, self.sharded = layer, config.max_n, config.heads, config.sharded
         self.moduli = primes
         self.offsets = [sum(primes[:i]) for i in range(len(primes))]
         if config.sharded:
-            # A placeholder without memory until the process group exists (``place_sharded_tables``); it draws itself.
+            # A placeholder without memory until the process group exists (``place_sharded_tables``).
             self.tables = RowShardedEmbedding(sum(primes), config.head_width(), sparse=config.sparse, device="meta")
         else:
             self.tables = nn.Embedding(sum(primes), config.head_width(), sparse=config.sparse)
@@ -252,6 +252,11 @@ class EngramLayer(nn.Module):
         # Set from the compressed vocabulary when the map is built, or loaded with a checkpoint.
         self.register_buffer("multipliers", torch.zeros(config.max_n, dtype=torch.long))
         self._constants: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def init_own_parameters(self, std: float, seed: int) -> list[nn.Parameter]:
+        """Sharded: the tables draw their rows chunk by chunk, as Over-Encoding's (the same global table at any world
+        size). Replicated: none, the model draws them as any other parameter."""
+        return self.tables.draw_rows(std, seed) if self.sharded else []
 
     def lookup_rows(self, compressed_BT: torch.Tensor, pad: int, start: int = 0) -> torch.Tensor:
         """(B, T - start, heads·(max_n - 1)) rows of the combined table for positions start.. (order-major)."""

@@ -46,8 +46,8 @@ docs/method.md §6; ``nn.sharded_table``).
 
 Initialisation differs by mode. Replicated tables (the default) are drawn as every other parameter is
 (``Transformer.init_weights``: one generator seeded by the parameter's name), the historical draw, so runs published
-with earlier code reproduce bit for bit. Sharded tables draw themselves chunk by chunk of rows
-(``RowShardedEmbedding.init_own_parameters``, seeded by the table's name as any parameter), so every world size, 1 included, starts from the same global table; a
+with earlier code reproduce bit for bit. Sharded tables are drawn chunk by chunk of rows
+(``RowShardedEmbedding.draw_rows``), so every world size, 1 included, starts from the same global table; a
 replicated and a sharded run of one seed therefore start from different tables (equal in distribution).
 """
 
@@ -309,7 +309,7 @@ class OverEncoding(nn.Module):
         self.width = oe.slice_width(d_model)
         if oe.sharded:
             # A placeholder without memory: the real blocks need the process group (``place_sharded_tables``), and
-            # the whole table of a paper-scale run would not fit in one process anyway. It draws itself.
+            # the whole table of a paper-scale run would not fit in one process anyway.
             self.tables = RowShardedEmbedding(sum(self.moduli), self.width, sparse=oe.sparse, device="meta")
         else:
             self.tables = nn.Embedding(sum(self.moduli), self.width, sparse=oe.sparse)
@@ -366,6 +366,11 @@ class OverEncoding(nn.Module):
         if self.scale != 1.0:
             embedded_BTD = embedded_BTD * self.scale
         return embedded_BTD
+
+    def init_own_parameters(self, std: float, seed: int) -> list[nn.Parameter]:
+        """Sharded: the tables draw their rows chunk by chunk (the same global table at any world size).
+        Replicated: none, the model draws the tables as any other parameter (the historical values)."""
+        return self.tables.draw_rows(std, seed) if self.sharded else []
 
     def training_metrics(self) -> dict[str, torch.Tensor]:
         """Fraction of each table's rows looked up in training so far, over all ranks: sharded, the all-reduce SUM

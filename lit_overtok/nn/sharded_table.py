@@ -7,7 +7,7 @@ per rank. A lookup deduplicates the rank's ids, sends each to its owner and rece
 the (locally summed) row gradients to their owners, which turn them into a sparse COO gradient of their block.
 Collectives per forward: 3 all-to-alls (split sizes, a world-long int64 vector; ids; rows); per backward: 1 (row
 gradients). At world size 1 a lookup is a plain ``F.embedding``. Engram's tables (``engram.sharded``) are the same
-module: the owner builds a meta placeholder, the table draws itself (``init_own_parameters``) and
+module: the owner builds a meta placeholder and passes its initialisation on (``draw_rows``), and
 ``place_sharded_tables`` materializes every such table of a model, whichever family owns it.
 
 Why a hand-written all-to-all rather than torch's DTensor row-wise embedding or TorchRec (checked on torch 2.13):
@@ -128,7 +128,7 @@ class RowShardedEmbedding(nn.Module):
         self.num_rows, self.width = num_rows, width
         self.sparse, self.grad_reduction, self.comm_dtype = sparse, grad_reduction, comm_dtype
         self._allocate(group, device, dtype)
-        self.initial_draw = (0.02, 0)  # (std, seed) of init_own_parameters, reused when ``place`` allocates anew
+        self.initial_draw = (0.02, 0)  # (std, seed) given by ``draw_rows``, reused when ``place`` allocates anew
         self.stats = CommStats()
         # Called as fn(weight, local_rows) right before the owner reads rows it serves (an optimizer's row catch-up).
         self.before_serving: list[Callable[[torch.Tensor, torch.Tensor], None]] = []
@@ -159,10 +159,10 @@ class RowShardedEmbedding(nn.Module):
         """``trunc_normal_rows_`` on this block: every world size (1 included) gets the same global table."""
         trunc_normal_rows_(self.weight.data, self.row_start, self.num_rows, std, seed)
 
-    def init_own_parameters(self, std: float, seed: int) -> list[nn.Parameter]:
-        """The model's initialisation hook (``nn.hooks``): the block is drawn by rows, not as other parameters are,
-        so that the global table does not depend on the world size; a placeholder remembers (std, seed) for
-        ``place``. Whichever module owns the table (Over-Encoding, Engram), this is its one rule."""
+    def draw_rows(self, std: float, seed: int) -> list[nn.Parameter]:
+        """The owner's ``init_own_parameters`` (``nn.hooks``; Over-Encoding's, Engram's: one rule for both): the block
+        is drawn by row chunks, not as other parameters are, so the global table does not depend on the world size;
+        a placeholder remembers (std, seed) for ``place``. Returns the parameters it drew."""
         self.initial_draw = (std, seed)
         if not self.weight.is_meta:
             self.reset_parameters(std, seed)
@@ -170,7 +170,7 @@ class RowShardedEmbedding(nn.Module):
 
     def place(self, group: Optional[dist.ProcessGroup]) -> None:
         """Materialize this rank's block over ``group`` (None: the default group, or the whole table without a
-        process group), drawn as ``init_own_parameters`` said, on the current default device (Lightning's
+        process group), drawn as ``draw_rows`` said, on the current default device (Lightning's
         ``configure_model`` runs under the root device); a no-op when the table is already placed there. Every rank
         of the group must call it."""
         rank, world = group_rank_and_size(group)
