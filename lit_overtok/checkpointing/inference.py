@@ -36,7 +36,7 @@ from lit_overtok.checkpointing.tokenizer_binding import RECORD_KEY, TokenizerBin
 from lit_overtok.checkpointing.integrity import is_sharded_checkpoint, verify_checkpoint
 from lit_overtok.configuration import config_from
 from lit_overtok.nn.config import ModelConfig
-from lit_overtok.nn.over_encoding import place_sharded_tables
+from lit_overtok.nn.sharded_table import place_sharded_tables
 from lit_overtok.nn.transformer import Transformer
 
 METADATA_NAME = "meta.pt"  # Lightning's name for the non-tensor part of a sharded checkpoint

@@ -1,14 +1,15 @@
-"""Per-rank memory of a run before it starts: weights, gradients, optimizer state and Over-Encoding tables.
+"""Per-rank memory of a run before it starts: weights, gradients, optimizer state and hashed n-gram tables.
 
 ``OverTokLM.setup`` prints the estimate at the start of every fit and stops with one clear error when it exceeds
 the declared devices, before hours of queueing end in an out-of-memory at the first step. Counted (bytes per rank):
 
-- backbone and heads (everything but the OE tables): weights, gradients and AdamW's two moments, in the parameter
-  dtype (fp32 unless the precision is ``*-true`` half precision); FSDP2 divides all three by the world size; DDP
-  adds its gradient buckets (one more gradient-sized buffer);
-- OE tables: this rank's rows (all of them when replicated, 1/world when sharded or FSDP-sharded) times weight and
-  two moments, a dense gradient unless ``sparse`` (the sparse one holds only a batch's rows; RowSparseAdamW keeps
-  an int32 step per row instead), and a coverage byte per row.
+- backbone and heads (everything but the memory tables): weights, gradients and AdamW's two moments, in the
+  parameter dtype (fp32 unless the precision is ``*-true`` half precision); FSDP2 divides all three by the world size;
+  DDP adds its gradient buckets (one more gradient-sized buffer);
+- memory tables (Over-Encoding's one weight, each Engram layer's): this rank's rows (all of them when replicated,
+  1/world when sharded or FSDP-sharded) times weight and two moments, a dense gradient unless ``sparse`` (the sparse
+  one holds only a batch's rows; RowSparseAdamW keeps an int32 step per row instead), and a coverage byte per row
+  (OE's always, Engram's when sharded: ``RowShardedEmbedding`` keeps one).
 
 Not counted: activations (they grow with batch × sequence and can be cut by activation checkpointing), FSDP's
 transient all-gathered blocks, the CUDA context and allocator slack. A run whose static state alone exceeds the
@@ -30,6 +31,7 @@ from lit_overtok.nn.counts import parameter_counts
 
 GIB = 2**30
 _HALF_PRECISIONS = ("bf16-true", "16-true", "bf16", "16", "half")
+_SHARDABLE = ("over_encoding", "engram")  # model_config fields whose tables can be row-sharded
 
 
 @dataclass(frozen=True)
@@ -54,27 +56,48 @@ class MemoryEstimate:
                 f"total {self.total / GIB:.3g}{fits}")
 
 
+@dataclass(frozen=True)
+class _Table:
+    """One memory-table weight of a configuration, as the estimate sees it."""
+
+    rows: int
+    width: int
+    sparse: bool
+    sharded: bool
+    coverage: bool  # a byte per row of training coverage flags
+
+
+def _memory_tables(config: ModelConfig) -> list[_Table]:
+    tables = []
+    oe, engram = config.over_encoding, config.engram
+    if oe is not None:
+        tables.append(_Table(sum(oe.row_counts()), oe.slice_width(config.d_model), oe.sparse, oe.sharded, True))
+    if engram is not None:  # one weight per Engram layer, each split over the ranks on its own
+        tables += [_Table(sum(primes), engram.head_width(), engram.sparse, engram.sharded, engram.sharded)
+                   for primes in engram.head_primes().values()]
+    return tables
+
+
 def estimate_per_rank(config: ModelConfig, world: int, fsdp: bool = False, ddp: bool = False,
                       precision: str = "32-true") -> MemoryEstimate:
     param_bytes = 2 if str(precision) in _HALF_PRECISIONS else 4
     counts = parameter_counts(config)
-    oe = config.over_encoding
-    table_rows = sum(oe.row_counts()) if oe is not None else 0
-    table_width = oe.slice_width(config.d_model) if oe is not None else 0
-    dense = counts.total - table_rows * table_width
+    memory_tables = _memory_tables(config)
+    dense = counts.total - sum(t.rows * t.width for t in memory_tables)
     dense_share = math.ceil(dense / world) if fsdp else dense
     weights = dense_share * param_bytes
     gradients = weights * (2 if ddp and world > 1 else 1)
     tables = 0
-    if oe is not None:
-        split = oe.sharded or (fsdp and not oe.sparse)
-        rows_here = math.ceil(table_rows / world) if split else table_rows
-        per_row = table_width * param_bytes * (3 if oe.sparse else 4) + 1  # weight, 2 moments (+ grad), coverage
-        if oe.sparse:
+    for table in memory_tables:
+        split = table.sharded or (fsdp and not table.sparse)
+        rows_here = math.ceil(table.rows / world) if split else table.rows
+        per_row = table.width * param_bytes * (3 if table.sparse else 4)  # weight, 2 moments (+ a dense gradient)
+        per_row += 1 if table.coverage else 0
+        if table.sparse:
             per_row += 4  # RowSparseAdamW's int32 step each row is current to (its default "adamw" row rule)
-        if ddp and world > 1 and not oe.sharded and not oe.sparse:
-            per_row += table_width * param_bytes  # DDP's bucket for the replicated table's gradient
-        tables = rows_here * per_row
+        if ddp and world > 1 and not table.sharded and not table.sparse:
+            per_row += table.width * param_bytes  # DDP's bucket for the replicated table's gradient
+        tables += rows_here * per_row
     return MemoryEstimate(world, weights, gradients, 2 * weights, tables)
 
 
@@ -98,16 +121,18 @@ def devices_needed(config: ModelConfig, capacity: int, precision: str) -> Option
 
 
 def sharded_variant(config: ModelConfig) -> ModelConfig:
-    if config.over_encoding is None or config.over_encoding.sharded:
-        return config
-    return config.replace(over_encoding=dataclasses.replace(config.over_encoding, sharded=True))
+    """``config`` with every memory table sharded."""
+    changes = {name: dataclasses.replace(getattr(config, name), sharded=True) for name in _SHARDABLE
+               if getattr(config, name) is not None}
+    return config.replace(**changes) if changes else config
 
 
 def check_fits(estimate: MemoryEstimate, capacity: int, device: str, config: ModelConfig, precision: str) -> None:
     if estimate.total <= capacity:
         return
     needed = devices_needed(config, capacity, precision)
+    keys = " and ".join(f"{name}.sharded" for name in _SHARDABLE if getattr(config, name) is not None)
     hint = ("no world size up to 65536 fits it" if needed is None else
-            f"FSDP2Strategy with over_encoding.sharded: true fits it from {needed} devices")
+            f"FSDP2Strategy{f' with {keys}: true' if keys else ''} fits it from {needed} devices")
     raise ValueError(f"this configuration does not fit the declared devices: {estimate.report(capacity, device)}; "
                      f"{hint} (trainer.devices x trainer.num_nodes)")

@@ -1,7 +1,8 @@
 """Data parallelism for ``OverTokLM`` on Lightning's strategies: what ``configure_model`` does under each.
 
 Lightning creates the process group, then calls ``configure_model``, then wraps the model (DDP) or sets it up
-(ModelParallelStrategy), so the row-sharded Over-Encoding tables are materialized here, over the data-parallel group:
+(ModelParallelStrategy), so the row-sharded tables (Over-Encoding's, Engram's) are materialized here, over the
+data-parallel group:
 
 - one device (or no Trainer: ``load_from_checkpoint``, evaluation): the whole table, lookups are plain gathers;
 - DDP (``ShardedDDPStrategy`` when the tables are sharded): tables sharded over all ranks. DDP must ignore the table
@@ -22,7 +23,7 @@ from lightning.pytorch.strategies import DDPStrategy, ModelParallelStrategy, Str
 
 from lit_overtok.nn import hooks
 from lit_overtok.nn.config import ModelConfig
-from lit_overtok.nn.over_encoding import place_sharded_tables
+from lit_overtok.nn.sharded_table import place_sharded_tables
 from lit_overtok.nn.transformer import Transformer
 from lit_overtok.distributed.strategies import ShardedDDPStrategy
 
@@ -66,17 +67,21 @@ def _fully_shard(transformer: Transformer, mesh) -> None:
 
 def check_strategy(model_config: ModelConfig, strategy: Optional[Strategy]) -> None:
     """One clear error, before any training, for a strategy that cannot run or checkpoint this model."""
-    oe = model_config.over_encoding
     world = strategy.world_size if strategy is not None else 1
-    if oe is None or world == 1:
+    if world == 1:
         return
-    if oe.sparse and not oe.sharded and isinstance(strategy, ModelParallelStrategy):
-        raise ValueError("model_config.over_encoding.sparse: FSDP cannot shard sparse table gradients; under "
-                         "FSDP2Strategy set model_config.over_encoding.sharded: true (or sparse: false)")
     sharded_checkpoints = isinstance(strategy, ShardedDDPStrategy) or (
         isinstance(strategy, ModelParallelStrategy) and strategy._save_distributed_checkpoint)
-    if oe.sharded and not sharded_checkpoints:
-        raise ValueError(
-            f"model_config.over_encoding.sharded: {type(strategy).__name__} writes checkpoints from rank 0 only, "
-            "which would hold rank 0's rows of every table and lose the others'; use trainer.strategy "
-            "ddp_sharded_checkpoints (lit_overtok.distributed.strategies.ShardedDDPStrategy) or fsdp2 (FSDP2Strategy)")
+    # Over-Encoding's and Engram's tables follow the same rules (both are RowShardedEmbedding when sharded).
+    for name in ("over_encoding", "engram"):
+        tables = getattr(model_config, name)
+        if tables is None:
+            continue
+        if tables.sparse and not tables.sharded and isinstance(strategy, ModelParallelStrategy):
+            raise ValueError(f"model_config.{name}.sparse: FSDP cannot shard sparse table gradients; under "
+                             f"FSDP2Strategy set model_config.{name}.sharded: true (or sparse: false)")
+        if tables.sharded and not sharded_checkpoints:
+            raise ValueError(
+                f"model_config.{name}.sharded: {type(strategy).__name__} writes checkpoints from rank 0 only, "
+                "which would hold rank 0's rows of every table and lose the others'; use trainer.strategy "
+                "ddp_sharded_checkpoints (lit_overtok.distributed.strategies.ShardedDDPStrategy) or fsdp2 (FSDP2Strategy)")

@@ -1,4 +1,4 @@
-"""Lightning strategies for runs with row-sharded Over-Encoding tables (``over_encoding.sharded: true``).
+"""Lightning strategies for runs with row-sharded tables (``over_encoding.sharded`` or ``engram.sharded: true``).
 
 Both are Lightning's own strategies with one thing added each; nothing else changes:
 

@@ -124,8 +124,9 @@ def map_state_dict(model: Transformer, expert_layout: str = "per_expert") -> dic
         for name in ("tables.weight", "proj.weight", "proj.bias")[:3 if config.over_encoding.proj_bias else 2]:
             out[f"model.over_encoding.{name}"] = take(f"embed.{name}")
     if config.engram is not None:  # its map and multipliers go to config.json (``engram_fields``)
-        used.update(name for name in ours if name.startswith("engram.")
-                    and (name == "engram.compressed_ids" or name.endswith(".multipliers")))
+        # Row-sharded tables' coverage flags (``RowShardedEmbedding``) are training bookkeeping: not exported.
+        used.update(name for name in ours if name.startswith("engram.") and (
+            name == "engram.compressed_ids" or name.endswith((".multipliers", ".tables.rows_touched"))))
         for name in ours:
             if name.startswith("engram.") and name not in used:
                 out[f"model.{name}"] = take(name)

@@ -13,7 +13,10 @@ sequence start):
 
 Multipliers μ_δ = 2r_δ + 1 with r drawn by ``numpy.random.default_rng(seed + 10007·ℓ).integers(0, B, max_n)``,
 B = max(1, ⌊(2^63 - 1) / V'⌋ // 2) (so x'·μ < 2^63: no product overflows); every head of the whole model has its own
-prime p (``head_primes``). The tables are one weight with per-head row offsets (one gather), as Over-Encoding's.
+prime p (``head_primes``). The tables are one weight with per-head row offsets (one gather), as Over-Encoding's;
+``sharded`` splits its rows over the data-parallel ranks (``nn.sharded_table.RowShardedEmbedding``, the module
+Over-Encoding's sharded tables use). As there, replicated tables are drawn as every other parameter (a generator
+seeded by the name) and sharded ones chunk by chunk of rows, the same global table at every world size.
 
 Config keys (``model_config.engram``; final): ``layers``, ``max_n``, ``table_size``, ``heads``, ``ngram_width``,
 ``kernel_size``, ``seed``, ``pad_id``, ``tokenizer``, ``sparse``, ``sharded`` (see ``EngramConfig``).
@@ -42,7 +45,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from lit_overtok.errors import InputError
+from lit_overtok.nn import hooks
 from lit_overtok.nn.norms import RMSNorm
+from lit_overtok.nn.sharded_table import RowShardedEmbedding
 from lit_overtok.nn.token_compression import compressed_id_map_of_file
 
 SEED_STRIDE = 10007  # seed + 10007·ℓ: the demo's per-layer seed rule
@@ -78,6 +83,12 @@ class EngramConfig:
     every id is its own compressed id (synthetic grammars). A checkpoint carries the map, so loading one needs no file."""
     sparse: bool = False
     """Sparse row gradients for the tables (``RowSparseAdamW``, AdamW row semantics), as ``over_encoding.sparse``."""
+    sharded: bool = False
+    """Split the tables' rows over the data-parallel ranks (each rank holds 1/world of every table and of its
+    optimizer state; lookups move by all-to-all), as ``over_encoding.sharded`` and by the same module
+    (``nn.sharded_table``). Needs the ShardedDDPStrategy or FSDP2Strategy of ``lit_overtok.distributed.strategies`` at
+    world size > 1 (sharded checkpoints). Off: every rank holds the whole tables. From the same initial table the two
+    train alike to float rounding, but each mode draws that table its own way (see the module docstring)."""
 
     def orders(self) -> list[int]:
         return list(range(2, self.max_n + 1))
@@ -219,10 +230,14 @@ class EngramLayer(nn.Module):
 
     def __init__(self, config: EngramConfig, layer: int, primes: list[int], d_model: int, norm_eps: float) -> None:
         super().__init__()
-        self.layer, self.max_n, self.heads = layer, config.max_n, config.heads
+        self.layer, self.max_n, self.heads, self.sharded = layer, config.max_n, config.heads, config.sharded
         self.moduli = primes
         self.offsets = [sum(primes[:i]) for i in range(len(primes))]
-        self.tables = nn.Embedding(sum(primes), config.head_width(), sparse=config.sparse)
+        if config.sharded:
+            # A placeholder without memory until the process group exists (``place_sharded_tables``).
+            self.tables = RowShardedEmbedding(sum(primes), config.head_width(), sparse=config.sparse, device="meta")
+        else:
+            self.tables = nn.Embedding(sum(primes), config.head_width(), sparse=config.sparse)
         self.tables.optimizer_group = "engram"  # its own optimizer group (``nn.hooks``); a lookup table, no FLOPs
         self.tables.memory_family = "engram"  # counted per memory family (``parameter_counts``' memory_tables)
         width = config.memory_width()
@@ -237,6 +252,11 @@ class EngramLayer(nn.Module):
         # Set from the compressed vocabulary when the map is built, or loaded with a checkpoint.
         self.register_buffer("multipliers", torch.zeros(config.max_n, dtype=torch.long))
         self._constants: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def init_own_parameters(self, std: float, seed: int) -> list[nn.Parameter]:
+        """Sharded: the tables draw their rows chunk by chunk, as Over-Encoding's (the same global table at any world
+        size). Replicated: none, the model draws them as any other parameter."""
+        return self.tables.draw_rows(std, seed) if self.sharded else []
 
     def lookup_rows(self, compressed_BT: torch.Tensor, pad: int, start: int = 0) -> torch.Tensor:
         """(B, T - start, heads·(max_n - 1)) rows of the combined table for positions start.. (order-major)."""
@@ -310,5 +330,5 @@ class Engram(nn.Module):
 
     def parameter_metrics(self) -> dict[str, int]:
         """Engram's own parameter counts, logged once beside the backbone's (``nn.hooks``)."""
-        tables = sum(layer.tables.weight.numel() for layer in self.layers.values())
-        return {"engram_tables": tables, "engram_other": sum(p.numel() for p in self.parameters()) - tables}
+        tables = sum(hooks.global_numel(layer.tables.weight) for layer in self.layers.values())  # whole, if sharded
+        return {"engram_tables": tables, "engram_other": sum(hooks.global_numel(p) for p in self.parameters()) - tables}

@@ -16,9 +16,9 @@ hook reaches it only through the functions here, so this file lists every extens
   ``OptimizerConfig.groups`` (Over-Encoding's tables);
 - an optimizer's ``clip_grad_norm_(max_norm)`` / ``clip_grad_value_(value)``: it clips its own gradients (sparse
   row gradients, which torch's clipping cannot take), and the Trainer's ``gradient_clip_val`` is routed to it;
-- ``init_own_parameters(std, seed) -> [parameters]``: the module initialises these parameters itself (Over-Encoding's
-  row-sharded tables, drawn chunk by chunk of rows so that a block gets the rows of the whole table), from a seed the
-  model derives from its global seed and the module's name;
+- ``init_own_parameters(std, seed) -> [parameters]``: the module initialises these parameters itself (the row-sharded
+  tables of Over-Encoding and Engram, drawn chunk by chunk of rows so that a block gets the rows of the whole table),
+  from a seed the model derives from its global seed and the module's name;
 - ``memory_family = "<name>"``: the module's parameters are a hashed n-gram memory table of that family ("oe",
   "ne", "engram"), reported per family by ``parameter_counts`` (``memory_tables_<family>``) so arms of equal table
   parameters can be built and checked (``nn.table_budget``);

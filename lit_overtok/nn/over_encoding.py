@@ -47,7 +47,7 @@ docs/method.md §6; ``nn.sharded_table``).
 Initialisation differs by mode. Replicated tables (the default) are drawn as every other parameter is
 (``Transformer.init_weights``: one generator seeded by the parameter's name), the historical draw, so runs published
 with earlier code reproduce bit for bit. Sharded tables are drawn chunk by chunk of rows
-(``sharded_table.trunc_normal_rows_``), so every world size, 1 included, starts from the same global table; a
+(``RowShardedEmbedding.draw_rows``), so every world size, 1 included, starts from the same global table; a
 replicated and a sharded run of one seed therefore start from different tables (equal in distribution).
 """
 
@@ -59,12 +59,11 @@ from dataclasses import dataclass
 from typing import Literal, Optional, Union
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from lit_overtok.nn.collectives import all_reduce_, group_rank_and_size
-from lit_overtok.nn.sharded_table import RowShardedEmbedding, trunc_normal_rows_
+from lit_overtok.nn.collectives import all_reduce_
+from lit_overtok.nn.sharded_table import RowShardedEmbedding
 
 _INDEX_BOUND = 2**62  # keeps x·(V^r mod M) + a < 2^63 with room to spare
 INPUT_FORMS = ("hierarchical", "single")
@@ -309,8 +308,8 @@ class OverEncoding(nn.Module):
         self.sparse, self.sharded = oe.sparse, oe.sharded
         self.width = oe.slice_width(d_model)
         if oe.sharded:
-            # A placeholder without memory: the real blocks need the process group (``place_tables``), and the
-            # whole table of a paper-scale run would not fit in one process anyway.
+            # A placeholder without memory: the real blocks need the process group (``place_sharded_tables``), and
+            # the whole table of a paper-scale run would not fit in one process anyway.
             self.tables = RowShardedEmbedding(sum(self.moduli), self.width, sparse=oe.sparse, device="meta")
         else:
             self.tables = nn.Embedding(sum(self.moduli), self.width, sparse=oe.sparse)
@@ -322,7 +321,6 @@ class OverEncoding(nn.Module):
         self.tables.memory_family = oe.family  # parameter_counts reports the tables per family
         # The k(n-1) slice projections of Algorithm 1 as one matmul: (D, D) weight, bias = sum of their biases.
         self.proj = nn.Linear(oe.n_tables * self.width, d_model, bias=oe.proj_bias) if hierarchical else None
-        self._table_init = (0.02, 0)  # (std, seed) given by init_own_parameters, reused when the tables are placed
         # A checkpoint of the other mode names the coverage buffer differently: take either.
         self.register_load_state_dict_pre_hook(_coverage_key_of_this_mode)
         # Small index constants, built once per device (not buffers: a meta-device build must not lose them).
@@ -370,31 +368,9 @@ class OverEncoding(nn.Module):
         return embedded_BTD
 
     def init_own_parameters(self, std: float, seed: int) -> list[nn.Parameter]:
-        """Sharded: this rank's rows of the tables, drawn chunk by chunk of rows (the same global table at any world
-        size). Replicated: none, the model draws the tables as any other parameter (the historical values)."""
-        if not self.sharded:
-            return []
-        self._table_init = (std, seed)
-        if not self.tables.weight.is_meta:
-            trunc_normal_rows_(self.tables.weight.data, self.tables.row_start, sum(self.moduli), std, seed)
-        return [self.tables.weight]
-
-    def place_tables(self, group: Optional[dist.ProcessGroup]) -> None:
-        """Sharded mode: replace the tables by this rank's block over ``group`` (None: the default group, or the
-        whole table without a process group), initialised as ``init_own_parameters`` would; a no-op when they
-        are already placed there. Every rank of the group must call it."""
-        if not self.sharded:
-            return
-        rank, world = group_rank_and_size(group)
-        table = self.tables
-        if not table.weight.is_meta and (table.group, table.rank, table.world) == (group, rank, world):
-            return
-        # On the current default device: Lightning's configure_model runs under the root device.
-        placed = RowShardedEmbedding(table.num_rows, table.width, group=group, sparse=table.sparse,
-                                     dtype=table.weight.dtype)
-        placed.optimizer_group = table.optimizer_group
-        placed.reset_parameters(*self._table_init)
-        self.tables = placed
+        """Sharded: the tables draw their rows chunk by chunk (the same global table at any world size).
+        Replicated: none, the model draws the tables as any other parameter (the historical values)."""
+        return self.tables.draw_rows(std, seed) if self.sharded else []
 
     def training_metrics(self) -> dict[str, torch.Tensor]:
         """Fraction of each table's rows looked up in training so far, over all ranks: sharded, the all-reduce SUM
@@ -420,10 +396,3 @@ def _coverage_key_of_this_mode(module: OverEncoding, state_dict: dict, prefix: s
     if prefix + other in state_dict and prefix + ours not in state_dict:
         state_dict[prefix + ours] = state_dict.pop(prefix + other)
 
-
-def place_sharded_tables(model: nn.Module, group: Optional[dist.ProcessGroup] = None) -> None:
-    """Materialize every sharded Over-Encoding table of ``model`` over ``group`` (see ``OverEncoding.place_tables``).
-    Without Lightning (which does it in ``OverTokLM.configure_model``), call this once the process group exists."""
-    for module in model.modules():
-        if isinstance(module, OverEncoding):
-            module.place_tables(group)

@@ -6,7 +6,9 @@ may be uneven or empty) and holds only that block as its parameter, so weights a
 per rank. A lookup deduplicates the rank's ids, sends each to its owner and receives the rows back; backward sends
 the (locally summed) row gradients to their owners, which turn them into a sparse COO gradient of their block.
 Collectives per forward: 3 all-to-alls (split sizes, a world-long int64 vector; ids; rows); per backward: 1 (row
-gradients). At world size 1 a lookup is a plain ``F.embedding``.
+gradients). At world size 1 a lookup is a plain ``F.embedding``. Engram's tables (``engram.sharded``) are the same
+module: the owner builds a meta placeholder and passes its initialisation on (``draw_rows``), and
+``place_sharded_tables`` materializes every such table of a model, whichever family owns it.
 
 Why a hand-written all-to-all rather than torch's DTensor row-wise embedding or TorchRec (checked on torch 2.13):
 - DTensor's ``Shard(0)`` embedding wants the ids *replicated*: under data parallelism every rank's ids differ, so
@@ -123,23 +125,30 @@ class RowShardedEmbedding(nn.Module):
         super().__init__()
         if grad_reduction not in ("mean", "sum"):
             raise ValueError(f"grad_reduction must be 'mean' or 'sum', got {grad_reduction!r}")
-        self.num_rows, self.width, self.group = num_rows, width, group
+        self.num_rows, self.width = num_rows, width
         self.sparse, self.grad_reduction, self.comm_dtype = sparse, grad_reduction, comm_dtype
-        self.rank, self.world = group_rank_and_size(group)
-        self.bounds = row_bounds(num_rows, self.world)
-        self.row_start, self.row_end = self.bounds[self.rank], self.bounds[self.rank + 1]
-        self.weight = nn.Parameter(torch.empty(self.row_end - self.row_start, width, device=device, dtype=dtype))
-        # Marks the block for whoever must leave it alone (DDP's all-reduce, fully_shard) or count it whole
-        # (``nn.hooks.global_shape``).
-        self.weight.global_shape = (num_rows, width)
-        # Rows of this block looked up (by any rank) in training so far: the owner's share of OE coverage.
-        self.register_buffer("rows_touched", torch.zeros(self.weight.shape[0], dtype=torch.bool, device=device))
+        self._allocate(group, device, dtype)
+        self.initial_draw = (0.02, 0)  # (std, seed) given by ``draw_rows``, reused when ``place`` allocates anew
         self.stats = CommStats()
         # Called as fn(weight, local_rows) right before the owner reads rows it serves (an optimizer's row catch-up).
         self.before_serving: list[Callable[[torch.Tensor, torch.Tensor], None]] = []
-        self._mesh = None
         self.register_state_dict_post_hook(_blocks_as_dtensors)
         self.register_load_state_dict_pre_hook(_blocks_from_any_layout)
+
+    def _allocate(self, group: Optional[dist.ProcessGroup], device: Optional[torch.device],
+                  dtype: Optional[torch.dtype]) -> None:
+        """This rank's (uninitialised) block of the rows over ``group``, and its coverage flags."""
+        self.group = group
+        self.rank, self.world = group_rank_and_size(group)
+        self.bounds = row_bounds(self.num_rows, self.world)
+        self.row_start, self.row_end = self.bounds[self.rank], self.bounds[self.rank + 1]
+        self.weight = nn.Parameter(torch.empty(self.row_end - self.row_start, self.width, device=device, dtype=dtype))
+        # Marks the block for whoever must leave it alone (DDP's all-reduce, fully_shard) or count it whole
+        # (``nn.hooks.global_shape``).
+        self.weight.global_shape = (self.num_rows, self.width)
+        # Rows of this block looked up (by any rank) in training so far: the owner's share of OE coverage.
+        self.register_buffer("rows_touched", torch.zeros(self.weight.shape[0], dtype=torch.bool, device=device))
+        self._mesh = None
 
     def _apply(self, fn, recurse: bool = True):
         # A meta placeholder stays one through .to()/.cpu()/.float(): moving it would allocate the whole table.
@@ -149,6 +158,26 @@ class RowShardedEmbedding(nn.Module):
     def reset_parameters(self, std: float = 0.02, seed: int = 0) -> None:
         """``trunc_normal_rows_`` on this block: every world size (1 included) gets the same global table."""
         trunc_normal_rows_(self.weight.data, self.row_start, self.num_rows, std, seed)
+
+    def draw_rows(self, std: float, seed: int) -> list[nn.Parameter]:
+        """The owner's ``init_own_parameters`` (``nn.hooks``; Over-Encoding's, Engram's: one rule for both): the block
+        is drawn by row chunks, not as other parameters are, so the global table does not depend on the world size;
+        a placeholder remembers (std, seed) for ``place``. Returns the parameters it drew."""
+        self.initial_draw = (std, seed)
+        if not self.weight.is_meta:
+            self.reset_parameters(std, seed)
+        return [self.weight]
+
+    def place(self, group: Optional[dist.ProcessGroup]) -> None:
+        """Materialize this rank's block over ``group`` (None: the default group, or the whole table without a
+        process group), drawn as ``draw_rows`` said, on the current default device (Lightning's
+        ``configure_model`` runs under the root device); a no-op when the table is already placed there. Every rank
+        of the group must call it."""
+        rank, world = group_rank_and_size(group)
+        if not self.weight.is_meta and (self.group, self.rank, self.world) == (group, rank, world):
+            return
+        self._allocate(group, None, self.weight.dtype)
+        self.reset_parameters(*self.initial_draw)
 
     @torch.no_grad()
     def full_weight(self) -> torch.Tensor:
@@ -205,7 +234,7 @@ class RowShardedEmbedding(nn.Module):
     def forward(self, rows: torch.Tensor) -> torch.Tensor:
         if self.weight.is_meta:
             raise RuntimeError("RowShardedEmbedding is a meta-device placeholder: materialize it first "
-                               "(OverTokLM.configure_model does, or lit_overtok.nn.over_encoding.place_sharded_tables)")
+                               "(OverTokLM.configure_model does, or lit_overtok.nn.sharded_table.place_sharded_tables)")
         if self.world == 1:
             self._serve(rows.flatten())
             return F.embedding(rows, self.weight, sparse=self.sparse)
@@ -252,6 +281,15 @@ class RowShardedEmbedding(nn.Module):
     def extra_repr(self) -> str:
         return (f"num_rows={self.num_rows}, width={self.width}, rows=[{self.row_start}, {self.row_end}) of rank "
                 f"{self.rank}/{self.world}, sparse={self.sparse}")
+
+
+def place_sharded_tables(model: nn.Module, group: Optional[dist.ProcessGroup] = None) -> None:
+    """Materialize every row-sharded table of ``model`` over ``group``, whichever module owns it (Over-Encoding's,
+    Engram's; ``RowShardedEmbedding.place``). Without Lightning (which does it in ``OverTokLM.configure_model``),
+    call this once the process group exists."""
+    for module in model.modules():
+        if isinstance(module, RowShardedEmbedding):
+            module.place(group)
 
 
 def _blocks_as_dtensors(table: RowShardedEmbedding, state_dict: dict, prefix: str, local_metadata) -> None:

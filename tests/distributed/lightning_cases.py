@@ -35,6 +35,10 @@ MODELS = {
     # combine: sqrt variant gives √3x larger logits, whose float rounding at the probe reached 1.6e-5 > atol.)
     "dense_ne": {"preset": "tiny", "over_encoding": {**OE, "m": 300, "sparse": True, "flavor": "longcat",
                                                      "ignore_ids": [2]}},
+    # Engram before block 1 with sharded sparse tables: 2 orders x 2 heads, primes 151..167 (638 rows: 319 + 319 at
+    # 2 ranks), hashed from the ids themselves (no tokenizer: the identity map).
+    "dense_engram": {"preset": "tiny", "engram": {"layers": [1], "max_n": 3, "table_size": 151, "heads": 2,
+                                                  "ngram_width": 16, "sparse": True, "sharded": True}},
 }
 # eps 1e-6 rather than 1e-8: Adam's step g/(|g| + eps) turns the float rounding of a gradient near eps into a
 # change of up to lr (a table row whose gradient is 7e-9 in one process and 7.4e-9 summed over 3 ranks moved 1e-4
@@ -142,7 +146,7 @@ def start_from_the_sharded_table(module, model_config: dict) -> None:
         sharded = {**model_config, "over_encoding": {**model_config["over_encoding"], "sharded": True}}
         twin = OverTokLM(model_config=sharded, optimizer=OPTIMIZER, vocab_size=VOCAB).transformer
     weight = module.transformer.embed.tables.weight
-    std, seed = twin.embed._table_init  # what placing the twin's tables would draw them with
+    std, seed = twin.embed.tables.initial_draw  # what placing the twin's tables would draw them with
     trunc_normal_rows_(weight.data, 0, weight.shape[0], std, seed)
 
 
@@ -156,7 +160,7 @@ def fit(model: str, strategy, out: str, steps: int = 4, devices: int = 1, num_no
 
     pl.seed_everything(SEED, verbose=False)
     module = OverTokLM(model_config=MODELS[model], optimizer=OPTIMIZER, vocab_size=VOCAB)
-    if not MODELS[model]["over_encoding"]["sharded"]:
+    if not MODELS[model].get("over_encoding", {"sharded": True})["sharded"]:
         start_from_the_sharded_table(module, MODELS[model])
     callbacks = [Recorder(out)]
     if checkpoint_dir is not None:

@@ -1,5 +1,5 @@
 """Before training starts: the per-rank memory estimate (and its error when a configuration cannot fit the declared
-devices), and the strategy checks for row-sharded Over-Encoding tables."""
+devices), and the strategy checks for row-sharded tables (Over-Encoding's and Engram's)."""
 
 from __future__ import annotations
 
@@ -34,6 +34,21 @@ def test_estimate_counts_weights_gradients_moments_and_this_ranks_table_rows():
     assert estimate_per_rank(config, world=8, ddp=True).gradients == 2 * one.weights
 
 
+def test_estimate_counts_each_engram_layers_rows_on_this_rank():
+    engram = {"layers": [0, 1], "table_size": 1_000_003, "heads": 2, "ngram_width": 64, "sparse": True}
+    sharded = ModelConfig(preset="tiny", vocab_size=11, engram={**engram, "sharded": True})
+    replicated = ModelConfig(preset="tiny", vocab_size=11, engram=engram)
+    rows = [sum(primes) for primes in sharded.engram.head_primes().values()]  # 4 tables of ~1M rows per layer
+    per_row = 32 * 12 + 4  # sparse: weight, two moments (fp32) and RowSparseAdamW's int32 step, width 32
+    one, two = estimate_per_rank(replicated, world=2, ddp=True), estimate_per_rank(sharded, world=2, ddp=True)
+    assert one.tables == sum(rows) * per_row
+    # Sharded: each layer's weight is split on its own, and its RowShardedEmbedding keeps a coverage byte per row.
+    assert two.tables == sum(-(-r // 2) for r in rows) * (per_row + 1)
+    # The tables are not counted twice: the backbone's share is the same in both.
+    assert one.weights == two.weights == estimate_per_rank(ModelConfig(preset="tiny", vocab_size=11), 2).weights \
+        + 2 * (2 * 128 * 32 + 7 * 32) * 4
+
+
 def test_a_configuration_that_cannot_fit_stops_with_one_clear_error_before_training(tmp_path):
     module = OverTokLM(model_config={"preset": "tiny", "over_encoding": {**OE_12_8M, "m": 10**11, "sharded": True}},
                        vocab_size=11)  # the sharded table is a meta placeholder: nothing was allocated
@@ -54,12 +69,14 @@ def _on_two_ranks(strategy):
     return strategy
 
 
-def test_sharded_tables_need_a_strategy_with_sharded_checkpoints():
-    config = ModelConfig(preset="tiny", vocab_size=11, over_encoding={"m": 31, "sharded": True})
-    with pytest.raises(ValueError, match="rank 0 only.*ShardedDDPStrategy.*FSDP2Strategy"):
+@pytest.mark.parametrize("family,tables", [("over_encoding", {"m": 31}), ("engram", {"table_size": 31})])
+def test_sharded_tables_need_a_strategy_with_sharded_checkpoints(family, tables):
+    config = ModelConfig(preset="tiny", vocab_size=11, **{family: {**tables, "sharded": True}})
+    with pytest.raises(ValueError, match=f"model_config.{family}.sharded: .*rank 0 only.*ShardedDDPStrategy.*FSDP2"):
         check_strategy(config, _on_two_ranks(DDPStrategy()))
     check_strategy(config, _on_two_ranks(ShardedDDPStrategy()))
+    check_strategy(config, _on_two_ranks(FSDP2Strategy()))
     check_strategy(config, DDPStrategy())  # one rank: nothing is split
-    replicated_sparse = ModelConfig(preset="tiny", vocab_size=11, over_encoding={"m": 31, "sparse": True})
-    with pytest.raises(ValueError, match="FSDP cannot shard sparse table gradients"):
+    replicated_sparse = ModelConfig(preset="tiny", vocab_size=11, **{family: {**tables, "sparse": True}})
+    with pytest.raises(ValueError, match=f"model_config.{family}.sparse: FSDP cannot shard sparse table gradients"):
         check_strategy(replicated_sparse, _on_two_ranks(FSDP2Strategy()))

@@ -2,14 +2,16 @@
 batch: losses, every gradient, every parameter after 4 AdamW steps (with global-norm clipping), OE coverage and MoE
 expert load, and outputs. Row-sharded Over-Encoding tables at 2 and 3 ranks (uneven row blocks at 3), under
 ``ShardedDDPStrategy`` and ``FSDP2Strategy``, on an OT model (OE + MTP-DS, sparse tables) and an MoE model (OE with
-dense table gradients). Sharded checkpoints saved at 2 ranks resume at 2 and 3 and load at 1.
+dense table gradients), and Engram's sharded sparse tables at 2 ranks under both. Sharded checkpoints saved at 2
+ranks resume at 2 and 3 and load at 1.
 
 Runs, kept few because each costs seconds (forked ranks share the test process's imports):
 - two torchrun launches with node ranks 0 and 1, one process each, of ``train.py fit`` (DDP, OT model), saving
   sharded checkpoints at steps 2 and 4;
 - 2 forked ranks: resume that run from step 2 (DDP), the MoE model under FSDP2 (with a checkpoint at step 4), and
   the OT model with replicated tables under Lightning's plain DDPStrategy;
-- 3 forked ranks: the MoE model under DDP, the OT model under FSDP2, and the step-2 checkpoint resumed at 3.
+- 3 forked ranks: the MoE model under DDP, the OT model under FSDP2, and the step-2 checkpoint resumed at 3;
+- 2 forked ranks, on their own: the Engram model under DDP (checkpoints) and FSDP2.
 """
 
 from __future__ import annotations
@@ -173,18 +175,56 @@ def test_a_checkpoint_saved_at_two_ranks_resumes_at_two_and_three(two_ranks, thr
     assert_matches_one_process(record, reference("dense_ot"), steps=range(2, STEPS))
 
 
-@pytest.mark.parametrize("folder", ["checkpoints", "fsdp2_checkpoints"])
-def test_a_sharded_checkpoint_loads_in_one_process_for_evaluation(two_ranks, reference, folder):
+def assert_loads_in_one_process(checkpoint: Path, expected: dict):
+    """The sharded checkpoint, loaded without a process group, holds the one-process run's weights and outputs."""
     from lit_overtok.evaluation.score_checkpoints import load_checkpoint
 
-    model = "dense_ot" if folder == "checkpoints" else "moe_oe"
-    network, meta = load_checkpoint(two_ranks / folder / "step=4.ckpt", "cpu")
+    network, meta = load_checkpoint(checkpoint, "cpu")
     assert meta["global_step"] == STEPS
-    expected = reference(model)
     for name, value in network.named_parameters():
         assert_close(value.detach(), expected["params"][name], rtol=1e-4, atol=5e-5, msg=name)
     with torch.no_grad():
         assert_close(network(probe_ids()), expected["logits"], rtol=1e-4, atol=1e-5)
+    return network
+
+
+@pytest.mark.parametrize("folder", ["checkpoints", "fsdp2_checkpoints"])
+def test_a_sharded_checkpoint_loads_in_one_process_for_evaluation(two_ranks, reference, folder):
+    model = "dense_ot" if folder == "checkpoints" else "moe_oe"
+    assert_loads_in_one_process(two_ranks / folder / "step=4.ckpt", reference(model))
+
+
+@pytest.fixture(scope="module")
+def engram_runs(runs) -> Path:
+    """Engram with sharded sparse tables at 2 forked ranks: ShardedDDP (checkpoints at steps 2 and 4), then FSDP2."""
+    run_ranks(2, fit_on_rank, [
+        dict(model="dense_engram", strategy="ddp", out=str(runs / "engram_ddp_at_2"), steps=STEPS,
+             checkpoint_dir=str(runs / "engram_checkpoints")),
+        dict(model="dense_engram", strategy="fsdp2", out=str(runs / "engram_fsdp2_at_2"), steps=STEPS),
+    ], init_process_group=False)
+    return runs
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
+def test_engram_with_sharded_sparse_tables_at_two_ranks_trains_as_one_process(engram_runs, reference, strategy):
+    record = _record(engram_runs / f"engram_{strategy}_at_2")
+    assert record["world"] == 2
+    assert_matches_one_process(record, reference("dense_engram"))
+
+
+def test_a_sharded_engram_checkpoint_loads_in_one_process_for_evaluation_and_generation(engram_runs, reference):
+    from lit_overtok.nn.generation import generate
+
+    assert len(list((engram_runs / "engram_checkpoints" / "step=4.ckpt").glob("*.distcp"))) == 2
+    network = assert_loads_in_one_process(engram_runs / "engram_checkpoints" / "step=4.ckpt",
+                                          reference("dense_engram"))
+    # KV- and n-gram-cached greedy decoding equals greedy decoding by full recomputation.
+    ids_BT = probe_ids()[:, :3]
+    generated_BT = generate(network, ids_BT, 5, temperature=0)
+    with torch.no_grad():
+        for _ in range(5):
+            ids_BT = torch.cat([ids_BT, network(ids_BT)[:, -1].argmax(-1, keepdim=True)], 1)
+    assert torch.equal(generated_BT, ids_BT)
 
 
 SHARD_DAMAGE = {  # issue 22: a flipped byte loaded other weights silently; the others were tracebacks

@@ -19,6 +19,7 @@ from lit_overtok.export.hf import ExportError, export_to_hf, REMOTE_CODE_FILES
 from lit_overtok.nn.config import ModelConfig
 from lit_overtok.nn.heads import MultiTokenConfig
 from lit_overtok.nn.over_encoding import OverEncodingConfig
+from lit_overtok.nn.sharded_table import place_sharded_tables
 from lit_overtok.nn.transformer import Transformer
 
 TOLERANCE = 1e-5
@@ -28,6 +29,7 @@ def build(preset: str, vocab_size: int = 61, **fields) -> Transformer:
     torch.manual_seed(0)
     fields.setdefault("vocab_pad_multiple", 8)  # 61 -> 64 rows: the export must drop the padding
     model = Transformer(ModelConfig(preset=preset, vocab_size=vocab_size, init_std=0.1, **fields))
+    place_sharded_tables(model)  # row-sharded tables, whole here (no process group)
     generator = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for name, param in model.named_parameters():
@@ -70,6 +72,9 @@ CASES = {
         dict(preset="moe-tiny", over_encoding=OverEncodingConfig(m=100, n=5, k=1, flavor="longcat", combine="unigram_full",
                                                                  ignore_ids=[3])), {}, "OverTokOlmoeForCausalLM"),
     "engram_dense": (dict(preset="tiny", **ENGRAM), {}, "OverTokOlmo2ForCausalLM"),
+    # Row-sharded tables (a sharded run's checkpoint): the whole weight is exported, the coverage flags are not.
+    "engram_sharded_dense": (dict(preset="tiny", engram={**ENGRAM["engram"], "sharded": True, "sparse": True}), {},
+                             "OverTokOlmo2ForCausalLM"),
     "engram_n4_moe_pre_norm": (dict(preset="moe-tiny", engram=dict(layers=[1], max_n=4, table_size=23, kernel_size=2)),
                                {}, "OverTokOlmoeForCausalLM"),
     "engram_oe_moe_reordered_norm": (dict(preset="moe-tiny", **FLEX, **OE, **ENGRAM), {}, "OverTokFlexOlmoForCausalLM"),

@@ -274,3 +274,38 @@ def test_counts_put_the_tables_with_the_embeddings_and_the_projections_in_the_fl
     assert counts.total - base.total == tables + other
     assert counts.embedding - base.embedding == tables and counts.active == counts.total
     assert flops_per_token(with_memory, 32) - flops_per_token(plain, 32) == 6 * other
+
+
+def test_sharded_tables_at_world_size_one_train_as_the_whole_tables_holding_the_same_global_table():
+    """``engram.sharded`` without a process group: one block of every row, drawn by row chunks (the rule that makes
+    the global table the same at every world size), gives the outputs and table gradients of replicated tables
+    holding that table; the counts are the whole tables either way."""
+    from lit_overtok.nn.counts import parameter_counts
+    from lit_overtok.nn.sharded_table import place_sharded_tables, RowShardedEmbedding, trunc_normal_rows_
+
+    engram = EngramConfig(layers=[0, 1], table_size=[17, 23], heads=2, ngram_width=8, sparse=True, sharded=True)
+    config = ModelConfig(preset="tiny", vocab_size=V, init_std=0.3, engram=engram)
+    whole_config = config.replace(engram=EngramConfig(**{**engram.__dict__, "sharded": False}))
+    assert parameter_counts(config) == parameter_counts(whole_config)
+    sharded, whole = Transformer(config), Transformer(whole_config)
+    place_sharded_tables(sharded)
+    for name, layer in sharded.engram.layers.items():
+        table = layer.tables
+        assert isinstance(table, RowShardedEmbedding) and (table.world, table.weight.shape[0]) == (1, table.num_rows)
+        drawn = torch.empty(table.num_rows, table.width)
+        trunc_normal_rows_(drawn, 0, table.num_rows, 0.3, table.initial_draw[1])
+        assert torch.equal(table.weight, drawn)
+        whole.engram.layers[name].tables.weight.data.copy_(table.weight)
+    whole_state = whole.state_dict()
+    for key, value in sharded.state_dict().items():  # every other parameter is drawn by its name in either mode
+        if not key.endswith("tables.rows_touched"):
+            assert torch.equal(value, whole_state[key]), key
+    ids_BT = torch.randint(0, V, (2, 9), generator=torch.Generator().manual_seed(4))
+    losses = [model.loss(ids_BT, ids_BT.roll(-1, 1))[0] for model in (sharded, whole)]
+    torch.testing.assert_close(losses[0], losses[1], rtol=0, atol=0)
+    for loss in losses:
+        loss.backward()
+    for name, layer in sharded.engram.layers.items():
+        grad, expected = layer.tables.weight.grad, whole.engram.layers[name].tables.weight.grad
+        assert grad.is_sparse and expected.is_sparse
+        torch.testing.assert_close(grad.to_dense(), expected.to_dense(), rtol=1e-6, atol=1e-7)
