@@ -153,6 +153,9 @@ def test_a_fault_across_ranks_leaves_whole_checkpoints_and_auto_resumes_to_the_s
         warnings.simplefilter("error")  # a sharded folder without its checksums only warns: count it as half-written
         for path in folder.glob("*.ckpt"):
             verify_checkpoint(path)
+    partial = [p.name for p in folder.glob(".*.partial")]
+    if fault == "kill_saving":  # the folder the ranks were writing kept its hidden temporary name
+        assert len(partial) == 1 and partial[0].startswith(".epoch=0-step=4.ckpt."), partial
     newest = find_resume_checkpoint(tmp_path / "runs")
     network, info = load_transformer(newest)
     assert info.global_step == expected_step, (newest, sorted(p.name for p in folder.iterdir()))
@@ -161,5 +164,6 @@ def test_a_fault_across_ranks_leaves_whole_checkpoints_and_auto_resumes_to_the_s
     settings = config(tmp_path, strategy, model, world, [], record=resume / "record")
     args = ["fit", "--config", write_config(resume, "fit.yaml", settings), "--ckpt_path", "auto"]
     assert end_all(start_ranks(world, args, resume / "logs"), END_TIMEOUT_S) == [0] * world
+    assert not [p for p in folder.glob(".*.partial")]  # the dead writer's folder is removed at the next start
     # Steps after the checkpoint equal the uninterrupted run's: weights, moments, schedule and data position came back.
     assert losses(resume) == pytest.approx(uninterrupted(model)[expected_step:], rel=1e-5)
