@@ -24,7 +24,7 @@ from __future__ import annotations
 import os
 import shutil
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 from lightning.pytorch.core.optimizer import LightningOptimizer
@@ -59,20 +59,15 @@ class ShardedDDPStrategy(DDPStrategy):
     def save_checkpoint(self, checkpoint: dict[str, Any], filepath, storage_options: Optional[Any] = None) -> None:
         import torch.distributed.checkpoint as dcp
 
-        path = Path(self.broadcast(filepath))
-        staging = Path(self.broadcast(staging_folder(path, os.getpid())))  # rank 0's: it moves the folder
-        if self.is_global_zero and staging.exists():
-            shutil.rmtree(staging)
-        self.barrier()
-        staging.mkdir(parents=True, exist_ok=True)
-        state = {"state_dict": checkpoint.pop("state_dict")}
-        state.update({f"optimizer_{i}": s for i, s in enumerate(checkpoint.pop("optimizer_states", []))})
-        dcp.save(state, checkpoint_id=staging)
-        if self.is_global_zero:
-            torch.save(checkpoint, staging / METADATA_NAME)
-            write_folder_checksums(staging)  # after dcp.save's last collective: every rank's shards are written
-            move_into_place(staging, path)
-        self.barrier()
+        def write(folder: Path) -> None:
+            folder.mkdir(parents=True, exist_ok=True)
+            state = {"state_dict": checkpoint.pop("state_dict")}
+            state.update({f"optimizer_{i}": s for i, s in enumerate(checkpoint.pop("optimizer_states", []))})
+            dcp.save(state, checkpoint_id=folder)
+            if self.is_global_zero:
+                torch.save(checkpoint, folder / METADATA_NAME)
+
+        save_whole_folder(self, filepath, write)
 
     def load_checkpoint(self, checkpoint_path, weights_only: Optional[bool] = None) -> dict[str, Any]:
         import torch.distributed.checkpoint as dcp
@@ -124,20 +119,27 @@ class FSDP2Strategy(ModelParallelStrategy):
     def save_checkpoint(self, checkpoint: dict[str, Any], filepath, storage_options: Optional[Any] = None) -> None:
         if not self._save_distributed_checkpoint:
             return super().save_checkpoint(checkpoint, filepath, storage_options)
-        path = Path(self.broadcast(filepath))
-        staging = Path(self.broadcast(staging_folder(path, os.getpid())))  # rank 0's: it moves the folder
-        if self.is_global_zero and staging.exists():
-            shutil.rmtree(staging)
-        self.barrier()
-        super().save_checkpoint(checkpoint, staging, storage_options)
-        if self.is_global_zero:
-            write_folder_checksums(staging)
-            move_into_place(staging, path)
-        self.barrier()
+        save_whole_folder(self, filepath, lambda folder: super(FSDP2Strategy, self).save_checkpoint(
+            checkpoint, folder, storage_options))
 
     def load_checkpoint(self, checkpoint_path, weights_only: Optional[bool] = None) -> dict[str, Any]:
         verify_checkpoint(Path(self.broadcast(checkpoint_path)))
         return super().load_checkpoint(checkpoint_path, weights_only=weights_only)
+
+
+def save_whole_folder(strategy, filepath, write: Callable[[Path], None]) -> None:
+    """A sharded checkpoint named ``filepath`` only once it is whole: every rank runs ``write(folder)`` into a
+    temporary folder beside it, then rank 0 records the checksums and renames it (``files.move_into_place``)."""
+    path = Path(strategy.broadcast(filepath))
+    staging = Path(strategy.broadcast(staging_folder(path, os.getpid())))  # rank 0's pid: it renames the folder
+    if strategy.is_global_zero and staging.exists():
+        shutil.rmtree(staging)
+    strategy.barrier()
+    write(staging)
+    if strategy.is_global_zero:
+        write_folder_checksums(staging)  # after the writer's last collective: every rank's shards are written
+        move_into_place(staging, path)
+    strategy.barrier()
 
 
 for _strategy in (ShardedDDPStrategy, FSDP2Strategy):
