@@ -37,12 +37,19 @@ STRATEGIES = {
     "sharded_ddp": {"class_path": "lit_overtok.distributed.strategies.ShardedDDPStrategy"},
     "fsdp2": {"class_path": "lit_overtok.distributed.strategies.FSDP2Strategy"},
 }
-# (strategy, model): replicated ("dense") and row-sharded OE tables; OE + MTP-DS on the tiny backbone.
+_REPLICATED = MODELS["dense_ot_replicated"]
+FAULT_MODELS = {
+    "sharded": MODELS["dense_ot"],  # OE + MTP-DS on the tiny backbone, row-sharded sparse tables
+    "replicated": _REPLICATED,  # the same with replicated tables (sparse gradients, all-reduced by DDP)
+    # FSDP2 shards replicated tables as any weight, which sparse gradients cannot be: dense table gradients.
+    "replicated_dense_grads": {**_REPLICATED, "over_encoding": {**_REPLICATED["over_encoding"], "sparse": False}},
+}
+# (strategy, model): replicated ("dense") and row-sharded OE tables.
 SETUPS = {
-    "ddp_dense": ("ddp", "dense_ot_replicated"),
-    "sharded_ddp_sharded": ("sharded_ddp", "dense_ot"),
-    "fsdp2_dense": ("fsdp2", "dense_ot_replicated"),
-    "fsdp2_sharded": ("fsdp2", "dense_ot"),
+    "ddp_dense": ("ddp", "replicated"),
+    "sharded_ddp_sharded": ("sharded_ddp", "sharded"),
+    "fsdp2_dense": ("fsdp2", "replicated_dense_grads"),
+    "fsdp2_sharded": ("fsdp2", "sharded"),
 }
 # (setup, world, fault): "sigterm" to all ranks; "kill<r>": SIGKILL rank r, all held after step 3;
 # "kill_saving": SIGKILL rank 0 inside the step-4 sharded checkpoint's save.
@@ -70,7 +77,7 @@ def config(root: Path, strategy, model: str, devices: int, extra_callbacks: list
                     "enable_progress_bar": False, "enable_model_summary": False, "limit_val_batches": 0,
                     "num_sanity_val_steps": 0, "log_every_n_steps": 1, "gradient_clip_val": CLIP,
                     "use_distributed_sampler": False, "default_root_dir": str(root / "runs"), "callbacks": callbacks},
-        "model": {"init_args": {"model_config": MODELS[model], "optimizer": OPTIMIZER}},
+        "model": {"init_args": {"model_config": FAULT_MODELS[model], "optimizer": OPTIMIZER}},
         "data": {"class_path": "tests.distributed.lightning_cases.FixedGlobalBatches", "init_args": {"steps": STEPS}},
     }
 
@@ -120,16 +127,26 @@ def interrupt(root: Path, strategy, model: str, world: int, fault: str) -> list[
 
 def deliver(root: Path, processes: list, fault: str) -> None:
     world = len(processes)
+
+    def reached(condition):  # a rank that ended before the fault ends the wait at once
+        def check() -> bool:
+            ended = {rank: p.exitcode for rank, p in enumerate(processes) if p.exitcode is not None}
+            assert not ended, f"ranks ended before the fault (exit codes {ended}); see {root / 'logs'}"
+            return condition()
+        return check
+
     if fault == "sigterm":
-        wait_for(lambda: (root / "held.0").exists(), END_TIMEOUT_S, "rank 0 at step 3")
+        wait_for(reached(lambda: (root / "held.0").exists()), END_TIMEOUT_S, "rank 0 at step 3")
         for p in processes:
             os.kill(p.pid, signal.SIGTERM)
         # Released only once rank 0 has taken the signal (the others are inside collectives, so they take theirs
         # when rank 0 joins them).
-        wait_for(lambda: "SIGTERM: saving" in (root / "logs" / "rank0.log").read_text(), 60, "rank 0's handler")
+        wait_for(reached(lambda: "SIGTERM: saving" in (root / "logs" / "rank0.log").read_text()), 60,
+                 "rank 0's handler")
         (root / "release").write_text("")
     elif fault.startswith("kill") and fault != "kill_saving":
-        wait_for(lambda: all((root / f"held.{r}").exists() for r in range(world)), END_TIMEOUT_S, "every rank held")
+        wait_for(reached(lambda: all((root / f"held.{r}").exists() for r in range(world))), END_TIMEOUT_S,
+                 "every rank held")
         os.kill(processes[int(fault[4:])].pid, signal.SIGKILL)
         (root / "release").write_text("")
 
