@@ -7,7 +7,9 @@
   ``evaluation/evaluate.py`` and, through ``inference.read_checkpoint``, export, generate, strip and the lm-eval
   model all call it.
 * **Atomic writes.** ``AtomicCheckpointIO`` writes to a temporary file beside the target, fsyncs it and renames it
-  into place: a crash or a full disk leaves the previous checkpoints and never a partial one under a real name.
+  into place: a crash or a full disk leaves the previous checkpoints and never a partial one under a real name. A
+  sharded checkpoint folder is written under a temporary name by all ranks and renamed once complete
+  (``staging_folder``, ``move_into_place``).
   ``link_atomically`` points ``last.ckpt`` at a step file the same way (a symlink; a hard link or a copy where the
   filesystem has no symlinks).
 * **Finding the checkpoint to resume from** (``--ckpt_path auto`` or a run folder): ``find_resume_checkpoint``.
@@ -74,11 +76,12 @@ def _temporary_beside(path: Path, kind: str):
 
 
 def remove_stale_temporaries(folder: PathLike) -> None:
-    """Delete temporary files that a process killed mid-write left in ``folder`` (its pid is in their name)."""
+    """Delete temporary files and folders that a process killed mid-write left in ``folder`` (its pid is in their
+    name)."""
     for path in Path(folder).glob(".*"):
         *_, pid, kind = path.name.rsplit(".", 2)
-        if kind in ("partial", "link") and pid.isdigit() and not process_alive(int(pid)):
-            path.unlink(missing_ok=True)
+        if kind in ("partial", "link", "old") and pid.isdigit() and not process_alive(int(pid)):
+            shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
 
 
 def process_alive(pid: int) -> bool:
@@ -134,6 +137,30 @@ def link_atomically(target: PathLike, link: PathLike) -> str:
         os.replace(temporary, link)
     _fsync_directory(link.parent)
     return kind
+
+
+def staging_folder(path: PathLike, pid: int) -> Path:
+    """Where the ranks write a sharded checkpoint folder before ``move_into_place`` names it ``path`` (``pid``: the
+    process that moves it, so that a folder left by a killed run is removed at the next start)."""
+    path = Path(path)
+    return path.with_name(f".{path.name}.{pid}.partial")
+
+
+def move_into_place(staging: PathLike, path: PathLike) -> None:
+    """Give the complete sharded checkpoint folder ``staging`` its name ``path`` in one rename (replacing what had
+    that name): a rank killed while the ranks write leaves a hidden ``.partial`` folder, never a half-written
+    checkpoint that ``--ckpt_path auto`` or ``evaluate.py`` would take."""
+    staging, path = Path(staging), Path(path)
+    if path.exists() or path.is_symlink():
+        old = path.with_name(f".{path.name}.{os.getpid()}.old")
+        if old.exists():
+            shutil.rmtree(old) if old.is_dir() else old.unlink()
+        os.replace(path, old)  # a folder cannot be renamed over a folder: the old one steps aside first
+        os.replace(staging, path)
+        shutil.rmtree(old) if old.is_dir() else old.unlink()
+    else:
+        os.replace(staging, path)
+    _fsync_directory(path.parent)
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):

@@ -12,7 +12,8 @@
   step (train metrics, in-training evaluation, validation) happened before it: a resumed run repeats none of it and
   misses none of it.
 * Ctrl-C (SIGINT), SIGTERM and SLURM's requeue signal (SIGUSR1 unless the SLURM environment says otherwise) stop
-  the run after the current optimizer step, save it, and exit with 128 + the signal number; the requeue signal also
+  the run after the current optimizer step, save it, and exit with 128 + the signal number (with several ranks, all
+  stop at the same step, whichever ranks got the signal and wherever each was when it came); the requeue signal also
   requeues the job (``scontrol requeue``), which continues with ``--ckpt_path auto``. A second Ctrl-C stops at once
   without saving (the step in flight may be half applied). Any other exception saves nothing: its state may be
   half a step, so the last periodic checkpoint stands.
@@ -31,6 +32,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 import lightning.pytorch as pl
+import torch
 from lightning.fabric.plugins.environments import SLURMEnvironment
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities.exceptions import SIGTERMException
@@ -70,11 +72,12 @@ class RunCheckpoint(ModelCheckpoint):
         self.keep_last_k = keep_last_k
         self._stop_signal: Optional[int] = None
         self._requeue = False
-        self._stop_after_validation = False
+        self._agreed = False
         self._in_batch_end = False
         self._step_file_step = -1
         self._trainer: Optional[pl.Trainer] = None
         self._previous_handlers: dict[int, Any] = {}
+        self._user_sigterm: Any = None
 
     # ------------------------------------------------------------------------------------------ last.ckpt
     @staticmethod
@@ -108,6 +111,7 @@ class RunCheckpoint(ModelCheckpoint):
         if due and not self._should_skip_saving_checkpoint(trainer) and _validation_follows(trainer):
             self._defer_save_until_validation = True  # ModelCheckpoint.on_validation_end saves it
             return
+        self._agree_to_stop(trainer)
         self._in_batch_end = True  # the step's training values are not sent to the loggers yet
         try:
             super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
@@ -121,13 +125,17 @@ class RunCheckpoint(ModelCheckpoint):
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # After Lightning installed its handlers (it restores the ones it found when the fit ends, so ours must be
-        # handed back before that: on_train_end / on_exception). Its SIGTERM handler is kept and called first; its
-        # SLURM handler, which saves in the middle of a step, is replaced.
-        self._trainer, self._stop_signal, self._requeue, self._stop_after_validation = trainer, None, False, False
+        # handed back before that: on_train_end / on_exception). Lightning's SIGTERM handler is replaced, not called:
+        # it broadcasts from inside the handler, a collective at whatever point each rank happens to be, which
+        # deadlocks ranks that are not at the same point (one still in a step, another already in the next one's
+        # collectives). Its SLURM handler, which saves in the middle of a step, is replaced too.
+        self._trainer, self._stop_signal, self._requeue, self._agreed = trainer, None, False, False
         signals = [signal.SIGINT, signal.SIGTERM]
         environment = trainer._accelerator_connector.cluster_environment
         if isinstance(environment, SLURMEnvironment) and environment.auto_requeue:
             signals.append(environment.requeue_signal or signal.SIGUSR1)
+        # A SIGTERM handler of the user's that Lightning found (and would have called) is called by ours instead.
+        self._user_sigterm = getattr(trainer._signal_connector, "_original_handlers", {}).get(signal.SIGTERM)
         for signum in signals:
             try:
                 self._previous_handlers[signum] = signal.signal(signum, self._on_signal)
@@ -135,37 +143,54 @@ class RunCheckpoint(ModelCheckpoint):
                 break
 
     def _on_signal(self, signum: int, frame: Any) -> None:
+        # Only notes the signal (and passes it on): the ranks agree to stop at the next step end or validation end,
+        # ``_agree_to_stop``; nothing here may be a collective.
         trainer = self._trainer
         if trainer is None or (signum == signal.SIGINT and self._stop_signal == signal.SIGINT):
             previous = self._previous_handlers.get(signum)
             self._restore_handlers()
             return _forward(previous, signum, frame)
-        if signum == signal.SIGTERM:
-            _forward(self._previous_handlers.get(signum), signum, frame)
+        if signum == signal.SIGTERM and callable(self._user_sigterm):
+            self._user_sigterm(signum, frame)
         elif signum != signal.SIGINT:
             self._requeue = True
         if self._stop_signal is None:
             self._stop_signal = signum
+            launcher = trainer.strategy.launcher
+            if launcher is not None:  # ranks Lightning started itself hear it too (as its own handler does)
+                launcher.kill(signum)
             if trainer.is_global_zero:
                 again = " (Ctrl-C again stops at once, without saving)" if signum == signal.SIGINT else ""
                 print(f"\n{signal.Signals(signum).name}: saving a checkpoint after the current step{again}",
                       file=sys.stderr)
-        # The flag Lightning's SIGTERM handler sets: the loop raises SIGTERMException at the end of the step, and the
-        # validation loop at once, which would lose the validation due at the saved step: let that one finish.
-        validating = trainer.validating and not trainer.sanity_checking
-        trainer._signal_connector.received_sigterm = not validating
-        self._stop_after_validation = validating
+
+    def _agree_to_stop(self, trainer: pl.Trainer) -> None:
+        """Stop all ranks at the same step when any of them got a stop signal: every rank calls this at the same
+        point (a step's batch end, a validation's end), so one small all-reduce says whether any rank has one (a
+        signal may reach the ranks at different steps, or only some of them). Lightning's loop then raises
+        SIGTERMException at the end of this step on every rank, and ``on_exception`` saves the step."""
+        if self._trainer is None or self._agreed:
+            return
+        signum, requeue = self._stop_signal or 0, int(self._requeue)
+        if trainer.world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
+            flags = torch.tensor([signum, requeue], device=trainer.strategy.root_device)
+            torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX)
+            signum, requeue = flags.tolist()
+        if signum:
+            self._agreed, self._stop_signal, self._requeue = True, signum, bool(requeue)
+            trainer._signal_connector.received_sigterm = True
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         super().on_validation_end(trainer, pl_module)
-        if self._stop_after_validation:
-            trainer._signal_connector.received_sigterm = True
+        # A signal during a validation lets it finish (its values are logged at the step the checkpoint saves).
+        if not trainer.sanity_checking and trainer.state.fn == "fit":
+            self._agree_to_stop(trainer)
 
     def _restore_handlers(self) -> None:
         self._trainer = None
         for signum, handler in self._previous_handlers.items():
             signal.signal(signum, handler if handler is not None else signal.SIG_DFL)
-        self._previous_handlers = {}
+        self._previous_handlers, self._user_sigterm = {}, None
 
     def _save_current_step(self, trainer: pl.Trainer) -> None:
         # A step file even where a validation end already wrote last.ckpt as a file at this step: the series ends

@@ -11,21 +11,26 @@ Both are Lightning's own strategies with one thing added each; nothing else chan
   of every rank, which is what ``OverTokLM.configure_model`` shards over (Lightning's default is a 2-D mesh with
   tensor parallelism inside each node, which these models do not implement).
 
-Both add ``checksums.json`` to a checkpoint folder once every rank has written (the size and CRC-32 of each file,
-``checkpointing.integrity``) and verify a checkpoint before loading it. Either way, a checkpoint folder loads at world size 1 without a process group (``lit_overtok.checkpointing.inference``), e.g.
+Both write a checkpoint folder under a temporary name, add ``checksums.json`` once every rank has written (the size
+and CRC-32 of each file, ``checkpointing.integrity``) and only then give it its name (``checkpointing.files
+.move_into_place``): a rank killed in the middle leaves no half-written checkpoint. Both verify a checkpoint before
+loading it. Either way, a checkpoint folder loads at world size 1 without a process group (``lit_overtok.checkpointing.inference``), e.g.
 for ``evaluation/evaluate.py``. Both are registered with Lightning by name, so ``--trainer.strategy
 ddp_sharded_checkpoints`` / ``fsdp2`` work as ``ddp`` does (a YAML ``class_path`` works too).
 """
 
 from __future__ import annotations
 
+import os
+import shutil
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 from lightning.pytorch.core.optimizer import LightningOptimizer
 from lightning.pytorch.strategies import DDPStrategy, ModelParallelStrategy, StrategyRegistry
 
+from lit_overtok.checkpointing.files import move_into_place, staging_folder
 from lit_overtok.checkpointing.inference import METADATA_NAME
 from lit_overtok.checkpointing.integrity import is_sharded_checkpoint, verify_checkpoint, write_folder_checksums
 
@@ -54,18 +59,15 @@ class ShardedDDPStrategy(DDPStrategy):
     def save_checkpoint(self, checkpoint: dict[str, Any], filepath, storage_options: Optional[Any] = None) -> None:
         import torch.distributed.checkpoint as dcp
 
-        path = Path(self.broadcast(filepath))
-        if self.is_global_zero and path.is_file():
-            path.unlink()
-        self.barrier()
-        path.mkdir(parents=True, exist_ok=True)
-        state = {"state_dict": checkpoint.pop("state_dict")}
-        state.update({f"optimizer_{i}": s for i, s in enumerate(checkpoint.pop("optimizer_states", []))})
-        dcp.save(state, checkpoint_id=path)
-        if self.is_global_zero:
-            torch.save(checkpoint, path / METADATA_NAME)
-            write_folder_checksums(path)  # after dcp.save's last collective: every rank's shards are written
-        self.barrier()
+        def write(folder: Path) -> None:
+            folder.mkdir(parents=True, exist_ok=True)
+            state = {"state_dict": checkpoint.pop("state_dict")}
+            state.update({f"optimizer_{i}": s for i, s in enumerate(checkpoint.pop("optimizer_states", []))})
+            dcp.save(state, checkpoint_id=folder)
+            if self.is_global_zero:
+                torch.save(checkpoint, folder / METADATA_NAME)
+
+        save_whole_folder(self, filepath, write)
 
     def load_checkpoint(self, checkpoint_path, weights_only: Optional[bool] = None) -> dict[str, Any]:
         import torch.distributed.checkpoint as dcp
@@ -115,15 +117,29 @@ class FSDP2Strategy(ModelParallelStrategy):
         super().setup_environment()
 
     def save_checkpoint(self, checkpoint: dict[str, Any], filepath, storage_options: Optional[Any] = None) -> None:
-        super().save_checkpoint(checkpoint, filepath, storage_options)
-        path = Path(self.broadcast(filepath))
-        if self.is_global_zero and path.is_dir():
-            write_folder_checksums(path)
-        self.barrier()
+        if not self._save_distributed_checkpoint:
+            return super().save_checkpoint(checkpoint, filepath, storage_options)
+        save_whole_folder(self, filepath, lambda folder: super(FSDP2Strategy, self).save_checkpoint(
+            checkpoint, folder, storage_options))
 
     def load_checkpoint(self, checkpoint_path, weights_only: Optional[bool] = None) -> dict[str, Any]:
         verify_checkpoint(Path(self.broadcast(checkpoint_path)))
         return super().load_checkpoint(checkpoint_path, weights_only=weights_only)
+
+
+def save_whole_folder(strategy, filepath, write: Callable[[Path], None]) -> None:
+    """A sharded checkpoint named ``filepath`` only once it is whole: every rank runs ``write(folder)`` into a
+    temporary folder beside it, then rank 0 records the checksums and renames it (``files.move_into_place``)."""
+    path = Path(strategy.broadcast(filepath))
+    staging = Path(strategy.broadcast(staging_folder(path, os.getpid())))  # rank 0's pid: it renames the folder
+    if strategy.is_global_zero and staging.exists():
+        shutil.rmtree(staging)
+    strategy.barrier()
+    write(staging)
+    if strategy.is_global_zero:
+        write_folder_checksums(staging)  # after the writer's last collective: every rank's shards are written
+        move_into_place(staging, path)
+    strategy.barrier()
 
 
 for _strategy in (ShardedDDPStrategy, FSDP2Strategy):
