@@ -116,7 +116,8 @@ def trunc_normal_part_(param: torch.Tensor, std: float, generator: torch.Generat
     while pending_P.numel():  # a whole-tensor redraw, as trunc_normal_'s rejection loop does
         still = []
         for a, values in draws():
-            index_M = pending_P[(pending_P >= a) & (pending_P < a + values.numel())]
+            first, last = torch.searchsorted(pending_P, torch.tensor([a, a + values.numel()])).tolist()
+            index_M = pending_P[first:last]  # sorted: found chunk by chunk, in order
             new_M = values[index_M - a]
             still.append(index_M[(new_M < lo) | (new_M > hi)])
             mine = (index_M >= offset) & (index_M < end)
