@@ -2,7 +2,8 @@
 
 Lightning creates the process group, then calls ``configure_model``, then wraps the model (DDP) or sets it up
 (ModelParallelStrategy), so the row-sharded tables (Over-Encoding's, Engram's) are materialized here, over the
-data-parallel group:
+data-parallel group, and the model, whose parameters were built on the meta device, is allocated and drawn once it is
+placed (``Transformer.materialize``: after ``fully_shard`` under FSDP2, so a rank only ever holds its shards):
 
 - one device (or no Trainer: ``load_from_checkpoint``, evaluation): the whole table, lookups are plain gathers;
 - DDP (``ShardedDDPStrategy`` when the tables are sharded): tables sharded over all ranks. DDP must ignore the table
@@ -19,6 +20,7 @@ from __future__ import annotations
 from typing import Optional
 
 import lightning.pytorch as pl
+import torch
 from lightning.pytorch.strategies import DDPStrategy, ModelParallelStrategy, Strategy
 
 from lit_overtok.nn import hooks
@@ -41,8 +43,10 @@ def configure_parallelism(module: pl.LightningModule, transformer: Transformer, 
         data_parallel = mesh["data_parallel"]
         place_sharded_tables(transformer, data_parallel.get_group() if data_parallel.size() > 1 else None)
         _fully_shard(transformer, data_parallel)
+        transformer.materialize(strategy.root_device)
         return
     place_sharded_tables(transformer, None)
+    transformer.materialize(strategy.root_device if strategy is not None else torch.device("cpu"))
     if isinstance(strategy, DDPStrategy):
         from torch.nn.parallel import DistributedDataParallel
 

@@ -5,7 +5,10 @@ loss.
 - blocks: ``block`` (reordered norm), ``attention`` (QK-norm, RoPE, KV cache), ``feed_forward`` (SwiGLU or MoE);
 - init: truncated normal, std 0.02 (cut at 3 std), every parameter from its own generator seeded by its name,
   so adding a module (an Over-Encoding table, an extra head) never changes the initial values of the others;
-  a module may draw its own parameters from a seed derived the same way (``hooks.InitialisesOwnParameters``).
+  a module may draw its own parameters from a seed derived the same way (``hooks.InitialisesOwnParameters``);
+- built where sharded: constructed under ``deferred_init.parameters_on_meta()`` (parameters without memory, buffers
+  real), placed by a strategy (sharded by FSDP2), then ``materialize``d parameter by parameter on its device: each
+  rank draws its part of the eager build's values, from the seed captured at construction.
 
 Three seams are chosen by config: the input embedding (``embedding``: plain or Over-Encoding), the feed-forward of
 each block (``feed_forward``: dense or MoE) and the output heads (``heads``, ``over_decoding``, ``mtp``).
@@ -25,6 +28,7 @@ from lit_overtok.nn import hooks
 from lit_overtok.nn.attention import KVCache
 from lit_overtok.nn.block import Block
 from lit_overtok.nn.config import ModelConfig
+from lit_overtok.nn.deferred_init import allocate_like, is_unplaced, replace_parameter, trunc_normal_part_
 from lit_overtok.nn.embedding import build_input_embedding
 from lit_overtok.nn.engram import Engram
 from lit_overtok.nn.heads import NextTokenHead
@@ -65,6 +69,8 @@ class Transformer(nn.Module):
         if config.vocab_size is None:
             raise ValueError("model_config.vocab_size is unset: link it from the data module or give it in the config")
         self.config = config
+        # Captured now, so that parameters drawn after a meta-device build (``materialize``) get this build's values.
+        self.init_seed = torch.initial_seed() % (2**31)
         self.embed = build_input_embedding(config)
         self.rotary = RotaryEmbedding(config.head_dim, config.max_seq_len, config.rope_theta)
         self.blocks = nn.ModuleList(Block(config, i) for i in range(config.n_layer))
@@ -142,24 +148,54 @@ class Transformer(nn.Module):
         """Truncated-normal(0, init_std) for matrices and tables, ones for norms, zeros for biases.
 
         Each parameter draws from a generator seeded by (global seed, parameter name), so the draw does not depend
-        on which other modules exist or in which order they were built.
+        on which other modules exist or in which order they were built. Parameters on the meta device are drawn by
+        ``materialize``, once placed.
         """
-        base_seed = torch.initial_seed() % (2**31)
-        norm_weights = {id(m.weight) for m in self.modules() if isinstance(m, RMSNorm)}
-        # Modules that draw some of their parameters themselves (Over-Encoding's tables, row chunk by row chunk).
-        own = {id(p) for name, m in self.named_modules() if isinstance(m, hooks.InitialisesOwnParameters)
-               for p in m.init_own_parameters(self.config.init_std, base_seed + zlib.crc32(name.encode()))}
+        norm_weights = self._norm_weights()
+        own = self._init_own_parameters()
         for name, param in self.named_parameters():
-            if param.is_meta or id(param) in own:
+            if not is_unplaced(param) and id(param) not in own:
+                self._init_parameter(name, param, id(param) in norm_weights)
+
+    @torch.no_grad()
+    def materialize(self, device: torch.device) -> None:
+        """After a meta-device build (``deferred_init``) and any sharding: allocate what this rank holds of each
+        parameter on ``device`` and draw it, one parameter at a time, to the eager build's values; a no-op once done
+        (Lightning calls ``configure_model`` at every fit/validate/test). Row-sharded tables are placed separately
+        (``over_encoding.place_sharded_tables``)."""
+        norm_weights = self._norm_weights()
+        for name, param in list(self.named_parameters()):  # the first name of a tied weight, as ``init_weights``
+            if not is_unplaced(param) or hooks.global_shape(param) is not None:
                 continue
-            if id(param) in norm_weights:
-                param.fill_(1.0)
-            elif name.endswith("bias"):
-                param.zero_()
-            else:
-                generator = torch.Generator(device=param.device).manual_seed(base_seed + zlib.crc32(name.encode()))
-                std = self.config.init_std
-                nn.init.trunc_normal_(param, 0.0, std, -3 * std, 3 * std, generator=generator)
+            real = allocate_like(param, device)
+            self._init_parameter(name, real, id(param) in norm_weights)
+            replace_parameter(self, param, real)
+
+    def is_materialized(self) -> bool:
+        return not any(is_unplaced(p) and hooks.global_shape(p) is None for p in self.parameters())
+
+    def _apply(self, fn, recurse: bool = True):
+        # Before ``materialize`` there is nothing to move: .to()/.cpu() (Lightning's teardown after an error raised
+        # before configure_model) leave the model as it is, as they leave a sharded table's placeholder.
+        return super()._apply(fn, recurse) if self.is_materialized() else self
+
+    def _norm_weights(self) -> set[int]:
+        return {id(m.weight) for m in self.modules() if isinstance(m, RMSNorm)}
+
+    def _init_own_parameters(self) -> set[int]:
+        """Modules that draw some of their parameters themselves (Over-Encoding's tables, row chunk by row chunk)."""
+        return {id(p) for name, m in self.named_modules() if isinstance(m, hooks.InitialisesOwnParameters)
+                for p in m.init_own_parameters(self.config.init_std, self.init_seed + zlib.crc32(name.encode()))}
+
+    def _init_parameter(self, name: str, param: torch.Tensor, is_norm: bool) -> None:
+        if is_norm:
+            param.fill_(1.0)
+        elif name.endswith("bias"):
+            param.zero_()
+        else:
+            # Drawn on the CPU (a GPU-placed part gets the CPU build's values), chunk by chunk, this rank's part kept.
+            generator = torch.Generator().manual_seed(self.init_seed + zlib.crc32(name.encode()))
+            trunc_normal_part_(param, self.config.init_std, generator)
 
     def parameter_counts(self) -> ParameterCounts:
         """Total, vocabulary-sized (lookup tables and the unembedding), the rest, and what a token uses.

@@ -8,9 +8,11 @@ through ``nn.hooks`` (``train/oe/*``, ``train/moe/*``), ``val/loss``, ``val/ppl`
 ``test/loss``, ``test/ppl``. Benchmark and grammar scores (``eval/*``) come from ``evaluation.callback.LMEvalCallback``,
 speed and memory from ``callbacks.TokenThroughputMonitor``, the HPARAMS tab and parameter counts from ``hparams_tab``.
 
-Data parallelism (``parallel``, ``strategies``): ``configure_model`` materializes row-sharded Over-Encoding tables
-over the data-parallel group and prepares DDP or FSDP2; ``setup`` checks the strategy and prints (and checks) the
-per-rank memory estimate (``memory``); gradient clipping takes the global norm when gradients are split over ranks.
+Data parallelism (``parallel``, ``strategies``): the model is built with its parameters on the meta device;
+``configure_model`` shards it (FSDP2), allocates and draws what each rank holds, materializes row-sharded
+Over-Encoding tables over the data-parallel group and prepares DDP; ``setup`` checks the strategy and prints (and
+checks) the per-rank memory estimate (``memory``); gradient clipping takes the global norm when gradients are split
+over ranks.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from lit_overtok.nn import hooks
 from lit_overtok.nn.collectives import is_split_over_ranks
 from lit_overtok.nn.config import ModelConfig
 from lit_overtok.nn.counts import flops_per_token
+from lit_overtok.nn.deferred_init import parameters_on_meta
 from lit_overtok.nn.losses import IGNORE_INDEX
 from lit_overtok.nn.transformer import Transformer
 from lit_overtok.optim.build import build_optimizer
@@ -76,7 +79,10 @@ class OverTokLM(pl.LightningModule):
             "model_config": dataclasses.asdict(model_config), "optimizer": dataclasses.asdict(optimizer_config),
         })))
         self.model_config, self.optimizer_config = model_config, optimizer_config
-        self.transformer = Transformer(model_config)
+        # Parameters on the meta device (no memory): ``configure_model`` allocates and draws them where the strategy
+        # places them (``nn.deferred_init``); call ``configure_model()`` to use the module outside a Trainer.
+        with parameters_on_meta():
+            self.transformer = Transformer(model_config)
         self.val_loss = MeanMetric()
         self.test_loss = MeanMetric()
         self.tokens_seen = 0
@@ -175,7 +181,8 @@ class OverTokLM(pl.LightningModule):
 
     def configure_model(self) -> None:
         # After the process group exists and before DDP/FSDP2 wrap the model (Lightning also calls it in
-        # load_from_checkpoint, without a Trainer): sharded tables are materialized here (``parallel``).
+        # load_from_checkpoint, without a Trainer): the meta-device parameters are sharded, allocated and drawn here,
+        # the sharded tables placed (``parallel``).
         configure_parallelism(self, self.transformer, self._trainer.strategy if self._trainer is not None else None)
 
     def _data_group(self):

@@ -98,14 +98,19 @@ def full_tensor(param_or_grad: torch.Tensor, like: torch.nn.Parameter) -> torch.
 
 
 class Recorder(pl.Callback):
-    """Writes ``record.pt`` (rank 0) to ``out``: per step the loss averaged over ranks and every full gradient
-    (before clipping), then the full parameters, the logged train/oe and train/moe metrics, and probe logits."""
+    """Writes ``record.pt`` (rank 0) to ``out``: the full initial parameters (as placed and initialised by the
+    strategy), per step the loss averaged over ranks and every full gradient (before clipping), then the full
+    parameters, the logged train/oe and train/moe metrics, and probe logits."""
 
     def __init__(self, out: str) -> None:
         super().__init__()
         self.out = Path(out)
         self.losses: list[float] = []
         self.grads: list[dict[str, torch.Tensor]] = []
+        self.initial: dict[str, torch.Tensor] = {}
+
+    def on_fit_start(self, trainer, pl_module) -> None:
+        self.initial = {name: full_tensor(p, p) for name, p in pl_module.transformer.named_parameters()}
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         loss = outputs["loss"].detach().clone()
@@ -130,7 +135,7 @@ class Recorder(pl.Callback):
             logits = pl_module.transformer(probe_ids())
         if trainer.is_global_zero:
             self.out.mkdir(parents=True, exist_ok=True)
-            torch.save({"losses": self.losses, "grads": self.grads, "params": params, "metrics": metrics,
+            torch.save({"initial": self.initial, "losses": self.losses, "grads": self.grads, "params": params, "metrics": metrics,
                         "logits": logits, "world": trainer.world_size}, self.out / "record.pt")
 
 
@@ -145,6 +150,7 @@ def start_from_the_sharded_table(module, model_config: dict) -> None:
     with torch.random.fork_rng():
         sharded = {**model_config, "over_encoding": {**model_config["over_encoding"], "sharded": True}}
         twin = OverTokLM(model_config=sharded, optimizer=OPTIMIZER, vocab_size=VOCAB).transformer
+    module.configure_model()  # allocated and initialised here (whole, no process group needed), then overwritten
     weight = module.transformer.embed.tables.weight
     std, seed = twin.embed.tables.initial_draw  # what placing the twin's tables would draw them with
     trunc_normal_rows_(weight.data, 0, weight.shape[0], std, seed)

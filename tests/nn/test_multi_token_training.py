@@ -79,6 +79,7 @@ def test_a_checkpoint_trained_with_od_serves_plain_next_token_inference(run_dir)
     # A plain next-token model takes the checkpoint once the training-only head's weights are dropped.
     plain_cfg = trained.model_config.replace(multi_token=None)
     plain = OverTokLM(model_config=plain_cfg).eval()
+    plain.configure_model()  # parameters built on the meta device: allocate them before loading weights
     state = torch.load(checkpoint, map_location="cpu", weights_only=True)["state_dict"]
     dropped = {k: v for k, v in state.items() if not k.startswith("transformer.multi_token_head.")}
     assert len(dropped) < len(state)
