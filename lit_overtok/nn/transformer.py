@@ -162,7 +162,7 @@ class Transformer(nn.Module):
         """After a meta-device build (``deferred_init``) and any sharding: allocate what this rank holds of each
         parameter on ``device`` and draw it, one parameter at a time, to the eager build's values; a no-op once done
         (Lightning calls ``configure_model`` at every fit/validate/test). Row-sharded tables are placed separately
-        (``over_encoding.place_sharded_tables``)."""
+        (``sharded_table.place_sharded_tables``)."""
         norm_weights = self._norm_weights()
         for name, param in list(self.named_parameters()):  # the first name of a tied weight, as ``init_weights``
             if not is_unplaced(param) or hooks.global_shape(param) is not None:

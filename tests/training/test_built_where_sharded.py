@@ -10,7 +10,7 @@ from torch import nn
 
 from lit_overtok.nn import deferred_init
 from lit_overtok.nn.config import ModelConfig
-from lit_overtok.nn.over_encoding import place_sharded_tables
+from lit_overtok.nn.sharded_table import place_sharded_tables
 from lit_overtok.nn.transformer import Transformer
 from lit_overtok.training.lightning_module import OverTokLM
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 
 from lit_overtok.nn.config import ModelConfig
-from lit_overtok.nn.over_encoding import place_sharded_tables
+from lit_overtok.nn.sharded_table import place_sharded_tables
 from lit_overtok.nn.transformer import Transformer
 from tests.distributed.harness import run_ranks
 from tests.distributed.lightning_cases import fit_on_rank, MODELS, SEED, VOCAB
