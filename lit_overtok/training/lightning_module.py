@@ -33,7 +33,8 @@ from lit_overtok.configuration import config_from
 from lit_overtok.data.shards import file_sha256
 from lit_overtok.errors import InputError
 from lit_overtok.training.lm_eval_callback import log_by_tokens
-from lit_overtok.distributed.memory import check_fits, device_capacity, estimate_per_rank
+from lit_overtok.distributed.memory import (MemoryEstimate, check_fits, device_capacity, estimate_per_rank,
+                                            process_bytes)
 from lit_overtok.nn import hooks
 from lit_overtok.nn.collectives import is_split_over_ranks
 from lit_overtok.nn.config import ModelConfig
@@ -89,6 +90,7 @@ class OverTokLM(pl.LightningModule):
         self._checkpoint_step = 0
         self._schedule_steps: Optional[int] = None
         self._flops_per_token: dict[int, float] = {}
+        self.memory_estimate: Optional[MemoryEstimate] = None  # this rank's, from the start of the last fit
 
     def forward(self, input_ids_BT: torch.Tensor) -> torch.Tensor:
         return self.transformer(input_ids_BT)
@@ -174,10 +176,12 @@ class OverTokLM(pl.LightningModule):
             # Printed (rank 0) and checked (every rank) before any table or optimizer state is allocated.
             fsdp, ddp = isinstance(strategy, ModelParallelStrategy), isinstance(strategy, DDPStrategy)
             precision = self.trainer.precision
-            estimate = estimate_per_rank(self.model_config, self.trainer.world_size, fsdp, ddp, precision)
+            process = process_bytes(self, strategy.root_device)
+            estimate = estimate_per_rank(self.model_config, self.trainer.world_size, fsdp, ddp, precision, process)
             capacity, device = device_capacity(strategy.root_device, self.trainer.num_devices)
             rank_zero_info(estimate.report(capacity, device))
             check_fits(estimate, capacity, device, self.model_config, precision)
+            self.memory_estimate = estimate
 
     def configure_model(self) -> None:
         # After the process group exists and before DDP/FSDP2 wrap the model (Lightning also calls it in
