@@ -2,10 +2,11 @@
 drawn after ``fully_shard``, each rank only its shards: ``lit_overtok.nn.deferred_init``) against a checkout that
 builds the whole model on every rank first; with the start-of-run memory estimate beside it.
 
-For each preset, 2 gloo ranks on the CPU (``FSDP2Strategy``, fp32 unless ``--precision``) run a real ``Trainer.fit`` up to ``on_fit_start``:
-the model is built, sharded, drawn, and the optimizer created (AdamW's moments are allocated at the first step, so
-they are not included: this is the setup, not training); ``--steps N`` goes on through N optimizer steps instead (from
-the second on, a step computes its gradients while AdamW's moments are held: the steady state of training). Each rank
+For each preset, 2 gloo ranks on the CPU (``FSDP2Strategy``, fp32 unless ``--precision``) run a real ``Trainer.fit``
+up to ``on_fit_start``: the model is built, sharded, drawn, and the optimizer created (AdamW's moments are allocated
+at the first step, so they are not included: this is the setup, not training); ``--steps N`` goes on through N
+optimizer steps instead (from the second on, a step computes its gradients while AdamW's moments are held: the steady
+state of training). Each rank
 reports its peak resident set (``ru_maxrss``), the peak up to the end of the module's constructor
 (``peak_constructed``), its resident set after the imports (``baseline``), after the constructor (``constructed``) and
 at the end (``set_up``); each figure is the larger of the two ranks'. Beside them, the start-of-run estimate the fit
@@ -94,10 +95,9 @@ def rank_main(preset: str, out: str, steps: int, precision: str) -> None:
     config = ModelConfig(**PRESETS[preset])
     module = OverTokLM(model_config=config)
     peak_constructed = peak_bytes()
-    trainer = pl.Trainer(accelerator="cpu", devices=WORLD, strategy=FSDP2Strategy(), max_steps=max(1, steps), logger=False,
-                         precision=precision,
-                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                         limit_val_batches=0, num_sanity_val_steps=0, callbacks=[Stop()])
+    trainer = pl.Trainer(accelerator="cpu", devices=WORLD, strategy=FSDP2Strategy(), max_steps=max(1, steps),
+                         precision=precision, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False, limit_val_batches=0, num_sanity_val_steps=0, callbacks=[Stop()])
     ids = torch.zeros(1, 9, dtype=torch.long)
     batches = DataLoader([{"input_ids": ids[:, :-1], "labels": ids[:, 1:]}] * max(1, steps), batch_size=None)
     built = rss_bytes()  # after the OverTokLM constructor: the whole model on an eager build, its buffers on meta

@@ -30,7 +30,6 @@ from dataclasses import dataclass
 from typing import Optional
 
 import torch
-
 from torch import nn
 
 from lit_overtok.nn.config import ModelConfig
@@ -101,9 +100,9 @@ def _gathered_parameters(model: Transformer) -> int:
     def gathered_numel(module: nn.Module) -> int:
         return sum(p.numel() for p in module.parameters() if global_shape(p) is None)
 
-    block = max((gathered_numel(b) for b in model.blocks), default=0)
-    root = gathered_numel(model) - sum(gathered_numel(b) for b in model.blocks)
-    return 2 * root + 3 * block
+    blocks = [gathered_numel(b) for b in model.blocks]
+    root = gathered_numel(model) - sum(blocks)
+    return 2 * root + 3 * max(blocks, default=0)
 
 
 def estimate_per_rank(config: ModelConfig, world: int, fsdp: bool = False, ddp: bool = False,
